@@ -1,0 +1,57 @@
+"""The light MIM decoder: encoder features -> pixels of every mask unit."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+
+@lru_cache(maxsize=16)
+def sincos_pos_embed_2d(dim: int, height: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding ``(height * width, dim)`` in raster order (MAE's layout:
+    the first half of the channels encodes the row, the second half the column)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+
+    def one_axis(positions: np.ndarray, d: int) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = positions.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gy, gx = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([one_axis(gy, dim // 2), one_axis(gx, dim // 2)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+class MIMDecoder(nn.Module):
+    """Linear to decoder width -> mask tokens at masked units -> sin-cos positions -> transformer
+    blocks -> linear to ``unit * unit * 3`` pixels per unit.
+
+    ``forward(latent, mask, grid)``: ``latent`` is ``(B, N_vis, C)`` (visible units, ascending raster
+    order) or ``(B, num_units, C)`` (all units, the all-token baseline); returns ``(B, num_units, unit*unit*3)``.
+    """
+
+    def __init__(self, in_dim: int, unit: int, dim: int = 512, depth: int = 1, num_heads: int = 16, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, unit * unit * 3)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: torch.Tensor, mask: torch.Tensor, grid, vis_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, num_units = mask.shape
+        x = self.embed(latent)
+        if x.shape[1] != num_units:
+            # visible units only: scatter them between mask tokens at their own positions
+            full = self.mask_token.to(x.dtype).expand(b, num_units, -1).clone()
+            x = full.scatter(1, vis_idx.unsqueeze(-1).expand(-1, -1, self.dim), x)
+        pos = sincos_pos_embed_2d(self.dim, grid.height, grid.width).to(device=x.device, dtype=x.dtype)
+        x = self.blocks(x + pos)
+        return self.pred(self.norm(x))

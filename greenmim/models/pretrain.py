@@ -1,0 +1,147 @@
+"""The masked-image-modeling pretraining model (greenmim) and its all-token baseline (simmim).
+
+``loss, pred, mask = model(images, mask_ratio=0.75)``:
+
+* ``images``: ``(B, 3, H, W)`` normalised images, ``H`` and ``W`` multiples of the mask unit;
+* ``mask``: ``(B, num_units)`` bool, True = masked (drawn per sample unless given or ``shared_mask``);
+* ``pred``: ``(B, num_units, unit*unit*3)`` predicted pixels of every unit (in the per-unit
+  normalised space when ``norm_pix_loss``), pixel order ``(row, col, channel)`` as in MAE;
+* ``loss``: MSE over the masked units only.
+
+The two methods share the decoder; they differ only in the encoder: greenmim's sees the visible
+units only, simmim's sees every token with a learned mask token in place of hidden patches.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..masking import check_mask, random_mask, unit_grid, visible_indices
+from .decoder import MIMDecoder
+from .registry import create_encoder
+
+
+def patchify(images: torch.Tensor, unit: int) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, num_units, unit*unit*3)``, pixels in (row, col, channel) order."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // unit, unit, w // unit, unit)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // unit) * (w // unit), unit * unit * c)
+
+
+def unpatchify(units: torch.Tensor, grid) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``(B, num_units, unit*unit*3)`` -> ``(B, 3, H, W)``."""
+    b = units.shape[0]
+    u = grid.unit
+    x = units.reshape(b, grid.height, grid.width, u, u, 3)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, grid.height * u, grid.width * u)
+
+
+def unit_stats(target: torch.Tensor, eps: float = 1e-6):
+    """Per-unit mean and std used by the norm-pix target: ``(B, num_units, 1)`` each."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return mean, (var + eps) ** 0.5
+
+
+class MIMPretrainModel(nn.Module):
+    """Encoder + light decoder trained to reconstruct the masked units.
+
+    Args:
+        encoder: a greenmim (visible-only) or simmim (all-token) encoder from :func:`create_encoder`.
+        decoder_dim, decoder_depth, decoder_heads: the decoder's transformer.
+        norm_pix_loss: regress per-unit normalised pixels (MAE/GreenMIM default).
+        shared_mask: draw one mask per batch instead of one per sample.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder_dim: int = 512,
+        decoder_depth: int = 1,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+        shared_mask: bool = False,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.method = "greenmim" if encoder.visible_only else "simmim"
+        self.unit = encoder.unit
+        self.norm_pix_loss = norm_pix_loss
+        self.shared_mask = shared_mask
+        if not encoder.visible_only:
+            width = encoder.embed_dim if isinstance(encoder.embed_dim, int) else encoder.embed_dim[0]
+            self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, width))
+            nn.init.normal_(self.enc_mask_token, std=0.02)
+        self.decoder = MIMDecoder(encoder.num_features, self.unit, decoder_dim, decoder_depth, decoder_heads)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask_ratio: float = 0.75,
+        mask: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ):
+        grid = unit_grid(images.shape[-2:], self.unit)
+        if mask is None:
+            # drawn on the host: the visible-only encoder plans its groups there without a device sync
+            mask = random_mask(images.shape[0], grid.num_units, mask_ratio, shared=self.shared_mask, generator=generator)
+        mask = check_mask(mask, images.shape[0], grid.num_units)
+        if self.encoder.visible_only:
+            latent = self.encoder(images, mask)
+            vis_idx = visible_indices(mask.cpu()).to(images.device, non_blocking=True)
+        else:
+            latent = self.encoder(images, mask, self.enc_mask_token)
+            vis_idx = None
+        mask = mask.to(images.device, non_blocking=True)
+        pred = self.decoder(latent, mask, grid, vis_idx)
+        loss = self.loss(images, pred, mask)
+        return loss, pred, mask
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        target = patchify(images, self.unit)
+        if self.norm_pix_loss:
+            mean, std = unit_stats(target)
+            target = (target - mean) / std
+        return target
+
+    def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per unit, averaged over the masked units only."""
+        per_unit = (pred.float() - self.target(images).float()).pow(2).mean(dim=-1)
+        m = mask.to(per_unit.dtype)
+        return (per_unit * m).sum() / m.sum()
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Images for display, all ``(B, 3, H, W)`` in the input's (normalised) space:
+
+        ``masked`` (hidden units zeroed), ``prediction`` (the raw prediction, un-normalised with each
+        unit's true mean/std when ``norm_pix_loss``) and ``reconstruction`` (visible units from the
+        input, masked units from the prediction).
+        """
+        grid = unit_grid(images.shape[-2:], self.unit)
+        target = patchify(images, self.unit)
+        pixels = pred.float()
+        if self.norm_pix_loss:
+            mean, std = unit_stats(target.float())
+            pixels = pixels * std + mean
+        m = mask.to(images.device).unsqueeze(-1)
+        return {
+            "original": images,
+            "masked": unpatchify(target * (~m), grid),
+            "prediction": unpatchify(pixels, grid),
+            "reconstruction": unpatchify(torch.where(m, pixels, target.float()), grid),
+        }
+
+
+def create_pretrain_model(name: str, method: str = "greenmim", **overrides: Any) -> MIMPretrainModel:
+    """Build a pretraining model for a timm Swin/Twins name.
+
+    Keyword arguments named ``decoder_dim``, ``decoder_depth``, ``decoder_heads``, ``norm_pix_loss``
+    and ``shared_mask`` configure the MIM model; the rest go to :func:`create_encoder`.
+    """
+    model_keys = ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "shared_mask")
+    model_kwargs = {k: overrides.pop(k) for k in model_keys if k in overrides}
+    encoder = create_encoder(name, method=method, **overrides)
+    return MIMPretrainModel(encoder, **model_kwargs)

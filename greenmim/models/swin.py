@@ -1,0 +1,224 @@
+"""Swin encoders: visible-only (greenmim) and all-token (simmim baseline).
+
+Both subclass timm's :class:`~timm.models.swin_transformer.SwinTransformer`, so their parameters
+have timm's names and layouts and ``load_state_dict(timm_model.state_dict(), strict=False)`` leaves
+only the classifier head over.
+
+:class:`VisibleSwin` runs on the visible mask units only:
+
+* patch embedding on the visible units' pixels (a kernel=stride conv never crosses a unit);
+* tokens kept unit-major (see :mod:`greenmim.ops.windows`), so patch merging is a reshape;
+* window attention through :func:`~greenmim.ops.group_attention.group_window_attention`, with one
+  grouping per stage and window partition, shared by the blocks of that stage.
+
+At mask ratio 0 its output equals timm's ``forward_features``; at ratio > 0 it equals a dense Swin
+whose attention ignores masked keys.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.models.swin_transformer import SwinTransformer
+from torch.utils.checkpoint import checkpoint
+
+from ..grouping import DEFAULT_COST_MODEL, CostModel
+from ..masking import check_mask, to_pair, unit_grid
+from ..ops.group_attention import GroupLayout, build_group_layout, group_window_attention
+from ..ops.windows import stage_windows
+from .registry import EncoderSpec, register_encoder
+
+SPARSE_BACKENDS = ("auto", "spconv", "native")
+
+
+class EncoderGeometryMixin:
+    """Shared geometry checks of the pretraining encoders (needs ``patch_embed`` and ``num_layers``)."""
+
+    @property
+    def unit(self) -> int:
+        """Mask unit in pixels: the encoder's total stride."""
+        return self.patch_stride * 2 ** (self.num_stages - 1)
+
+    def check_images(self, images: torch.Tensor):
+        expected = tuple(self.patch_embed.img_size)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        grid = unit_grid(images.shape[-2:], self.unit)
+        if tuple(images.shape[-2:]) != expected:
+            raise ValueError(
+                f"this encoder was built for {expected[0]}x{expected[1]} images, got "
+                f"{images.shape[-2]}x{images.shape[-1]}: build it with img_size={images.shape[-2]} "
+                f"(or set data.img_size to {expected[0]})"
+            )
+        return grid
+
+
+def split_units(images: torch.Tensor, grid, unit: int) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, num_units, 3, unit, unit)`` pixel blocks in raster order."""
+    b, c = images.shape[:2]
+    x = images.reshape(b, c, grid.height, unit, grid.width, unit)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, grid.num_units, c, unit, unit)
+
+
+def host_and_device_mask(mask: torch.Tensor, device: torch.device) -> Tuple[np.ndarray, torch.Tensor]:
+    """The mask as numpy (for the host-side grouping) and on ``device``; a CPU mask costs no sync."""
+    return mask.detach().cpu().numpy(), mask.to(device, non_blocking=True)
+
+
+class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
+    """Swin encoder that computes on visible mask units only.
+
+    ``forward(images, mask)``: images ``(B, 3, H, W)``, mask ``(B, num_units)`` bool (True = masked,
+    equal visible count per sample) -> ``(B, N_vis, C)`` final-stage features of the visible units
+    in ascending raster order, final norm applied.
+    """
+
+    visible_only = True
+
+    def __init__(
+        self,
+        *args: Any,
+        cost_model: CostModel = DEFAULT_COST_MODEL,
+        fused_attn: bool = True,
+        sparse_backend: str = "auto",
+        **kwargs: Any,
+    ):
+        # Swin's only convolution is the kernel=stride patch embedding, which runs on the visible
+        # units' pixels directly; `sparse_backend` is accepted for a uniform interface with Twins.
+        if sparse_backend not in SPARSE_BACKENDS:
+            raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got '{sparse_backend}'")
+        super().__init__(*args, **kwargs)
+        self.patch_stride = self.patch_embed.patch_size[0]
+        self.num_stages = self.num_layers
+        self.cost_model = cost_model
+        self.fused_attn = fused_attn
+        self.last_grouping: Dict[str, float] = {}
+
+    # -- grouping ---------------------------------------------------------------------------------
+    def build_layouts(self, mask_np: np.ndarray, grid, device) -> List[Dict[Tuple, GroupLayout]]:
+        """One :class:`GroupLayout` per stage and distinct (window, shift) partition."""
+        t0 = time.perf_counter()
+        layouts: List[Dict[Tuple, GroupLayout]] = []
+        slots = tokens = 0
+        for i, layer in enumerate(self.layers):
+            t = self.unit // (self.patch_stride * 2 ** i)
+            stage: Dict[Tuple, GroupLayout] = {}
+            for block in layer.blocks:
+                key = (tuple(block.window_size), tuple(block.shift_size))
+                if key not in stage:
+                    win = stage_windows(mask_np, (grid.height, grid.width), t, key[0], key[1])
+                    stage[key] = build_group_layout(win, device, self.cost_model)
+                    slots += stage[key].num_groups * stage[key].group_size
+                    tokens += int(win.counts.sum())
+            layouts.append(stage)
+        self.last_grouping = {"ms": (time.perf_counter() - t0) * 1e3, "efficiency": tokens / max(slots, 1)}
+        return layouts
+
+    # -- forward ----------------------------------------------------------------------------------
+    def embed_visible(self, images: torch.Tensor, vis_idx: torch.Tensor, grid) -> torch.Tensor:
+        """Patch-embed the visible units: ``(B, N_vis * t * t, C)`` unit-major tokens."""
+        b, n_vis = vis_idx.shape
+        units = split_units(images, grid, self.unit)
+        units = torch.gather(units, 1, vis_idx.view(b, n_vis, 1, 1, 1).expand(-1, -1, *units.shape[2:]))
+        x = self.patch_embed.proj(units.flatten(0, 1))  # (B*N_vis, C, t, t)
+        x = x.flatten(2).transpose(1, 2).reshape(b, -1, x.shape[1])
+        return self.patch_embed.norm(x)
+
+    def block_forward(self, block: nn.Module, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        b, n, c = x.shape
+        attn = block.attn
+        h = group_window_attention(
+            block.norm1(x).reshape(b * n, c),
+            layout,
+            attn.qkv,
+            attn.proj,
+            attn.num_heads,
+            attn.relative_position_bias_table,
+            attn_drop=attn.attn_drop.p if self.training else 0.0,
+            fused=self.fused_attn,
+        )
+        x = x + block.drop_path1(attn.proj_drop(h).view(b, n, -1))
+        return x + block.drop_path2(block.mlp(block.norm2(x)))
+
+    def stage_forward(self, i: int, x: torch.Tensor, layouts: Dict[Tuple, GroupLayout]) -> torch.Tensor:
+        layer = self.layers[i]
+        if i > 0:
+            x = merge_patches(x, self.unit // (self.patch_stride * 2 ** (i - 1)), layer.downsample)
+        for block in layer.blocks:
+            layout = layouts[(tuple(block.window_size), tuple(block.shift_size))]
+            if layer.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(self.block_forward, block, x, layout, use_reentrant=False)
+            else:
+                x = self.block_forward(block, x, layout)
+        return x
+
+    def forward_stages(self, images: torch.Tensor, mask: torch.Tensor) -> List[torch.Tensor]:
+        """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
+        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`)."""
+        grid = self.check_images(images)
+        mask = check_mask(mask, images.shape[0], grid.num_units)
+        mask_np, _ = host_and_device_mask(mask, images.device)
+        vis_idx = torch.from_numpy(np.nonzero(~mask_np)[1].reshape(mask_np.shape[0], -1)).to(images.device)
+        layouts = self.build_layouts(mask_np, grid, images.device)
+        x = self.embed_visible(images, vis_idx, grid)
+        outs = []
+        for i in range(self.num_stages):
+            x = self.stage_forward(i, x, layouts[i])
+            outs.append(x)
+        return outs
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.forward_stages(images, mask)[-1])
+
+
+def merge_patches(x: torch.Tensor, t: int, downsample: nn.Module) -> torch.Tensor:
+    """Swin's 2x2 patch merging on unit-major tokens: ``(B, N_u*t*t, C) -> (B, N_u*(t/2)^2, C')``.
+
+    Channel order matches timm's PatchMerging: (0,0), (1,0), (0,1), (1,1) as (row, col) offsets.
+    """
+    b, n, c = x.shape
+    n_units = n // (t * t)
+    h = t // 2
+    x = x.view(b, n_units, h, 2, h, 2, c).permute(0, 1, 2, 4, 5, 3, 6).reshape(b, n_units * h * h, 4 * c)
+    return downsample.reduction(downsample.norm(x))
+
+
+class AllTokenSwin(EncoderGeometryMixin, SwinTransformer):
+    """The SimMIM-style baseline: timm's Swin over all tokens, a mask token in place of hidden patches.
+
+    ``forward(images, mask, mask_token)`` -> ``(B, num_units, C)`` final features of every unit.
+    """
+
+    visible_only = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.patch_stride = self.patch_embed.patch_size[0]
+        self.num_stages = self.num_layers
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        grid = self.check_images(images)
+        mask = check_mask(mask, images.shape[0], grid.num_units).to(images.device)
+        x = self.patch_embed(images)  # (B, H, W, C)
+        b, h, w, c = x.shape
+        t = h // grid.height
+        token_mask = mask.view(b, grid.height, 1, grid.width, 1).expand(-1, -1, t, -1, t).reshape(b, h, w, 1)
+        x = torch.where(token_mask, mask_token.to(x.dtype).view(1, 1, 1, c), x)
+        x = self.norm(self.layers(x))
+        return x.reshape(b, grid.num_units, -1)
+
+
+SWIN_ARCHS = {
+    "swin_tiny_patch4_window7_224": dict(img_size=224, patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swin_small_patch4_window7_224": dict(img_size=224, patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swin_base_patch4_window7_224": dict(img_size=224, patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "swin_base_patch4_window12_384": dict(img_size=384, patch_size=4, window_size=12, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "swin_large_patch4_window7_224": dict(img_size=224, patch_size=4, window_size=7, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    "swin_large_patch4_window12_384": dict(img_size=384, patch_size=4, window_size=12, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+}
+
+for _name, _args in SWIN_ARCHS.items():
+    register_encoder(EncoderSpec(_name, "swin", _args, VisibleSwin, AllTokenSwin))

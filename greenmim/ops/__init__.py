@@ -1,0 +1,1 @@
+"""Low-level operators on visible tokens: window geometry, group window attention (and sparse convs)."""
