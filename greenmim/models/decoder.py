@@ -31,24 +31,36 @@ class MIMDecoder(nn.Module):
     """Linear to decoder width -> mask tokens at masked units -> sin-cos positions -> transformer
     blocks -> linear to ``unit * unit * 3`` pixels per unit.
 
-    ``forward(latent, mask, grid)``: ``latent`` is ``(B, N_vis, C)`` (visible units, ascending raster
-    order) or ``(B, num_units, C)`` (all units, the all-token baseline); returns ``(B, num_units, unit*unit*3)``.
+    ``forward(latent, mask, grid, vis_idx)``: ``latent`` is ``(B, N_vis, C)`` (visible units in the
+    ascending raster order of ``vis_idx``) or, with ``visible_only=False``, ``(B, num_units, C)``
+    (the all-token baseline, whose encoder already filled the masked units); returns
+    ``(B, num_units, unit*unit*3)``.
     """
 
-    def __init__(self, in_dim: int, unit: int, dim: int = 512, depth: int = 1, num_heads: int = 16, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        in_dim: int,
+        unit: int,
+        dim: int = 512,
+        depth: int = 1,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        visible_only: bool = True,
+    ):
         super().__init__()
         self.dim = dim
         self.embed = nn.Linear(in_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        if visible_only:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+            nn.init.normal_(self.mask_token, std=0.02)
         self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, unit * unit * 3)
-        nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, latent: torch.Tensor, mask: torch.Tensor, grid, vis_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, num_units = mask.shape
         x = self.embed(latent)
-        if x.shape[1] != num_units:
+        if vis_idx is not None:
             # visible units only: scatter them between mask tokens at their own positions
             full = self.mask_token.to(x.dtype).expand(b, num_units, -1).clone()
             x = full.scatter(1, vis_idx.unsqueeze(-1).expand(-1, -1, self.dim), x)

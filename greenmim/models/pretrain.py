@@ -74,7 +74,9 @@ class MIMPretrainModel(nn.Module):
             width = encoder.embed_dim if isinstance(encoder.embed_dim, int) else encoder.embed_dim[0]
             self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, width))
             nn.init.normal_(self.enc_mask_token, std=0.02)
-        self.decoder = MIMDecoder(encoder.num_features, self.unit, decoder_dim, decoder_depth, decoder_heads)
+        self.decoder = MIMDecoder(
+            encoder.num_features, self.unit, decoder_dim, decoder_depth, decoder_heads, visible_only=encoder.visible_only
+        )
 
     def forward(
         self,

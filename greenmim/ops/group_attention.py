@@ -31,9 +31,10 @@ class GroupLayout:
         slot_token: ``(n_g * g,)`` long, the token gathered into each slot (padding slots repeat
             token 0; they are masked as keys and their outputs are dropped).
         token_slot: ``(N,)`` long, the slot of each token (inverse of ``slot_token``).
-        allowed: ``(n_g, g, g)`` bool, query slot i may attend to key slot j.
         rel_index: ``(n_g, g, g)`` long into the ``((2wh-1)*(2ww-1), heads)`` relative position
-            table (0 where not allowed).
+            table extended by one ``-inf`` row (index ``num_rel``), which marks the pairs that may
+            not attend (different windows, padding).
+        num_rel: ``(2wh-1)*(2ww-1)``, the size of the relative position table.
         plan: the solver's plan (for statistics).
     """
 
@@ -41,9 +42,14 @@ class GroupLayout:
     group_size: int
     slot_token: torch.Tensor
     token_slot: torch.Tensor
-    allowed: torch.Tensor
     rel_index: torch.Tensor
+    num_rel: int
     plan: GroupingPlan
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """``(n_g, g, g)`` bool: query slot i may attend to key slot j."""
+        return self.rel_index != self.num_rel
 
     @property
     def efficiency(self) -> float:
@@ -79,26 +85,28 @@ def build_group_layout(
     def to_dev(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(device, non_blocking=True)
 
-    sw, sy, sx = (to_dev(a).view(n_g, g) for a in (slot_window, slot_y, slot_x))
-    allowed = sw[:, :, None] == sw[:, None, :]
     wh, ww = windows.window
-    dy = sy[:, :, None] - sy[:, None, :] + (wh - 1)
-    dx = sx[:, :, None] - sx[:, None, :] + (ww - 1)
-    rel_index = torch.where(allowed, dy * (2 * ww - 1) + dx, torch.zeros_like(dy))
-    return GroupLayout(n_g, g, to_dev(slot_token), to_dev(token_slot), allowed, rel_index, plan)
+    num_rel = (2 * wh - 1) * (2 * ww - 1)
+    # the slot's relative-position "coordinate" y*(2ww-1)+x: pair index = own - other + centre
+    slot_pos = slot_y * (2 * ww - 1) + slot_x
+    sw, sp = (to_dev(a).view(n_g, g) for a in (slot_window, slot_pos))
+    rel = sp[:, :, None] - sp[:, None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)
+    rel_index = rel.masked_fill_(sw[:, :, None] != sw[:, None, :], num_rel)
+    return GroupLayout(n_g, g, to_dev(slot_token), to_dev(token_slot), rel_index, num_rel, plan)
 
 
-def group_attention_bias(layout: GroupLayout, table: Optional[torch.Tensor], num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias ``(n_g, heads, g, g)``: relative position bias where allowed, ``-inf`` elsewhere.
+def group_attention_bias(layout: GroupLayout, table: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias: relative position bias where allowed, ``-inf`` elsewhere.
 
-    ``table`` is Swin's ``((2wh-1)*(2ww-1), heads)`` relative position table, or None (Twins: no bias).
+    ``table`` is Swin's ``((2wh-1)*(2ww-1), heads)`` relative position table: the result is
+    ``(n_g, heads, g, g)``. With ``table=None`` (Twins: no bias) it is ``(n_g, 1, g, g)``, which
+    broadcasts over heads.
     """
     if table is None:
-        bias = torch.zeros(layout.allowed.shape, dtype=dtype, device=layout.allowed.device).unsqueeze(1)
-        bias = bias.expand(-1, num_heads, -1, -1)
-    else:
-        bias = table.to(dtype)[layout.rel_index].permute(0, 3, 1, 2)
-    return bias.masked_fill(~layout.allowed.unsqueeze(1), float("-inf"))
+        table = torch.zeros(layout.num_rel, 1, dtype=dtype, device=layout.rel_index.device)
+    blocked = torch.full((1, table.shape[1]), float("-inf"), dtype=dtype, device=table.device)
+    table = torch.cat([table.to(dtype), blocked])
+    return table[layout.rel_index].permute(0, 3, 1, 2)
 
 
 def group_window_attention(
@@ -125,13 +133,12 @@ def group_window_attention(
     Returns:
         ``(N, C_out)`` attention output, projected.
     """
-    n_tok = x.shape[0]
     n_g, g = layout.num_groups, layout.group_size
     qkv_tok = qkv(x)  # projections on visible tokens only
     head_dim = qkv_tok.shape[1] // (3 * num_heads)
     slots = qkv_tok.index_select(0, layout.slot_token)
     q, k, v = slots.view(n_g, g, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    bias = group_attention_bias(layout, rel_pos_table, num_heads, q.dtype)
+    bias = group_attention_bias(layout, rel_pos_table, q.dtype)
     if fused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn_drop)
     else:
@@ -142,5 +149,4 @@ def group_window_attention(
         out = attn @ v
     out = out.transpose(1, 2).reshape(n_g * g, num_heads * head_dim)
     out = out.index_select(0, layout.token_slot)
-    assert out.shape[0] == n_tok
     return proj(out)

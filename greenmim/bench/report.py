@@ -1,0 +1,178 @@
+"""Text tables, JSON and plots of benchmark results."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+MiB = 2 ** 20
+
+
+def output_paths(out: str) -> Tuple[str, str]:
+    """``--out`` as ``(json_path, png_path)``: ``x.json`` -> ``x.json, x.png``; ``x`` -> ``x.json, x.png``."""
+    root, ext = os.path.splitext(out)
+    if ext.lower() not in (".json", ".png"):
+        root = out
+    return root + ".json", root + ".png"
+
+
+def write_json(result: Dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, default=_jsonable)
+        f.write("\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _fmt(value: Optional[float], spec: str, missing: str = "-") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+def _scaled(value: Optional[float], unit: float) -> Optional[float]:
+    return None if value is None else value / unit
+
+
+def comparison_table(result: Dict[str, Any]) -> str:
+    """The side-by-side table of :func:`~greenmim.bench.compare.run_comparison`'s result."""
+    cfg, env, methods, r = result["config"], result["environment"], result["methods"], result["ratios"]
+    size = cfg["img_size"] or "default"
+    device = env.get("device_name", env["device"])
+    lines = [
+        f"greenmim-bench  {cfg['model']}  img {size}  batch {cfg['batch_size']}  mask {cfg['mask_ratio']}  "
+        f"{cfg['dtype']}  {device} ({env['threads']} threads)  torch {env['torch']}  {env['date_utc']}",
+        f"full step = forward + backward + AdamW step + zero_grad; {cfg['warmup']} warm-up, median of "
+        f"{cfg['iters']} interleaved steps",
+    ]
+    if cfg["overrides"]:
+        lines.append(f"overrides: {cfg['overrides']}")
+    columns = (("method", 9), ("step ms", 9), ("(p25-p75)", 13), ("img/s", 8), ("peak MiB", 9), ("step MiB", 9),
+               ("GFLOP", 8), ("group ms", 9), ("share", 6), ("packing", 7))
+    header = " ".join(f"{name:>{width}s}" if i else f"{name:{width}s}" for i, (name, width) in enumerate(columns))
+    lines += [header, "-" * len(header)]
+    for name, m in methods.items():
+        mem = m.get("memory", {})
+        cells = [
+            name,
+            _fmt(m["step_ms"], ".1f"),
+            f"({m['step_ms_p25']:.0f}-{m['step_ms_p75']:.0f})",
+            _fmt(m["img_per_s"], ".2f"),
+            _fmt(_scaled(mem.get("peak_bytes"), MiB), ".0f"),
+            _fmt(_scaled(mem.get("step_peak_bytes"), MiB), ".0f"),
+            _fmt(_scaled(m.get("flops"), 1e9), ".1f"),
+            _fmt(m.get("grouping_ms"), ".1f"),
+            _fmt(_scaled(m.get("grouping_share"), 0.01), ".1f") + ("%" if "grouping_share" in m else ""),
+            _fmt(m.get("packing_efficiency"), ".3f"),
+        ]
+        lines.append(" ".join(f"{c:>{w}s}" if i else f"{c:{w}s}" for i, (c, (_, w)) in enumerate(zip(cells, columns))))
+    summary = f"greenmim vs simmim: speedup {r['speedup']:.2f}x"
+    if "peak_memory_ratio" in r:
+        summary += f", peak memory {r['peak_memory_ratio']:.2f}x ({100 * r['peak_memory_reduction']:.0f}% less)"
+        summary += f", step memory {r['step_memory_ratio']:.2f}x"
+    if "flops_ratio" in r:
+        summary += f", FLOPs {r['flops_ratio']:.2f}x"
+    lines.append(summary)
+    if methods.get("simmim", {}).get("memory"):
+        lines.append(f"memory: peak = resident (weights, buffers, AdamW state) + step peak; measured by {methods['simmim']['memory']['measure']}")
+    if "compile" in result:
+        c = result["compile"]
+        lines.append(
+            "torch.compile (encoder): "
+            + ", ".join(f"{m} {c[m]['img_per_s']:.2f} img/s ({c[m]['gain']:.2f}x eager, compile {c[m]['compile_s']:.0f} s)" for m in ("greenmim", "simmim"))
+            + f"; speedup {c['speedup']:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def solver_table(result: Dict[str, Any]) -> str:
+    """Per-partition solver time and packing efficiency (:func:`~greenmim.bench.solver.solver_benchmark`)."""
+    lines = [
+        f"grouping solver: {result['model']}  img {result['img_size'][0]}x{result['img_size'][1]}  batch {result['batch_size']}  "
+        f"mask {result['mask_ratio']} (per-sample)  {result['masks']} random masks",
+    ]
+    header = f"{'stage':>5s} {'shift':>6s} {'windows':>8s} {'g':>5s} {'groups':>7s} {'packing':>8s} {'solve ms med':>12s} {'p90':>8s} {'max':>8s} {'windows ms':>10s} {'optimal':>8s}"
+    lines += [header, "-" * len(header)]
+    for p in result["partitions"]:
+        lines.append(
+            f"{p['stage']:5d} {p['shift'][0]:6d} {p['windows']:8.0f} {p['group_size']:5.0f} {p['num_groups']:7.0f} {p['efficiency']:8.3f} "
+            f"{p['solve_ms']['median']:12.2f} {p['solve_ms']['p90']:8.2f} {p['solve_ms']['max']:8.2f} "
+            f"{p['stage_windows_ms']['median']:10.2f} {100 * p['optimal_fraction']:7.0f}%"
+        )
+    s = result["solve_ms_per_step"]
+    lines.append(f"solver per step (all partitions): median {s['median']:.1f} ms, p90 {s['p90']:.1f} ms, max {s['max']:.1f} ms")
+    if "build_layouts_ms" in result:
+        b = result["build_layouts_ms"]
+        lines.append(
+            f"encoder.build_layouts per step (solver + layouts): median {b['median']:.1f} ms, p90 {b['p90']:.1f} ms, "
+            f"max {b['max']:.1f} ms; packing efficiency {result['build_layouts_efficiency']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def calibration_table(result: Dict[str, Any]) -> str:
+    lines = [
+        f"cost model calibration: group attention fwd+bwd, dim {result['dim']}, heads {result['heads']}, "
+        f"~{result['slots']} slots, {result['dtype']}, fused={result['fused']}",
+        f"{'g':>5s} {'groups':>7s} {'ms':>9s} {'fit ms':>9s}",
+    ]
+    for p in result["points"]:
+        lines.append(f"{p['group_size']:5d} {p['num_groups']:7d} {p['seconds'] * 1e3:9.2f} {p['fitted_seconds'] * 1e3:9.2f}")
+    cm = result["cost_model"]
+    lines.append(
+        f"fit: time = a*n_g*g^2 + b*n_g*g + c with a = {result['a_seconds']:.3e} s, b = {result['b_seconds']:.3e} s, "
+        f"c = {result['c_seconds']:.3e} s (max rel. error {100 * result['max_relative_error']:.0f}%)"
+    )
+    lines.append(f"=> CostModel(a=1.0, b={cm['b']:.1f})  (only b/a matters to the solver)")
+    return "\n".join(lines)
+
+
+def sweep_table(sweep: Dict[str, List[Dict[str, Any]]]) -> str:
+    header = f"{'mask':>5s} {'img':>5s} {'window':>6s} {'green img/s':>11s} {'simmim img/s':>12s} {'speedup':>8s} {'mem ratio':>9s} {'group share':>11s}"
+    lines = ["sweep", header, "-" * len(header)]
+    for key in ("by_mask_ratio", "by_img_size"):
+        for p in sweep[key]:
+            lines.append(
+                f"{p['mask_ratio']:5.2f} {p['img_size']:5d} {_fmt(p['window_size'], 'd'):>6s} {p['greenmim_img_per_s']:11.2f} "
+                f"{p['simmim_img_per_s']:12.2f} {p['speedup']:7.2f}x {_fmt(p.get('peak_memory_ratio'), '9.2f'):>9s} "
+                f"{_fmt(_scaled(p.get('grouping_share'), 0.01), '10.1f'):>10s}%"
+            )
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep: Dict[str, List[Dict[str, Any]]], path: str, title: str = "") -> None:
+    """Two panels (against mask ratio, against image size): speedup on the left axis, peak-memory
+    ratio greenmim/simmim on the right axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, key, xkey, xlabel in (
+        (axes[0], "by_mask_ratio", "mask_ratio", "mask ratio"),
+        (axes[1], "by_img_size", "img_size", "image size (px)"),
+    ):
+        rows = sweep[key]
+        xs = [p[xkey] for p in rows]
+        ax.plot(xs, [p["speedup"] for p in rows], "o-", color="tab:green", label="speedup (img/s ratio)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("greenmim / simmim throughput", color="tab:green")
+        ax.grid(alpha=0.3)
+        if all("peak_memory_ratio" in p for p in rows):
+            ax2 = ax.twinx()
+            ax2.plot(xs, [p["peak_memory_ratio"] for p in rows], "s--", color="tab:purple", label="peak memory ratio")
+            ax2.set_ylabel("greenmim / simmim peak memory", color="tab:purple")
+            ax2.set_ylim(0, max(1.0, max(p["peak_memory_ratio"] for p in rows) * 1.1))
+        ax.set_ylim(0, max(p["speedup"] for p in rows) * 1.2)
+    if title:
+        fig.suptitle(title)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,207 @@
+"""``greenmim-bench``: greenmim against the all-token baseline, side by side in one process.
+
+Examples::
+
+    # full pretraining steps, Swin-T at 224, batch 8, on this machine's CPU (2 threads)
+    greenmim-bench --model swin_tiny_patch4_window7_224 --batch-size 8 --threads 2 --out results/swin_t_cpu
+
+    # the paper's setting on a GPU, bf16, with torch.compile
+    greenmim-bench --model swin_base_patch4_window7_224 --batch-size 128 --dtype bf16 --device cuda --compile
+
+    # speedup / memory against mask ratio and image size (PNG + JSON), on a tiny Swin
+    greenmim-bench --sweep --embed-dim 32 --depths 1,1,2,1 --num-heads 1,2,4,8 --batch-size 4 --out results/sweep
+
+    # grouping solver alone: Swin-B stage 1..4 at batch 128 (the defaults of --solver-only)
+    greenmim-bench --solver-only
+
+    # fit the solver's cost model (a, b) to measured group attention
+    greenmim-bench --calibrate --model swin_base_patch4_window7_224 --batch-size 32
+
+The table goes to stdout, progress to stderr; ``--out PATH`` writes ``PATH.json`` (and ``PATH.png``
+for ``--sweep``).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..bench.compare import DEFAULT_SWEEP_RATIOS, DEFAULT_SWEEP_SIZES, BenchConfig, environment, run_comparison, run_sweep
+from ..bench.report import calibration_table, comparison_table, output_paths, plot_sweep, solver_table, sweep_table, write_json
+from ..bench.step import DTYPES
+
+DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
+DEFAULT_BATCH = 8
+SOLVER_MODEL = "swin_base_patch4_window7_224"
+SOLVER_BATCH = 128
+
+
+def _ints(text: str) -> List[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> List[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def parse_override(text: str) -> tuple:
+    """``key=value`` with a Python literal value (``window_size=12``, ``depths=(2,2,6,2)``) or a bare string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"override '{text}' is not of the form key=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="greenmim-bench",
+        description="Time full pretraining steps of greenmim (visible tokens only) and the simmim all-token "
+        "baseline, interleaved in one process; report img/s, peak memory, FLOPs and grouping cost.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help=f"timm Swin/Twins name (default {DEFAULT_MODEL}; {SOLVER_MODEL} with --solver-only)")
+    m.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    m.add_argument("--window-size", type=int, default=None, help="Swin window size override")
+    m.add_argument("--embed-dim", type=int, default=None, help="embedding width override (tiny runs)")
+    m.add_argument("--depths", type=_ints, default=None, help="blocks per stage, e.g. 1,1,2,1")
+    m.add_argument("--num-heads", type=_ints, default=None, help="heads per stage, e.g. 1,2,4,8")
+    m.add_argument("--override", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other model argument (timm constructor or decoder_dim/decoder_depth/...); repeatable")
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {DEFAULT_BATCH}; {SOLVER_BATCH} with --solver-only)")
+    r.add_argument("--mask-ratio", type=float, default=0.75)
+    r.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast bf16/fp16 (fp32 weights)")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    r.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
+    r.add_argument("--iters", type=int, default=5, help="timed steps per method (random masks with --solver-only)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--compile", action="store_true", help="also time with torch.compile'd encoders and report the gain")
+    r.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    r.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    r.add_argument("--out", default=None, help="write PATH.json (and PATH.png with --sweep)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true", help="speedup and memory ratio vs mask ratio and image size (PNG plot)")
+    mode.add_argument("--calibrate", action="store_true", help="fit the grouping solver's CostModel a, b to measured group attention")
+    mode.add_argument("--solver-only", action="store_true", help="grouping solver time and packing efficiency only (no training)")
+    p.add_argument("--sweep-ratios", type=_floats, default=list(DEFAULT_SWEEP_RATIOS), help="mask ratios of --sweep")
+    p.add_argument("--sweep-sizes", type=_ints, default=list(DEFAULT_SWEEP_SIZES), help="image sizes of --sweep")
+    return p
+
+
+def model_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    overrides: Dict[str, Any] = {}
+    for key, attr in (("window_size", "window_size"), ("embed_dim", "embed_dim"), ("depths", "depths"), ("num_heads", "num_heads")):
+        value = getattr(args, attr)
+        if value is not None:
+            overrides[key] = tuple(value) if isinstance(value, list) else value
+    overrides.update(dict(args.override))
+    return overrides
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("greenmim-bench: --device cuda requested but CUDA is not available (use --device cpu)")
+    return device
+
+
+def _build_encoder(args: argparse.Namespace, model: str, overrides: Dict[str, Any]):
+    from ..models import create_encoder
+
+    kwargs = dict(overrides)
+    for key in ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "shared_mask"):
+        kwargs.pop(key, None)
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    return create_encoder(model, method="greenmim", **kwargs)
+
+
+def run_solver_only(args: argparse.Namespace, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    from ..bench.solver import solver_benchmark
+
+    model = args.model or SOLVER_MODEL
+    batch = args.batch_size or SOLVER_BATCH
+    encoder = _build_encoder(args, model, overrides)
+    result = solver_benchmark(encoder, batch, args.mask_ratio, args.iters, args.seed)
+    result.update(model=model, overrides=overrides, environment=environment(torch.device("cpu")))
+    print(solver_table(result))
+    return result
+
+
+def run_calibration(args: argparse.Namespace, overrides: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    from ..bench.calibrate import calibrate_cost_model
+    from ..masking import num_visible_units, unit_grid
+
+    model = args.model or DEFAULT_MODEL
+    encoder = _build_encoder(args, model, overrides)
+    attn = encoder.layers[0].blocks[0].attn
+    grid = unit_grid(tuple(encoder.patch_embed.img_size), encoder.unit)
+    tokens_per_unit = (encoder.unit // encoder.patch_stride) ** 2
+    slots = (args.batch_size or DEFAULT_BATCH) * num_visible_units(grid.num_units, args.mask_ratio) * tokens_per_unit
+    result = calibrate_cost_model(attn.qkv.in_features, attn.num_heads, slots, device, args.dtype, getattr(encoder, "fused_attn", True))
+    result.update(model=model, environment=environment(device))
+    print(calibration_table(result))
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = model_overrides(args)
+    device = resolve_device(args.device)
+    json_path = png_path = None
+    if args.out:
+        json_path, png_path = output_paths(args.out)
+
+    if args.solver_only:
+        result = run_solver_only(args, overrides)
+    elif args.calibrate:
+        result = run_calibration(args, overrides, device)
+    else:
+        cfg = BenchConfig(
+            model=args.model or DEFAULT_MODEL,
+            img_size=args.img_size,
+            batch_size=args.batch_size or DEFAULT_BATCH,
+            mask_ratio=args.mask_ratio,
+            dtype=args.dtype,
+            device=str(device),
+            warmup=args.warmup,
+            iters=args.iters,
+            seed=args.seed,
+            overrides=overrides,
+            compile=args.compile,
+            memory=not args.no_memory,
+            flops=not args.no_flops,
+        )
+        if args.sweep:
+            sweep = run_sweep(cfg, args.sweep_ratios, args.sweep_sizes)
+            result = {"config": vars(args) | {"device": str(device)}, "environment": environment(device), "sweep": sweep}
+            print(sweep_table(sweep))
+            if png_path:
+                plot_sweep(sweep, png_path, f"greenmim vs simmim: {cfg.model} {overrides or ''} batch {cfg.batch_size} {cfg.dtype} {device}")
+                print(f"plot: {png_path}")
+            else:
+                print("(pass --out PATH to save the plot and JSON)")
+        else:
+            result = run_comparison(cfg)
+            print(comparison_table(result))
+    if json_path:
+        write_json(result, json_path)
+        print(f"json: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

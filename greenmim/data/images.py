@@ -1,0 +1,90 @@
+"""Reading image files as RGB, and the errors users see for bad data.
+
+:func:`load_rgb` opens any file PIL reads and returns an RGB image: palette, grey, 16-bit and
+alpha images are converted (transparent areas composited on white), each mode reported once per
+process. Unreadable files raise :class:`CorruptImageError`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Set
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from ..engine.errors import UserError
+
+log = logging.getLogger("greenmim")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+MODE_NAMES = {"P": "palette", "L": "greyscale", "LA": "greyscale+alpha", "RGBA": "RGB+alpha", "CMYK": "CMYK",
+              "I": "32-bit integer", "I;16": "16-bit greyscale", "F": "float", "1": "1-bit", "YCbCr": "YCbCr", "PA": "palette+alpha"}
+
+_reported_modes: Set[str] = set()
+
+
+class DataError(UserError):
+    """A problem with the data folder or its files; the message names the fix."""
+
+
+class CorruptImageError(DataError):
+    """An image file that cannot be decoded."""
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def to_rgb(img: Image.Image, path: str = "") -> Image.Image:
+    """``img`` as an 8-bit RGB image (alpha composited on white, high-bit-depth greys rescaled)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode not in _reported_modes:
+        _reported_modes.add(mode)
+        log.warning("converting %s (%s) image(s) to RGB, e.g. %s (each mode is reported once)", mode, MODE_NAMES.get(mode, mode), path or "<image>")
+    if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's "palette images with transparency" advice
+            rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode ``path`` fully and return it as RGB; raises :class:`CorruptImageError` if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    except Exception as exc:  # PIL raises many types for bad files
+        reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        raise CorruptImageError(
+            f"cannot read image {path} ({reason}); remove or replace the file, or set data.on_corrupt=skip"
+        ) from exc
+    return to_rgb(img, path)
+
+
+def check_root(root, what: str = "data.root") -> str:
+    """``root`` as a string; raises :class:`DataError` if it is unset or not a folder."""
+    if root in (None, "", "???"):
+        raise DataError(f"{what} is not set: pass {what}=/path/to/images (or use data=synthetic for a run without data)")
+    root = os.path.expanduser(str(root))
+    if not os.path.exists(root):
+        raise DataError(f"{what}={root} does not exist: point it at a folder of images (or use data=synthetic)")
+    if not os.path.isdir(root):
+        raise DataError(f"{what}={root} is a file, not a folder: point it at the folder that contains the images")
+    return root
+
+
+# Truncated JPEGs are errors by default (counted and skipped, or fatal with data.on_corrupt=error).
+ImageFile.LOAD_TRUNCATED_IMAGES = False

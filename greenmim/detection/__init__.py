@@ -1,0 +1,18 @@
+"""Transfer to COCO detection: Mask R-CNN (torchvision) with a greenmim-pretrained Swin/Twins backbone.
+
+* :mod:`.backbone`: timm trunk with 4 stage outputs (strides 4/8/16/32) + torchvision FPN;
+* :mod:`.model`: :func:`build_maskrcnn`;
+* :mod:`.data`: :class:`CocoDetection` (pycocotools; polygons/RLE, crowd, id mapping, flip);
+* :mod:`.evaluate`: :class:`CocoEvaluator` (COCOeval bbox + segm, results JSON, DDP gathering);
+* :mod:`.export`: the encoder in the official Swin key layout (mmdetection / detectron2).
+"""
+from .backbone import TimmFPNBackbone, TimmTrunk, build_backbone
+from .data import CocoDetection, CocoFileNotFoundError, CocoFormatError, collate, hflip
+from .evaluate import CocoEvaluator, ground_truth_as_predictions, to_coco_results
+from .model import build_maskrcnn
+
+__all__ = [
+    "TimmTrunk", "TimmFPNBackbone", "build_backbone", "build_maskrcnn",
+    "CocoDetection", "CocoFormatError", "CocoFileNotFoundError", "collate", "hflip",
+    "CocoEvaluator", "ground_truth_as_predictions", "to_coco_results",
+]

@@ -1,0 +1,40 @@
+"""The training engine shared by pretraining, fine-tuning and detection.
+
+* :class:`Trainer`, :class:`TrainerConfig`, :class:`OptimConfig`, :class:`TrainTask` — the loop
+  (see :mod:`greenmim.engine.trainer` for the conventions).
+* :mod:`.distributed` — torchrun setup, rank-0 writing, seeds, collectives.
+* :mod:`.checkpoint` — atomic checkpoints, retention, ``resume=auto|PATH``.
+* :mod:`.optim`, :mod:`.schedule`, :mod:`.precision` — AdamW groups, lr schedules, autocast/scaler.
+* :mod:`.sampler` — resumable distributed sampler and per-sample augmentation seeds.
+* :mod:`.monitor` — logging, TensorBoard, throughput.
+"""
+from .checkpoint import CheckpointManager, atomic_save, find_latest, load_checkpoint, resolve_resume
+from .distributed import (
+    DistInfo,
+    all_reduce_any,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+    seed_everything,
+)
+from .errors import ConfigError, NonFiniteLossError, UserError, one_line
+from .monitor import MetricsWriter, setup_logging
+from .optim import build_optimizer, default_param_groups, no_weight_decay_names, scaled_lr
+from .precision import Precision
+from .sampler import ResumableDistributedSampler, SeededDataset
+from .schedule import SCHEDULES, LRSchedule, WarmupCosine, WarmupStep, apply_lr, build_schedule
+from .trainer import OptimConfig, Trainer, TrainerConfig, TrainTask, enable_grad_checkpointing, unwrap
+
+__all__ = [
+    "Trainer", "TrainerConfig", "OptimConfig", "TrainTask", "unwrap", "enable_grad_checkpointing",
+    "DistInfo", "init_distributed", "cleanup_distributed", "barrier", "all_reduce_mean", "all_reduce_any",
+    "broadcast_object", "seed_everything",
+    "CheckpointManager", "atomic_save", "load_checkpoint", "find_latest", "resolve_resume",
+    "build_optimizer", "default_param_groups", "no_weight_decay_names", "scaled_lr",
+    "LRSchedule", "WarmupCosine", "WarmupStep", "SCHEDULES", "build_schedule", "apply_lr",
+    "Precision", "ResumableDistributedSampler", "SeededDataset",
+    "MetricsWriter", "setup_logging",
+    "UserError", "ConfigError", "NonFiniteLossError", "one_line",
+]

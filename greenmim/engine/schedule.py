@@ -1,0 +1,109 @@
+"""Per-iteration learning-rate schedules.
+
+A schedule maps the optimizer step (0-based, counted in optimizer updates, i.e. after gradient
+accumulation) to a multiplier of the peak lr: :meth:`LRSchedule.factor`. :func:`apply_lr` writes
+``peak_lr * factor * group["lr_scale"]`` into every param group, so layer-decay groups keep their
+ratios. Add a schedule by subclassing :class:`LRSchedule` and registering it in :data:`SCHEDULES`.
+
+Warmup and milestones are given in epochs (fractions allowed) or steps; epochs are converted with
+``steps_per_epoch`` so results do not depend on batch size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Type
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass
+class LRSchedule:
+    """Base: linear warmup from 0 over ``warmup_steps``, then :meth:`after_warmup`."""
+
+    total_steps: int
+    warmup_steps: int = 0
+
+    def factor(self, step: int) -> float:
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return self.after_warmup(step)
+
+    def after_warmup(self, step: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class WarmupCosine(LRSchedule):
+    """Linear warmup then half-cosine from 1 to ``min_lr_ratio`` at ``total_steps`` (MAE's schedule)."""
+
+    min_lr_ratio: float = 0.0
+
+    def after_warmup(self, step: int) -> float:
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass
+class WarmupStep(LRSchedule):
+    """Linear warmup then multiply by ``gamma`` at each milestone step (detection's schedule)."""
+
+    milestones: Sequence[int] = ()
+    gamma: float = 0.1
+
+    def after_warmup(self, step: int) -> float:
+        return self.gamma ** sum(step >= m for m in self.milestones)
+
+
+@dataclass
+class Constant(LRSchedule):
+    """Linear warmup then constant."""
+
+    def after_warmup(self, step: int) -> float:
+        return 1.0
+
+
+SCHEDULES: Dict[str, Type[LRSchedule]] = {"cosine": WarmupCosine, "step": WarmupStep, "constant": Constant}
+
+
+def _to_steps(epochs: Optional[float], steps: Optional[int], steps_per_epoch: int) -> int:
+    if steps is not None and steps >= 0:
+        return int(steps)
+    return int(round(float(epochs or 0) * steps_per_epoch))
+
+
+def build_schedule(cfg: Dict[str, Any], total_steps: int, steps_per_epoch: int) -> LRSchedule:
+    """Build a schedule from a ``sched`` config.
+
+    Keys: ``name`` (cosine | step | constant), ``warmup_epochs`` or ``warmup_steps`` (steps win when
+    >= 0), ``min_lr_ratio`` (cosine), ``milestones_epochs`` or ``milestones_steps`` and ``gamma`` (step).
+    Warmup is capped at ``total_steps`` (short runs still reach the peak lr).
+    """
+    cfg = dict(cfg)
+    name = cfg.pop("name", "cosine")
+    if name not in SCHEDULES:
+        raise ConfigError(f"sched.name must be one of {', '.join(SCHEDULES)}, got '{name}'")
+    warmup = _to_steps(cfg.pop("warmup_epochs", 0), cfg.pop("warmup_steps", None), steps_per_epoch)
+    warmup = min(warmup, max(0, total_steps - 1))
+    kwargs: Dict[str, Any] = {"total_steps": total_steps, "warmup_steps": warmup}
+    if name == "cosine":
+        kwargs["min_lr_ratio"] = float(cfg.pop("min_lr_ratio", 0.0))
+    elif name == "step":
+        ms = cfg.pop("milestones_steps", None)
+        me = cfg.pop("milestones_epochs", ())
+        kwargs["milestones"] = [int(m) for m in ms] if ms else [int(round(e * steps_per_epoch)) for e in me]
+        kwargs["gamma"] = float(cfg.pop("gamma", 0.1))
+    if cfg:
+        raise ConfigError(f"unknown sched key(s) for sched.name={name}: {', '.join(sorted(cfg))}")
+    return SCHEDULES[name](**kwargs)
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, peak_lr: float, factor: float) -> float:
+    """Set every group's lr to ``peak_lr * factor * lr_scale``; returns the unscaled lr."""
+    lr = peak_lr * factor
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr

@@ -1,0 +1,501 @@
+"""The training loop shared by pretraining, fine-tuning and detection.
+
+A :class:`Trainer` runs a :class:`TrainTask`; the task says *what* to train (model, data, the loss
+of one batch), the trainer says *how* (devices, DDP, precision, accumulation, lr schedule,
+checkpoints, resume, logging). Minimal use::
+
+    class MyTask(TrainTask):
+        def build_model(self):                      return MyModel()
+        def build_train_loader(self, dist, seed):   return DataLoader(ds, batch_size=32, sampler=...)
+        def training_step(self, model, batch, trainer):
+            images, _ = batch
+            loss, _, _ = model(images.to(trainer.device, non_blocking=True))
+            return loss, {}
+
+    Trainer(MyTask(), TrainerConfig(output_dir="runs/x", epochs=10),
+            OptimConfig(blr=1.5e-4), {"name": "cosine", "warmup_epochs": 1}).fit()
+
+Conventions:
+
+* A *step* is one optimizer update (``accum_steps`` micro-batches). ``max_steps``, warmup,
+  checkpoint intervals and TensorBoard's x axis count steps.
+* ``lr = optim.lr`` if set, else ``optim.blr * effective_batch / 256`` with
+  ``effective_batch = batch_size * accum_steps * world_size``.
+* The loader's sampler should be a :class:`~greenmim.engine.sampler.ResumableDistributedSampler`
+  (any sampler with ``set_epoch`` works, but then a mid-epoch resume replays the epoch's batches
+  from the start of the epoch instead of skipping exactly the consumed ones).
+* Only rank 0 writes; every rank calls every hook (they may contain collectives).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import FORMAT, CheckpointManager, load_checkpoint, resolve_resume
+from .distributed import (
+    DistInfo,
+    all_reduce_any,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    get_rng_state,
+    init_distributed,
+    is_dist,
+    seed_everything,
+    set_rng_state,
+)
+from .errors import ConfigError, NonFiniteLossError, UserError
+from .monitor import MetricsWriter, Throughput, format_eta, peak_memory_gb, setup_logging
+from .optim import build_optimizer, scaled_lr
+from .precision import Precision
+from .schedule import LRSchedule, apply_lr, build_schedule
+
+log = logging.getLogger("greenmim")
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass
+class TrainerConfig:
+    """How to train. Every field is a ``trainer.*`` config key (``output_dir``, ``resume`` and
+    ``seed`` are top-level keys in the Hydra configs and are copied in by the CLI).
+
+    Attributes:
+        output_dir: the run's folder (checkpoints, ``train.log``, ``metrics.jsonl``, ``tb/``, images).
+        epochs: epochs to train (the schedule's length unless ``max_steps`` is smaller).
+        max_steps: cap on optimizer steps; > 0 also shortens the schedule to it. -1: no cap.
+        stop_at_step: stop (after checkpointing) at this step without changing the schedule, e.g.
+            to split a long schedule into time-boxed jobs continued with ``resume=auto``.
+        accum_steps: micro-batches per optimizer step (gradient accumulation).
+        precision: ``bf16`` | ``fp16`` (with loss scaling) | ``fp32``.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        clip_grad: max total gradient norm, or None for no clipping.
+        grad_checkpointing: activation checkpointing: False, True (all stages) or a list of stage
+            indices; applied to ``model.encoder`` if the model has one, else to the model.
+        nonfinite: on a NaN/Inf loss, ``stop`` (raise, keeping the last good checkpoint) or ``skip``
+            the step (no update; warned and counted).
+        log_every: steps between progress lines and TensorBoard scalars.
+        ckpt_every_steps: also checkpoint every this many steps (0: only at epoch ends).
+        ckpt_every_epochs: checkpoint at the end of every this many epochs (and always at the end).
+        keep_last: rolling checkpoints to keep.
+        keep_every_epochs: keep a permanent copy every this many epochs (0: none).
+        tensorboard: write TensorBoard event files.
+        seed: base seed; rank ``r`` uses ``seed + r`` for its own streams.
+        resume: None (fresh run), ``auto`` (latest valid checkpoint in ``output_dir``, if any) or a path.
+        find_unused_parameters: passed to DDP.
+        config: the resolved full config, stored in checkpoints and written to ``config.yaml``.
+    """
+
+    output_dir: str = "outputs/run"
+    epochs: int = 1
+    max_steps: int = -1
+    stop_at_step: Optional[int] = None
+    accum_steps: int = 1
+    precision: str = "fp32"
+    device: str = "auto"
+    clip_grad: Optional[float] = None
+    grad_checkpointing: Union[bool, List[int]] = False
+    nonfinite: str = "stop"
+    log_every: int = 10
+    ckpt_every_steps: int = 0
+    ckpt_every_epochs: int = 1
+    keep_last: int = 2
+    keep_every_epochs: int = 0
+    tensorboard: bool = True
+    seed: int = 0
+    resume: Optional[str] = None
+    find_unused_parameters: bool = False
+    config: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings (``optim.*``): ``lr`` (absolute, wins when set) or ``blr`` scaled by
+    ``effective_batch / base_batch``; ``weight_decay``, ``betas``, ``eps``."""
+
+    name: str = "adamw"
+    blr: float = 1.5e-4
+    lr: Optional[float] = None
+    base_batch: int = 256
+    weight_decay: float = 0.05
+    betas: Sequence[float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+
+class TrainTask:
+    """What to train. Subclass and implement the first three methods; the others are optional hooks.
+
+    Every method receives the :class:`Trainer` (``trainer.device``, ``trainer.dist``,
+    ``trainer.output_dir``, ``trainer.epoch``, ``trainer.step``, ``trainer.writer``, ``trainer.precision``).
+    """
+
+    def build_model(self) -> nn.Module:
+        """The model, on CPU; the trainer moves it to the device and wraps it in DDP."""
+        raise NotImplementedError
+
+    def build_train_loader(self, dist: DistInfo, seed: int) -> torch.utils.data.DataLoader:
+        """The training loader of this rank (shard with ``dist.rank``/``dist.world_size``; the
+        trainer calls ``loader.sampler.set_epoch(epoch)`` and, on resume, ``set_start(n)``).
+        Its ``batch_size`` is the per-process micro-batch."""
+        raise NotImplementedError
+
+    def training_step(self, model: nn.Module, batch: Any, trainer: "Trainer") -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Loss of one micro-batch (a scalar tensor, run under autocast) and extra metrics to log.
+        ``model`` is the (possibly DDP-wrapped) training model; move ``batch`` to ``trainer.device``."""
+        raise NotImplementedError
+
+    def batch_size(self, batch: Any) -> int:
+        """Samples in ``batch`` (for img/s): the length of the first tensor found."""
+        if torch.is_tensor(batch):
+            return batch.shape[0]
+        if isinstance(batch, (list, tuple)):
+            return self.batch_size(batch[0])
+        if isinstance(batch, dict):
+            return self.batch_size(next(iter(batch.values())))
+        return len(batch)
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> Optional[List[Dict[str, Any]]]:
+        """Optimizer param groups (e.g. timm's ``param_groups_layer_decay``; a group's ``lr_scale``
+        multiplies its lr). None: the default decay / no-decay split."""
+        return None
+
+    def evaluate(self, model: nn.Module, trainer: "Trainer") -> Dict[str, float]:
+        """Validation metrics, called on every rank at the end of every ``eval_every`` epoch; return
+        values already reduced over ranks. ``model`` is unwrapped and in eval mode."""
+        return {}
+
+    def on_epoch_end(self, model: nn.Module, trainer: "Trainer") -> None:
+        """Anything per epoch (e.g. a reconstruction figure; write only when ``trainer.dist.is_main``)."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Per-rank task state to checkpoint (e.g. a mask generator's RNG state)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called on resume with this rank's saved state)."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def enable_grad_checkpointing(model: nn.Module, stages: Union[bool, Sequence[int]]) -> None:
+    """Activation checkpointing on ``model.encoder`` (or ``model``): all stages (True) or the listed ones."""
+    if stages is False or stages is None or (isinstance(stages, (list, tuple)) and not stages):
+        return
+    target = getattr(model, "encoder", model)
+    if stages is True:
+        if not hasattr(target, "set_grad_checkpointing"):
+            raise ConfigError(f"{type(target).__name__} does not support trainer.grad_checkpointing")
+        target.set_grad_checkpointing(True)
+        return
+    layers = getattr(target, "layers", None) or getattr(target, "stages", None)
+    if layers is None:
+        raise ConfigError(f"{type(target).__name__} has no per-stage layers; use trainer.grad_checkpointing=true")
+    for i in stages:
+        if not 0 <= int(i) < len(layers):
+            raise ConfigError(f"trainer.grad_checkpointing: stage {i} out of range (the model has {len(layers)} stages)")
+        layers[int(i)].grad_checkpointing = True
+
+
+class Trainer:
+    """Runs a :class:`TrainTask` (see the module docstring). Call :meth:`fit` once.
+
+    After :meth:`setup` (called by :meth:`fit`): ``dist``, ``device``, ``output_dir``, ``model`` (the
+    training model, DDP-wrapped when distributed), ``optimizer``, ``schedule``, ``precision``,
+    ``loader``, ``writer``, ``peak_lr``, ``effective_batch``, ``steps_per_epoch``, ``total_steps``;
+    during training: ``epoch`` (0-based), ``step`` (optimizer steps done).
+    """
+
+    def __init__(self, task: TrainTask, cfg: TrainerConfig, optim: OptimConfig = OptimConfig(), sched: Optional[Dict[str, Any]] = None):
+        if cfg.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"trainer.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got '{cfg.nonfinite}'")
+        if cfg.accum_steps < 1:
+            raise ConfigError(f"trainer.accum_steps must be >= 1, got {cfg.accum_steps}")
+        self.task = task
+        self.cfg = cfg
+        self.optim_cfg = optim
+        self.sched_cfg = dict(sched or {"name": "cosine", "warmup_epochs": 0})
+        self.epoch = 0
+        self.step = 0
+        self.batch_in_epoch = 0
+        self.skipped_steps = 0
+        self.last_checkpoint: Optional[Path] = None
+        self.history: List[Dict[str, float]] = []  # per-epoch summaries
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.output_dir = Path(broadcast_object(str(Path(cfg.output_dir).expanduser().resolve())))
+        setup_logging(self.output_dir, self.dist.rank)
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.config:
+                from omegaconf import OmegaConf
+
+                (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg.config)))
+        self.precision = Precision(cfg.precision, self.device)
+
+        seed_everything(cfg.seed)  # the same initial weights whatever the world size
+        model = self.task.build_model()
+        seed_everything(cfg.seed, self.dist.rank)  # then per-rank streams (dropout, masks, ...)
+        enable_grad_checkpointing(model, cfg.grad_checkpointing)
+        model.to(self.device)
+        self.loader = self.task.build_train_loader(self.dist, cfg.seed)
+        micro_batch = self.loader.batch_size or 1
+        self.effective_batch = micro_batch * cfg.accum_steps * self.dist.world_size
+        self.steps_per_epoch = len(self.loader) // cfg.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"an epoch has {len(self.loader)} batch(es) per process, fewer than trainer.accum_steps={cfg.accum_steps}: "
+                "use more images, a smaller data.batch_size or fewer accumulation steps"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps and cfg.max_steps > 0:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+        o = self.optim_cfg
+        self.peak_lr = float(o.lr) if o.lr is not None else scaled_lr(o.blr, self.effective_batch, o.base_batch)
+        groups = self.task.param_groups(model, o.weight_decay)
+        self.optimizer = build_optimizer(model, self.peak_lr, o.weight_decay, o.betas, o.eps, o.name, groups)
+        self.schedule: LRSchedule = build_schedule(self.sched_cfg, self.total_steps, self.steps_per_epoch)
+
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
+        self.model = model
+        self.writer = MetricsWriter(self.output_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard)
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.keep_last, cfg.keep_every_epochs)
+
+        resume = resolve_resume(cfg.resume, self.output_dir) if self.dist.is_main else None
+        resume = broadcast_object(str(resume) if resume else None)
+        if resume:
+            self.load(resume)
+        elif cfg.resume and str(cfg.resume) == "auto":
+            log.info("resume=auto: no checkpoint in %s, starting from scratch", self.output_dir)
+
+        n_params = sum(p.numel() for p in unwrap(self.model).parameters())
+        log.info(
+            "device %s x%d | precision %s | params %.2fM | micro-batch %d x accum %d x world %d = %d | lr %.3g | "
+            "%d steps (%d/epoch, %d epochs) | output %s",
+            self.device, self.dist.world_size, cfg.precision, n_params / 1e6, micro_batch, cfg.accum_steps,
+            self.dist.world_size, self.effective_batch, self.peak_lr, self.total_steps, self.steps_per_epoch,
+            self.epochs, self.output_dir,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """The full training state; collective (every rank must call it: per-rank RNG is gathered)."""
+        rank_state = {"rng": get_rng_state(), "task": self.task.state_dict()}
+        if is_dist():
+            gathered: List[Any] = [None] * self.dist.world_size
+            tdist.all_gather_object(gathered, rank_state)
+        else:
+            gathered = [rank_state]
+        return {
+            "format": FORMAT,
+            "version": 1,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.precision.state_dict(),
+            "schedule": {"step": self.step, "total_steps": self.total_steps, "peak_lr": self.peak_lr},
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.dist.world_size,
+            "rank_states": gathered,
+            "config": self.cfg.config,
+        }
+
+    def save(self, epoch_completed: Optional[int] = None) -> None:
+        """Write a checkpoint of the current state (rank 0; collective)."""
+        state = self.state_dict()
+        if self.dist.is_main:
+            self.last_checkpoint = self.checkpoints.save(state, self.step, epoch_completed)
+            log.info("saved checkpoint %s", self.last_checkpoint)
+        barrier()
+
+    def load(self, path: Union[str, Path]) -> None:
+        """Restore everything :meth:`state_dict` saved (model, optimizer, scaler, position, RNG)."""
+        ckpt = load_checkpoint(path, map_location="cpu")
+        missing, unexpected = unwrap(self.model).load_state_dict(ckpt["model"], strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"checkpoint {path} does not match the model (missing {len(missing)} keys e.g. {missing[:2]}, "
+                f"unexpected {len(unexpected)} e.g. {unexpected[:2]}): resume with the same model= as the run that wrote it"
+            )
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.precision.load_state_dict(ckpt.get("scaler"))
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        states = ckpt.get("rank_states") or []
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank]["rng"])
+            self.task.load_state_dict(states[self.dist.rank]["task"])
+        else:
+            log.warning(
+                "checkpoint was written by %d process(es), this run has %d: RNG streams are re-seeded, "
+                "so the run continues correctly but not bit-identically", len(states), self.dist.world_size,
+            )
+            seed_everything(self.cfg.seed + 1000 * self.step, self.dist.rank)
+        self.last_checkpoint = Path(path)
+        log.info("resumed from %s (epoch %d, step %d, batch %d of the epoch)", path, self.epoch, self.step, self.batch_in_epoch)
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> Dict[str, float]:
+        """Set up, train to ``total_steps`` (or ``stop_at_step``), return the last epoch's summary."""
+        self.setup()
+        try:
+            while self.epoch < self.epochs and not self._should_stop():
+                summary = self.train_one_epoch()
+                if summary:
+                    self.history.append(summary)
+        finally:
+            self.writer.close()
+        log.info("done: %d steps, output in %s", self.step, self.output_dir)
+        return self.history[-1] if self.history else {}
+
+    def _should_stop(self) -> bool:
+        stop_at = self.cfg.stop_at_step
+        return self.step >= self.total_steps or (stop_at is not None and self.step >= stop_at)
+
+    def _sampler_start(self, start_batch: int) -> int:
+        """Position the sampler at this epoch (and at ``start_batch`` when resuming); returns the
+        number of batches the loader will skip by itself (0 when it had to replay them)."""
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        if start_batch and hasattr(sampler, "set_start"):
+            sampler.set_start(start_batch * (self.loader.batch_size or 1))
+            return start_batch
+        return 0
+
+    def train_one_epoch(self) -> Dict[str, float]:
+        cfg, accum = self.cfg, self.cfg.accum_steps
+        model, task = self.model, self.task
+        model.train()
+        start_batch = self.batch_in_epoch
+        skipped_by_sampler = self._sampler_start(start_batch)
+        end_batch = self.steps_per_epoch * accum
+        meter = Throughput()
+        window_losses: List[float] = []
+        epoch_loss_sum, epoch_loss_n = 0.0, 0
+        window_ok = True
+        extra: Dict[str, float] = {}
+        lr = apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
+
+        for i, batch in enumerate(self.loader, start=skipped_by_sampler):
+            if i < start_batch:  # replaying a sampler without set_start
+                continue
+            if i >= end_batch or self._should_stop():
+                break
+            micro = i % accum
+            last_micro = micro == accum - 1
+            if micro == 0:
+                lr = apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
+                window_ok, window_losses = True, []
+            sync = contextlib.nullcontext() if (last_micro or not isinstance(model, DistributedDataParallel)) else model.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    loss, metrics = task.training_step(model, batch, self)
+                loss_value = float(loss.detach())
+                bad = all_reduce_any(not math.isfinite(loss_value), self.device)
+                if bad:
+                    self._on_nonfinite(loss_value)
+                    window_ok = False
+                elif window_ok:
+                    self.precision.backward(loss / accum)
+                    window_losses.append(loss_value)
+            meter.update(task.batch_size(batch) * self.dist.world_size, steps=0)
+            extra = {k: float(v) for k, v in metrics.items()}
+            if not last_micro:
+                continue
+
+            grad_norm = None
+            if window_ok:
+                grad_norm = self.precision.step(self.optimizer, unwrap(model).parameters(), cfg.clip_grad)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.batch_in_epoch = i + 1
+            meter.update(0, steps=1)
+            if window_losses:
+                step_loss = sum(window_losses) / len(window_losses)
+                epoch_loss_sum += step_loss
+                epoch_loss_n += 1
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self._log_step(window_losses, lr, grad_norm, extra, meter)
+            if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.batch_in_epoch < end_batch:
+                self.save()
+            if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < self.total_steps:
+                if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}.pt":
+                    self.save()
+                log.info("stopping at step %d (trainer.stop_at_step); continue with resume=auto", self.step)
+                return {}
+
+        return self._end_epoch(epoch_loss_sum / epoch_loss_n if epoch_loss_n else float("nan"))
+
+    def _end_epoch(self, mean_loss: float) -> Dict[str, float]:
+        summary = {"loss": all_reduce_mean(mean_loss), "epoch": self.epoch + 1}
+        unwrapped = unwrap(self.model)
+        unwrapped.eval()
+        with torch.no_grad():
+            summary.update(self.task.evaluate(unwrapped, self))
+        self.task.on_epoch_end(unwrapped, self)
+        unwrapped.train()
+        self.writer.add_scalars(self.step, {k: v for k, v in summary.items() if k != "epoch"}, prefix="epoch")
+        log.info("epoch %d/%d done: %s", self.epoch + 1, self.epochs, " ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"))
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        finished = self._should_stop() or self.epoch >= self.epochs
+        if finished or self.epoch % max(1, self.cfg.ckpt_every_epochs) == 0:
+            self.save(epoch_completed=self.epoch)
+        return summary
+
+    def _log_step(self, losses: List[float], lr: float, grad_norm: Optional[float], extra: Dict[str, float], meter: Throughput) -> None:
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        loss = all_reduce_mean(loss)
+        speed = meter.read(self.total_steps - self.step)
+        scalars = {"loss": loss, "lr": lr, "img_per_s": speed["img_per_s"], **extra}
+        if grad_norm is not None:
+            scalars["grad_norm"] = grad_norm
+        mem = peak_memory_gb(self.device)
+        scalars["peak_mem_gb"] = mem
+        self.writer.add_scalars(self.step, {**scalars, "epoch": self.epoch})
+        log.info(
+            "epoch %d/%d step %d/%d | loss %.4f | lr %.3g | %.1f img/s | mem %.2f GB | eta %s",
+            self.epoch + 1, self.epochs, self.step, self.total_steps, loss, lr, speed["img_per_s"], mem,
+            format_eta(speed["eta_s"]),
+        )
+
+    def _on_nonfinite(self, value: float) -> None:
+        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+        if self.cfg.nonfinite == "stop":
+            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"non-finite loss ({value}) at {where}; {kept}. Lower optim.blr, set trainer.clip_grad, "
+                "use trainer.precision=bf16 or fp32, or trainer.nonfinite=skip to skip such steps"
+            )
+        self.skipped_steps += 1
+        log.warning("non-finite loss (%s) at %s: step skipped (%d so far)", value, where, self.skipped_steps)

@@ -1,0 +1,203 @@
+"""Load pretrained weights into a timm classifier, reporting exactly what was (not) loaded.
+
+Three sources are understood, told apart by their contents:
+
+* a **greenmim pretraining checkpoint** (``greenmim-pretrain``'s ``.pt``): the model state holds
+  ``encoder.*`` (timm layout), ``decoder.*`` and, for the simmim baseline, ``enc_mask_token``; the
+  encoder is taken with its prefix stripped, the pretraining-only keys are listed as ``ignored``;
+* an **exported encoder** (``greenmim-export``'s ``.safetensors``): timm's layout without a head;
+* a **plain timm / original checkpoint** (``.pth``, ``.bin``, ``.safetensors``), with or without a
+  classifier head, also wrapped in ``{"model": ...}`` / ``{"state_dict": ...}`` / ``module.`` (DDP).
+
+The weights then pass through the model family's own timm ``checkpoint_filter_fn`` (Swin: resize
+relative-position bias tables when the window size differs, resample the patch embedding, drop
+non-persistent buffers, convert the original Microsoft layout), exactly as
+``timm.create_model(..., pretrained=True)`` would. A classifier head whose shape does not fit the
+model (another class count) is dropped and re-initialised. After that, only the classifier head
+may be missing: any other missing, unexpected or mis-shaped key is an error that lists the keys.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..engine.errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+#: pretraining-only parameters of a greenmim/simmim checkpoint (everything not under ``encoder.``).
+PRETRAIN_ONLY_PREFIXES = ("decoder.", "enc_mask_token")
+#: containers a checkpoint's weights may sit in, in the order they are tried.
+STATE_KEYS = ("model", "state_dict", "module")
+EMA_STATE_KEYS = ("model_ema", "state_dict_ema", "ema")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did. ``missing`` holds classifier-head keys only (else it raised)."""
+
+    source: str
+    kind: str  # "greenmim-pretrain" | "state-dict"
+    loaded: int = 0
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)  # pretraining-only keys (decoder, mask token)
+    resized: List[str] = field(default_factory=list)  # tensors reshaped by timm's filter (rel-pos tables, patch embed)
+    head_dropped: List[str] = field(default_factory=list)  # checkpoint head keys whose shape did not fit
+
+    def summary(self) -> str:
+        parts = [f"loaded {self.loaded} tensors from {self.source} ({self.kind})"]
+        if self.missing:
+            parts.append(f"missing (re-initialised): {', '.join(self.missing)}")
+        if self.head_dropped:
+            parts.append(f"checkpoint head dropped (class count differs): {', '.join(self.head_dropped)}")
+        if self.resized:
+            parts.append(f"resized: {_short(self.resized)}")
+        if self.ignored:
+            parts.append(f"ignored {len(self.ignored)} pretraining-only tensors ({_prefixes(self.ignored)})")
+        if self.unexpected:
+            parts.append(f"unexpected: {_short(self.unexpected)}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _short(keys: List[str], n: int = 8) -> str:
+    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _prefixes(keys: List[str]) -> str:
+    return ", ".join(sorted({k.split(".")[0] + ("." if "." in k else "") for k in keys}))
+
+
+# -- reading ----------------------------------------------------------------------------------------
+def read_checkpoint(path: str) -> Mapping[str, Any]:
+    """The raw contents of a ``.safetensors`` file or a ``torch.save`` file, on the CPU.
+
+    ``torch.save`` files are opened with ``weights_only=True`` first; training checkpoints also hold
+    RNG states and the resolved config, so on failure they are re-read with ``weights_only=False``
+    (only load checkpoints you trust).
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"pretrained checkpoint '{path}' does not exist: pass an existing file as pretrained=PATH")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        _logger.debug("%s holds non-tensor objects; re-reading with weights_only=False", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise UserError(f"cannot read checkpoint '{path}' ({type(exc).__name__}: {exc}); is it a complete torch/safetensors file?") from exc
+
+
+def unwrap_state_dict(ckpt: Mapping[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensor dictionary inside a checkpoint (``model`` / ``state_dict`` / EMA containers, ``module.`` prefix)."""
+    state: Any = ckpt
+    keys = EMA_STATE_KEYS if use_ema else STATE_KEYS
+    for key in keys:
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    else:
+        if use_ema:
+            raise UserError(f"the checkpoint holds no EMA weights (looked for {', '.join(EMA_STATE_KEYS)}); drop use_ema")
+    if not isinstance(state, Mapping) or not any(torch.is_tensor(v) for v in state.values()):
+        raise UserError("the checkpoint holds no model weights (expected a state dict or one under 'model'/'state_dict')")
+    state = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def split_pretrain_state(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str], bool]:
+    """``(encoder_state, ignored_keys, is_pretrain)``: strip ``encoder.`` from a greenmim pretraining state."""
+    if not any(k.startswith("encoder.") for k in state):
+        return state, [], False
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    ignored = [k for k in state if not k.startswith("encoder.")]
+    strays = [k for k in ignored if not k.startswith(PRETRAIN_ONLY_PREFIXES)]
+    if strays:
+        raise UserError(f"unexpected keys next to 'encoder.*' in the pretraining checkpoint: {_short(strays)}")
+    return encoder, ignored, True
+
+
+# -- filtering --------------------------------------------------------------------------------------
+def classifier_prefix(model: nn.Module) -> str:
+    """The classifier's module path (timm's ``pretrained_cfg['classifier']``, e.g. ``head.fc`` for Swin)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("classifier") or "head"
+    return name if isinstance(name, str) else name[0]
+
+
+def timm_filter(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Apply the model family's timm ``checkpoint_filter_fn`` (as ``pretrained=True`` does), if it has one."""
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        for cls in type(model).__mro__[1:]:  # a greenmim subclass of a timm model: use the timm module's filter
+            fn = getattr(sys.modules.get(cls.__module__), "checkpoint_filter_fn", None)
+            if fn is not None:
+                break
+    return dict(fn(state, model)) if fn is not None else dict(state)
+
+
+def load_pretrained(
+    model: nn.Module,
+    path: str,
+    use_ema: bool = False,
+    allow_missing_head: bool = True,
+) -> LoadReport:
+    """Load a greenmim pretraining checkpoint, exported encoder or timm checkpoint into ``model``.
+
+    ``model`` is a timm classifier (``timm.create_model(name, num_classes=K, ...)``). Returns a
+    :class:`LoadReport`; raises :class:`~greenmim.engine.errors.UserError` naming the offending keys
+    when anything other than the classifier head is missing, unexpected or of the wrong shape.
+    """
+    raw = read_checkpoint(path)
+    state, ignored, is_pretrain = split_pretrain_state(unwrap_state_dict(raw, use_ema=use_ema))
+    report = LoadReport(source=os.path.basename(path), kind="greenmim-pretrain" if is_pretrain else "state-dict", ignored=ignored)
+
+    before = {k: tuple(v.shape) for k, v in state.items()}
+    state = timm_filter(state, model)
+    report.resized = sorted(k for k, v in state.items() if k in before and tuple(v.shape) != before[k])
+
+    head = classifier_prefix(model) + "."
+    own = model.state_dict()
+    report.head_dropped = sorted(k for k, v in state.items() if k.startswith(head) and k in own and v.shape != own[k].shape)
+    for k in report.head_dropped:
+        del state[k]
+
+    mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise UserError(
+            f"{len(mismatched)} tensors of '{path}' do not fit the model: {_short(mismatched, 4)}; "
+            "build the classifier with the pretraining architecture (model.name and model.overrides: embed_dim, depths, num_heads)"
+        )
+    result = model.load_state_dict(state, strict=False)
+    report.unexpected = list(result.unexpected_keys)
+    report.missing = list(result.missing_keys)
+    report.loaded = len(state) - len(report.unexpected)
+    bad_missing = [k for k in report.missing if not (allow_missing_head and k.startswith(head))]
+    if bad_missing or report.unexpected:
+        problems = []
+        if bad_missing:
+            problems.append(f"missing {len(bad_missing)}: {_short(bad_missing)}")
+        if report.unexpected:
+            problems.append(f"unexpected {len(report.unexpected)}: {_short(report.unexpected)}")
+        raise UserError(
+            f"'{path}' does not match the classifier ({'; '.join(problems)}); only the head ({head}*) may be "
+            "missing: check model.name and model.overrides against the pretraining config"
+        )
+    _logger.info("pretrained weights: %s", report.summary())
+    return report

@@ -1,0 +1,266 @@
+"""Twins encoders: visible-only (greenmim) and all-token (simmim baseline).
+
+Both subclass timm's :class:`~timm.models.twins.Twins`, so their parameters have timm's names and
+layouts and ``load_state_dict(timm_model.state_dict(), strict=False)`` leaves only the classifier
+head over.
+
+:class:`VisibleTwins` runs on the visible mask units only, with tokens kept unit-major (see
+:mod:`greenmim.ops.windows`; ``t = 8, 4, 2, 1`` tokens per unit side at 224 px):
+
+* patch embeddings (4x4 on pixels, then 2x2 between stages) as kernel == stride sparse convs;
+* locally-grouped attention (LSA) through group window attention, no relative bias;
+* global sub-sampled attention (GSA): queries are all visible tokens of a sample; keys and values
+  come from the sparse spatial-reduction conv (kernel = stride = sr) over the visible units and its
+  LayerNorm. Every sample has the same number of visible units, so this is one rectangular batched
+  attention with no mask;
+* the positional encoding generator (PEG, after the first block of each stage as in timm): a 3x3
+  depthwise submanifold conv plus its residual.
+
+Convolutions go through a :mod:`greenmim.ops.sparse_conv` backend (``sparse_backend``). At mask
+ratio 0 the output equals timm's ``forward_features``; at ratio > 0 it equals a dense Twins whose
+attention ignores masked keys and whose convolutions see zeros at masked positions.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, Twins
+
+from ..grouping import DEFAULT_COST_MODEL, CostModel
+from ..masking import check_mask, to_pair
+from ..ops.group_attention import GroupLayout, build_group_layout, group_window_attention
+from ..ops.sparse_conv import VisibleGeometry, get_sparse_backend
+from ..ops.windows import stage_windows
+from .registry import EncoderSpec, register_encoder
+from .swin import EncoderGeometryMixin, host_and_device_mask, split_units
+
+
+class TwinsGeometryMixin(EncoderGeometryMixin):
+    """Maps timm Twins' attributes onto the names the pretraining model and geometry checks use."""
+
+    def _init_geometry(self) -> None:
+        self.patch_stride = self.patch_embeds[0].patch_size[0]
+        self.num_stages = len(self.depths)
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        """The first patch embedding (``img_size``, ``patch_size``), like Swin's ``patch_embed``."""
+        return self.patch_embeds[0]
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the first stage (the simmim mask token's width)."""
+        return self.embed_dims[0]
+
+    def tokens_per_unit(self, stage: int) -> int:
+        return self.unit // (self.patch_stride * 2 ** stage)
+
+
+class VisibleTwins(TwinsGeometryMixin, Twins):
+    """Twins encoder that computes on visible mask units only.
+
+    ``forward(images, mask)``: images ``(B, 3, H, W)``, mask ``(B, num_units)`` bool (True = masked,
+    equal visible count per sample) -> ``(B, N_vis, C)`` final-stage features of the visible units
+    in ascending raster order, final norm applied.
+
+    Args (besides timm's Twins arguments):
+        cost_model: the grouping solver's attention cost model (LSA).
+        fused_attn: use ``scaled_dot_product_attention``; False runs the plain reference path.
+        sparse_backend: ``'auto'`` | ``'spconv'`` | ``'native'`` (see :mod:`greenmim.ops.sparse_conv`).
+    """
+
+    visible_only = True
+
+    def __init__(
+        self,
+        *args: Any,
+        cost_model: CostModel = DEFAULT_COST_MODEL,
+        fused_attn: bool = True,
+        sparse_backend: str = "auto",
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self._init_geometry()
+        self.sparse = get_sparse_backend(sparse_backend)
+        self.cost_model = cost_model
+        self.fused_attn = fused_attn
+        self.last_grouping: Dict[str, float] = {}
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        """Fail at construction, naming the fix, where visible-only computing cannot equal timm's Twins."""
+        img_h, img_w = to_pair(self.patch_embed.img_size)
+        for i, blocks in enumerate(self.blocks):
+            t = self.tokens_per_unit(i)
+            size = (img_h // (self.patch_stride * 2 ** i), img_w // (self.patch_stride * 2 ** i))
+            for blk in blocks:
+                attn = blk.attn
+                if isinstance(attn, LocallyGroupedAttn):
+                    if size[0] % attn.ws or size[1] % attn.ws:
+                        # timm zero-pads the grid and lets the padding act as keys; that cannot be visible-only
+                        raise ValueError(
+                            f"stage {i} grid {size[0]}x{size[1]} is not a multiple of its LSA window {attn.ws}: "
+                            f"choose wss dividing every stage grid (7 at 224 px) or an img_size multiple of "
+                            f"{self.patch_stride * 2 ** i * attn.ws}"
+                        )
+                elif isinstance(attn, GlobalSubSampleAttn):
+                    if attn.sr is not None and t % attn.sr_ratio:
+                        raise ValueError(
+                            f"stage {i}: sr_ratio {attn.sr_ratio} does not divide the {t}x{t} tokens of a mask unit; "
+                            f"use sr_ratios dividing (8, 4, 2, 1) stage by stage (timm's default is exactly that)"
+                        )
+                else:
+                    raise TypeError(f"unsupported Twins attention {type(attn).__name__} in stage {i}")
+            if self.pos_block[i].stride != 1:
+                raise ValueError("only stride-1 PEGs (timm's default) are supported")
+
+    # -- host-side planning -----------------------------------------------------------------------
+    def build_layouts(self, mask_np: np.ndarray, grid, device) -> List[Dict[int, GroupLayout]]:
+        """One LSA :class:`GroupLayout` per stage and window size (empty for stages without LSA)."""
+        t0 = time.perf_counter()
+        layouts: List[Dict[int, GroupLayout]] = []
+        slots = tokens = 0
+        for i, blocks in enumerate(self.blocks):
+            stage: Dict[int, GroupLayout] = {}
+            for blk in blocks:
+                ws = getattr(blk.attn, "ws", None)
+                if isinstance(blk.attn, LocallyGroupedAttn) and ws not in stage:
+                    win = stage_windows(mask_np, (grid.height, grid.width), self.tokens_per_unit(i), ws)
+                    stage[ws] = build_group_layout(win, device, self.cost_model)
+                    slots += stage[ws].num_groups * stage[ws].group_size
+                    tokens += int(win.counts.sum())
+            layouts.append(stage)
+        # efficiency: visible tokens per attention slot over the LSA groupings (1.0 without LSA)
+        self.last_grouping = {"ms": (time.perf_counter() - t0) * 1e3, "efficiency": tokens / slots if slots else 1.0}
+        return layouts
+
+    # -- layers -----------------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return F.dropout(attn, drop) @ v if drop else attn @ v
+
+    def gsa_forward(self, attn: GlobalSubSampleAttn, x: torch.Tensor, geometry: VisibleGeometry, t: int) -> torch.Tensor:
+        """GSA on ``(B, N, C)`` unit-major visible tokens; keys/values from the visible units only."""
+        b, n, c = x.shape
+        heads = attn.num_heads
+        q = attn.q(x).view(b, n, heads, c // heads).transpose(1, 2)
+        if attn.sr is not None:
+            x = attn.norm(self.sparse.stride_conv(x, attn.sr, geometry, t))
+        k, v = attn.kv(x).view(b, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = self.attend(q, k, v, attn.attn_drop.p if self.training else 0.0)
+        return attn.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def block_forward(
+        self, blk: nn.Module, x: torch.Tensor, geometry: VisibleGeometry, t: int, layouts: Dict[int, GroupLayout]
+    ) -> torch.Tensor:
+        b, n, c = x.shape
+        attn = blk.attn
+        h = blk.norm1(x)
+        if isinstance(attn, LocallyGroupedAttn):
+            h = group_window_attention(
+                h.reshape(b * n, c),
+                layouts[attn.ws],
+                attn.qkv,
+                attn.proj,
+                attn.num_heads,
+                None,  # Twins has no relative position bias
+                attn_drop=attn.attn_drop.p if self.training else 0.0,
+                fused=self.fused_attn,
+            ).view(b, n, c)
+        else:
+            h = self.gsa_forward(attn, h, geometry, t)
+        x = x + blk.drop_path1(attn.proj_drop(h))
+        return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+
+    def peg_forward(self, pos_blk: nn.Module, x: torch.Tensor, geometry: VisibleGeometry, t: int) -> torch.Tensor:
+        """timm's PosConv (stride 1): 3x3 depthwise conv plus the residual, as a submanifold conv."""
+        return self.sparse.depthwise3x3(x, pos_blk.proj[0], geometry, t) + x
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward_stages(self, images: torch.Tensor, mask: torch.Tensor) -> List[torch.Tensor]:
+        """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
+        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`)."""
+        grid = self.check_images(images)
+        mask = check_mask(mask, images.shape[0], grid.num_units)
+        mask_np, _ = host_and_device_mask(mask, images.device)
+        b = images.shape[0]
+        geometry = VisibleGeometry(mask_np, (grid.height, grid.width), images.device)
+        layouts = self.build_layouts(mask_np, grid, images.device)
+
+        vis_idx = torch.from_numpy(np.nonzero(~mask_np)[1].reshape(b, -1)).to(images.device)
+        units = split_units(images, grid, self.unit)
+        units = torch.gather(units, 1, vis_idx.view(b, -1, 1, 1, 1).expand(-1, -1, *units.shape[2:]))
+        x = units.permute(0, 1, 3, 4, 2).reshape(b, -1, units.shape[2])  # pixels as unit-major tokens
+        t = self.unit
+        outs = []
+        for i, (embed, drop, blocks, pos_blk) in enumerate(zip(self.patch_embeds, self.pos_drops, self.blocks, self.pos_block)):
+            x = drop(embed.norm(self.sparse.stride_conv(x, embed.proj, geometry, t)))
+            t = self.tokens_per_unit(i)
+            for j, blk in enumerate(blocks):
+                x = self.block_forward(blk, x, geometry, t, layouts[i])
+                if j == 0:
+                    x = self.peg_forward(pos_blk, x, geometry, t)
+            outs.append(x)
+        return outs
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.forward_stages(images, mask)[-1])
+
+
+class AllTokenTwins(TwinsGeometryMixin, Twins):
+    """The SimMIM-style baseline: timm's Twins over all tokens, a mask token in place of hidden patches
+    (inserted after the first patch embedding, as :class:`~greenmim.models.swin.AllTokenSwin` does).
+
+    ``forward(images, mask, mask_token)`` -> ``(B, num_units, C)`` final features of every unit.
+    """
+
+    visible_only = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._init_geometry()
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        grid = self.check_images(images)
+        mask = check_mask(mask, images.shape[0], grid.num_units).to(images.device)
+        b = images.shape[0]
+        x = images
+        last = len(self.blocks) - 1
+        # timm's forward_features, plus the mask token after the first embedding
+        for i, (embed, drop, blocks, pos_blk) in enumerate(zip(self.patch_embeds, self.pos_drops, self.blocks, self.pos_block)):
+            x, size = embed(x)
+            if i == 0:
+                t = self.tokens_per_unit(0)
+                token_mask = mask.view(b, grid.height, 1, grid.width, 1).expand(-1, -1, t, -1, t).reshape(b, -1, 1)
+                x = torch.where(token_mask, mask_token.to(x.dtype).view(1, 1, -1), x)
+            x = drop(x)
+            for j, blk in enumerate(blocks):
+                x = blk(x, size)
+                if j == 0:
+                    x = pos_blk(x, size)
+            if i < last:
+                x = x.reshape(b, *size, -1).permute(0, 3, 1, 2).contiguous()
+        return self.norm(x).reshape(b, grid.num_units, -1)
+
+
+# timm's entrypoint arguments (timm/models/twins.py), at 224 px
+_PCPVT = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1))
+_SVT = dict(patch_size=4, mlp_ratios=(4, 4, 4, 4), wss=(7, 7, 7, 7), sr_ratios=(8, 4, 2, 1))
+TWINS_ARCHS = {
+    "twins_pcpvt_small": dict(_PCPVT, img_size=224, depths=(3, 4, 6, 3)),
+    "twins_pcpvt_base": dict(_PCPVT, img_size=224, depths=(3, 4, 18, 3)),
+    "twins_pcpvt_large": dict(_PCPVT, img_size=224, depths=(3, 8, 27, 3)),
+    "twins_svt_small": dict(_SVT, img_size=224, embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), depths=(2, 2, 10, 4)),
+    "twins_svt_base": dict(_SVT, img_size=224, embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), depths=(2, 2, 18, 2)),
+    "twins_svt_large": dict(_SVT, img_size=224, embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), depths=(2, 2, 18, 2)),
+}
+
+for _name, _args in TWINS_ARCHS.items():
+    register_encoder(EncoderSpec(_name, "twins", _args, VisibleTwins, AllTokenTwins))

@@ -1,0 +1,305 @@
+"""Sparse convolutions on visible tokens: one adapter interface, two backends.
+
+Tokens are stored *unit-major* (see :mod:`greenmim.ops.windows`): per sample, the visible mask
+units in ascending raster order, inside a unit its ``t x t`` tokens in raster order. Two kinds of
+convolution occur in the hierarchical encoders, and both are computed on visible positions only:
+
+* **kernel == stride convolutions aligned to mask units** (patch embeddings, Twins' GSA spatial
+  reduction). A stride ``s`` dividing ``t`` means every kernel window lies inside one unit, so it
+  sees all-visible or all-masked input: on the visible units the result equals the dense conv.
+  Output: unit-major tokens with ``t / s`` tokens per unit side.
+* **3x3 depthwise submanifold convolution** (Twins' positional encoding generator, PEG). Kernel
+  windows cross unit borders; masked and out-of-image neighbours count as zero, outputs exist at
+  visible positions only. This equals the dense conv on a zero-filled map, read at visible positions.
+
+Backends (:func:`get_sparse_backend`):
+
+* ``native``: PyTorch only. kernel == stride convs are a reshape of the unit-major tokens into
+  ``s x s`` blocks plus one matrix product; the depthwise conv gathers each token's 9 neighbours
+  through an index built host-side once per stage (:class:`VisibleGeometry`).
+* ``spconv``: kernel == stride convs through ``spconv.pytorch.SparseConv2d`` (CPU build ``pip install
+  spconv``, GPU builds ``spconv-cuXXX``). spconv has no grouped/depthwise convolution, so the PEG
+  uses the native gather on this backend too.
+* ``auto``: ``spconv`` when importable (and usable: not its CPU-only build on a machine with CUDA),
+  else ``native``.
+
+Weights always stay in the ``nn.Conv2d`` modules of the model (timm's names and layout); the
+spconv backend converts them to its own layout on every call, so gradients flow to the
+``nn.Conv2d`` parameters and checkpoints stay interchangeable with timm.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .windows import visible_token_coords
+
+SPARSE_BACKENDS = ("auto", "spconv", "native")
+
+# kernel offsets of a 3x3 conv, in the raster order of nn.Conv2d's weight (dy, dx)
+_OFFSETS_3X3 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
+
+class VisibleGeometry:
+    """Coordinates and neighbour indices of the visible tokens of every stage, built lazily from the
+    host-side mask and cached per ``t`` (tokens per unit side), so every block of a stage reuses them.
+
+    Args:
+        mask: ``(B, num_units)`` numpy bool, True = masked, equal visible count per sample.
+        grid: the unit grid ``(height, width)``.
+        device: where the index tensors live.
+    """
+
+    def __init__(self, mask: np.ndarray, grid: Tuple[int, int], device: torch.device):
+        self.mask = mask
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.device = device
+        self.batch_size = mask.shape[0]
+        self._cache: Dict[Tuple[str, int], torch.Tensor] = {}
+
+    def shape(self, t: int) -> Tuple[int, int]:
+        """Stage grid ``(H, W)`` at ``t`` tokens per unit side."""
+        return self.grid[0] * t, self.grid[1] * t
+
+    def _cached(self, kind: str, t: int, build) -> torch.Tensor:
+        key = (kind, t)
+        if key not in self._cache:
+            self._cache[key] = torch.from_numpy(np.ascontiguousarray(build())).to(self.device, non_blocking=True)
+        return self._cache[key]
+
+    def _coords(self, t: int):
+        ys, xs = visible_token_coords(self.mask, self.grid, t)
+        batch = np.repeat(np.arange(self.batch_size), ys.size // max(self.batch_size, 1))
+        return batch, ys, xs
+
+    def sparse_indices(self, t: int) -> torch.Tensor:
+        """``(B * N, 3)`` int32 ``(batch, y, x)`` of the visible tokens in unit-major order (spconv's layout)."""
+        return self._cached("indices", t, lambda: np.stack(self._coords(t), axis=1).astype(np.int32))
+
+    def token_keys(self, t: int) -> torch.Tensor:
+        """``(B * N,)`` long: ``(batch * H + y) * W + x`` of the visible tokens in unit-major order."""
+        h, w = self.shape(t)
+        return self._cached("keys", t, lambda: self._keys(t, h, w))
+
+    def _keys(self, t: int, h: int, w: int) -> np.ndarray:
+        b, ys, xs = self._coords(t)
+        return ((b * h + ys) * w + xs).astype(np.int64)
+
+    def neighbours(self, t: int) -> torch.Tensor:
+        """``(B * N, 9)`` long: for each visible token (flattened over the batch, unit-major) the index
+        of its 3x3 neighbours in nn.Conv2d kernel order; ``B * N`` (one past the end) where the
+        neighbour is masked or outside the image."""
+        return self._cached("neighbours", t, lambda: self._neighbours(t))
+
+    def _neighbours(self, t: int) -> np.ndarray:
+        h, w = self.shape(t)
+        b, ys, xs = self._coords(t)
+        n = ys.size
+        # a one-token border of "missing" around each sample's map handles the image edges
+        table = np.full((self.batch_size, h + 2, w + 2), n, dtype=np.int64)
+        table[b, ys + 1, xs + 1] = np.arange(n)
+        return np.stack([table[b, ys + 1 + dy, xs + 1 + dx] for dy, dx in _OFFSETS_3X3], axis=1)
+
+
+def check_stride_conv(conv: nn.Conv2d, t: int) -> int:
+    """The stride ``s`` of a kernel == stride conv that stays inside mask units of ``t x t`` tokens."""
+    k, s = tuple(conv.kernel_size), tuple(conv.stride)
+    if k != s or k[0] != k[1] or tuple(conv.padding) != (0, 0) or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+        raise ValueError(
+            f"sparse stride conv needs kernel == stride (square), no padding, dilation or groups; got {conv}"
+        )
+    if t % s[0]:
+        raise ValueError(
+            f"a kernel=stride={s[0]} conv on mask units of {t}x{t} tokens would mix visible and masked tokens; "
+            f"use a stride that divides {t} (e.g. Twins' sr_ratios equal to the tokens per unit side: 8, 4, 2, 1)"
+        )
+    return s[0]
+
+
+def check_depthwise3x3(conv: nn.Conv2d) -> None:
+    c = conv.in_channels
+    if (
+        tuple(conv.kernel_size) != (3, 3) or tuple(conv.stride) != (1, 1) or tuple(conv.padding) != (1, 1)
+        or tuple(conv.dilation) != (1, 1) or conv.groups != c or conv.out_channels != c
+    ):
+        raise ValueError(f"submanifold conv supports Twins' PEG only (3x3 depthwise, stride 1, padding 1); got {conv}")
+
+
+def native_stride_conv(x: torch.Tensor, conv: nn.Conv2d, t: int) -> torch.Tensor:
+    """kernel == stride conv on unit-major tokens: ``(B, N_u * t * t, C) -> (B, N_u * (t/s)^2, C_out)``."""
+    s = check_stride_conv(conv, t)
+    b, n, c = x.shape
+    r = t // s
+    # (b, unit, block_y, in_y, block_x, in_x, c) -> rows of (c, in_y, in_x): nn.Conv2d's weight order
+    x = x.reshape(b, n // (t * t), r, s, r, s, c).permute(0, 1, 2, 4, 6, 3, 5)
+    return F.linear(x.reshape(b, -1, c * s * s), conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+
+class _SubmanifoldDepthwise(torch.autograd.Function):
+    """9-neighbour depthwise conv that keeps only its input for backward (the gathered neighbours are
+    recomputed), so it costs one activation of memory instead of nine."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        # x: (N, C); weight: (9, C); neighbours: (N, 9) with N meaning "zero"
+        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        out = torch.zeros_like(x)
+        for k in range(9):
+            out.addcmul_(padded.index_select(0, neighbours[:, k]), weight[k])
+        ctx.save_for_backward(x, weight, neighbours)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, neighbours = ctx.saved_tensors
+        grad_x = grad_w = None
+        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        if ctx.needs_input_grad[0]:
+            grad_padded = torch.zeros_like(padded)
+            for k in range(9):
+                grad_padded.index_add_(0, neighbours[:, k], grad_out * weight[k])
+            grad_x = grad_padded[:-1]
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.stack([(padded.index_select(0, neighbours[:, k]) * grad_out).sum(0) for k in range(9)])
+        return grad_x, grad_w, None
+
+
+def submanifold_depthwise3x3(x: torch.Tensor, conv: nn.Conv2d, neighbours: torch.Tensor) -> torch.Tensor:
+    """3x3 depthwise submanifold conv (no residual): ``(B, N, C) -> (B, N, C)``.
+
+    ``neighbours``: :meth:`VisibleGeometry.neighbours` of this stage. Masked and out-of-image
+    neighbours count as zero, so the result equals ``conv`` on a zero-filled dense map at the
+    visible positions.
+    """
+    check_depthwise3x3(conv)
+    b, n, c = x.shape
+    weight = conv.weight.reshape(c, 9).t()
+    out = _SubmanifoldDepthwise.apply(x.reshape(b * n, c), weight, neighbours)
+    if conv.bias is not None:
+        out = out + conv.bias
+    return out.view(b, n, c)
+
+
+class SparseConvBackend:
+    """The adapter interface: convolutions on unit-major visible tokens (see the module docstring)."""
+
+    name = ""
+
+    def stride_conv(self, x: torch.Tensor, conv: nn.Conv2d, geometry: VisibleGeometry, t: int) -> torch.Tensor:
+        """kernel == stride conv: ``(B, N_u * t * t, C_in) -> (B, N_u * (t/s)^2, C_out)``, unit-major."""
+        raise NotImplementedError
+
+    def depthwise3x3(self, x: torch.Tensor, conv: nn.Conv2d, geometry: VisibleGeometry, t: int) -> torch.Tensor:
+        """3x3 depthwise submanifold conv: ``(B, N, C) -> (B, N, C)`` (native gather on every backend)."""
+        return submanifold_depthwise3x3(x, conv, geometry.neighbours(t))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NativeBackend(SparseConvBackend):
+    """PyTorch only: reshape + matmul for kernel == stride convs, 9-neighbour gather for the PEG."""
+
+    name = "native"
+
+    def stride_conv(self, x, conv, geometry, t):
+        return native_stride_conv(x, conv, t)
+
+
+class SpconvBackend(SparseConvBackend):
+    """kernel == stride convs through ``spconv.pytorch.SparseConv2d``.
+
+    The spconv module is a parameterless-in-practice template kept outside the model (one per
+    conv shape); on each call the ``nn.Conv2d`` weight is converted to spconv's layout and passed
+    through :func:`torch.func.functional_call`, so gradients reach the ``nn.Conv2d`` parameters.
+    spconv has no grouped/depthwise convolution: :meth:`depthwise3x3` is the native gather.
+    """
+
+    name = "spconv"
+
+    def __init__(self):
+        self.spconv = import_spconv()
+        from spconv import constants
+
+        self._krsc = getattr(constants, "ALL_WEIGHT_IS_KRSC", True)
+        self._templates: Dict[Tuple[int, int, int], nn.Module] = {}
+
+    def _template(self, c_in: int, c_out: int, s: int) -> nn.Module:
+        key = (c_in, c_out, s)
+        if key not in self._templates:
+            self._templates[key] = self.spconv.SparseConv2d(c_in, c_out, s, s, bias=True)
+        return self._templates[key]
+
+    def _weight(self, module: nn.Module, conv: nn.Conv2d) -> torch.Tensor:
+        w = conv.weight  # (out, in, kh, kw)
+        if self._krsc or module.algo != self.spconv.ConvAlgo.Native:
+            w = w.permute(0, 2, 3, 1)  # KRSC: (out, kh, kw, in)
+        else:
+            w = w.permute(2, 3, 0, 1)  # RSKC: (kh, kw, out, in)
+        return w.contiguous()
+
+    def stride_conv(self, x, conv, geometry, t):
+        s = check_stride_conv(conv, t)
+        if x.is_cuda:
+            from spconv.cppconstants import CPU_ONLY_BUILD
+
+            if CPU_ONLY_BUILD:
+                raise RuntimeError(
+                    "the installed spconv is the CPU-only build; for CUDA tensors install the GPU build matching "
+                    "your CUDA (e.g. `pip install spconv-cu120`) or use sparse_backend='native'"
+                )
+        b, n, c = x.shape
+        module = self._template(c, conv.out_channels, s).to(x.device)
+        h, w = geometry.shape(t)
+        sparse = self.spconv.SparseConvTensor(
+            x.reshape(b * n, c).contiguous(), geometry.sparse_indices(t), [h, w], geometry.batch_size
+        )
+        bias = conv.bias if conv.bias is not None else x.new_zeros(conv.out_channels)
+        out = torch.func.functional_call(module, {"weight": self._weight(module, conv), "bias": bias}, (sparse,))
+        # spconv emits outputs in its own order: put them back in unit-major order
+        oh, ow = h // s, w // s
+        out_idx = out.indices.long()
+        out_keys = (out_idx[:, 0] * oh + out_idx[:, 1]) * ow + out_idx[:, 2]
+        lookup = torch.empty(geometry.batch_size * oh * ow, dtype=torch.long, device=x.device)
+        lookup[out_keys] = torch.arange(out_keys.numel(), device=x.device)
+        order = lookup[geometry.token_keys(t // s)]
+        return out.features.index_select(0, order).view(b, -1, conv.out_channels)
+
+
+def spconv_available() -> bool:
+    try:
+        import_spconv()
+    except ImportError:
+        return False
+    return True
+
+
+def _spconv_cpu_only_with_cuda() -> bool:
+    from spconv.cppconstants import CPU_ONLY_BUILD
+
+    return bool(CPU_ONLY_BUILD) and torch.cuda.is_available()
+
+
+def import_spconv():
+    """``spconv.pytorch``, or an ImportError naming the package to install."""
+    try:
+        import spconv.pytorch as spconv
+    except ImportError as exc:
+        raise ImportError(
+            "sparse_backend='spconv' needs the spconv package: `pip install spconv` (CPU build) or the GPU "
+            "build for your CUDA, e.g. `pip install spconv-cu120`; or use sparse_backend='native'"
+        ) from exc
+    return spconv
+
+
+def get_sparse_backend(name: str = "auto") -> SparseConvBackend:
+    """The sparse-conv backend ``name``: ``'auto'`` (spconv if installed, else native), ``'spconv'`` or ``'native'``."""
+    if name not in SPARSE_BACKENDS:
+        raise ValueError(f"sparse_backend must be one of {', '.join(SPARSE_BACKENDS)}, got '{name}'")
+    if name == "auto":
+        name = "spconv" if spconv_available() and not _spconv_cpu_only_with_cuda() else "native"
+    return SpconvBackend() if name == "spconv" else NativeBackend()
