@@ -105,7 +105,7 @@ def solve_grouping(
     counts: Sequence[int],
     capacity: int,
     cost_model: CostModel = DEFAULT_COST_MODEL,
-    node_limit: int = 20000,
+    node_limit: int = 300,
     exact_max_windows: int = 64,
 ) -> GroupingPlan:
     """Find the group size and packing of windows that minimise ``attention_cost``.

@@ -63,7 +63,7 @@ def test_exported_safetensors_and_window_resize(tmp_path):
     save_file({k: v.contiguous() for k, v in pre.encoder.state_dict().items()}, str(path))
     # same architecture: exact copy
     model, report = create_classifier(SWIN, num_classes=2, pretrained=str(path), **SWIN_KW)
-    assert report.kind == "state-dict" and report.missing == ["head.fc.weight", "head.fc.bias"]
+    assert report.kind == "safetensors" and report.missing == ["head.fc.weight", "head.fc.bias"]
     assert_encoder_equal(model, pre)
     # larger window at fine-tune time (as SimMIM's 192/W6 -> 224/W7): tables resized by timm's filter
     kw = dict(SWIN_KW, window_size=4)

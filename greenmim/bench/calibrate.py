@@ -2,9 +2,10 @@
 
 The solver minimises ``n_g * (a * g**2 + b * g)`` (:class:`~greenmim.grouping.CostModel`). This
 times :func:`~greenmim.ops.group_attention.group_window_attention` (forward + backward, the
-projections excluded, as they run on visible tokens whatever the grouping) on a fixed number of
-slots packed into groups of several sizes ``g``, and fits ``time = a * n_g g^2 + b * n_g g + c`` by
-least squares (``c`` absorbs fixed per-call overhead, which does not depend on the plan). Only the
+projections excluded, as they run on visible tokens whatever the grouping) on groups of several
+sizes ``g`` at two total slot counts (``slots`` and half of it: with one total, ``n_g * g`` would be
+constant and ``b`` could not be told from ``c``), and fits ``time = a * n_g g^2 + b * n_g g + c`` by
+non-negative least squares (``c`` absorbs fixed per-call overhead, which does not depend on the plan). Only the
 ratio ``b / a`` matters to the solver, so the result is also given as ``CostModel(a=1, b=b/a)``.
 """
 from __future__ import annotations
@@ -40,14 +41,16 @@ def uniform_windows(num_windows: int, size: int) -> StageWindows:
     )
 
 
-def time_group_attention(group_size: int, num_groups: int, dim: int, heads: int, device: torch.device, dtype: str, fused: bool, reps: int) -> float:
+def time_group_attention(
+    group_size: int, num_groups: int, dim: int, heads: int, device: torch.device, dtype: str, fused: bool, reps: int, rel_bias: bool = True
+) -> float:
     """Median seconds of one forward + backward of group attention on ``num_groups x group_size`` slots."""
     windows = uniform_windows(num_groups, group_size)
     layout = build_group_layout(windows, device, CostModel())
     if layout.group_size != group_size:  # pragma: no cover - guards against solver changes
         raise RuntimeError(f"calibration layout has group size {layout.group_size}, wanted {group_size}")
     wh, ww = windows.window
-    table = torch.randn((2 * wh - 1) * (2 * ww - 1), heads, device=device, requires_grad=True)
+    table = torch.randn((2 * wh - 1) * (2 * ww - 1), heads, device=device, requires_grad=True) if rel_bias else None
     x = torch.randn(num_groups * group_size, 3 * dim, device=device, requires_grad=True)
     ident = nn.Identity()
     autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
@@ -61,7 +64,9 @@ def time_group_attention(group_size: int, num_groups: int, dim: int, heads: int,
         synchronize(device)
         if i:  # the first run warms up
             times.append(time.perf_counter() - t0)
-        x.grad = table.grad = None
+        x.grad = None
+        if table is not None:
+            table.grad = None
     return statistics.median(times)
 
 
@@ -73,13 +78,19 @@ def calibrate_cost_model(
     dtype: str = "fp32",
     fused: bool = True,
     group_sizes: Sequence[int] = DEFAULT_GROUP_SIZES,
-    reps: int = 3,
+    reps: int = 5,
+    slot_fractions: Sequence[float] = (1.0, 0.5),
+    rel_bias: bool = True,
 ) -> Dict[str, Any]:
-    """Measure group attention at each group size on about ``slots`` slots and fit the cost model."""
+    """Measure group attention at each group size on about ``slots * fraction`` slots for each of
+    ``slot_fractions`` and fit the cost model. ``rel_bias``: with a relative position bias table
+    (Swin) or without (Twins)."""
+    slots = max(slots, 16 * max(group_sizes))  # enough groups at every size for a meaningful time
     rows = []
-    for g in group_sizes:
-        n_g = max(1, slots // g)
-        rows.append({"group_size": g, "num_groups": n_g, "seconds": time_group_attention(g, n_g, dim, heads, device, dtype, fused, reps)})
+    for fraction in slot_fractions:
+        for g in group_sizes:
+            n_g = max(1, int(slots * fraction) // g)
+            rows.append({"group_size": g, "num_groups": n_g, "seconds": time_group_attention(g, n_g, dim, heads, device, dtype, fused, reps, rel_bias)})
     g = np.array([r["group_size"] for r in rows], dtype=np.float64)
     n = np.array([r["num_groups"] for r in rows], dtype=np.float64)
     y = np.array([r["seconds"] for r in rows])
@@ -98,7 +109,8 @@ def calibrate_cost_model(
         "a_seconds": a,
         "b_seconds": b,
         "c_seconds": c,
-        "cost_model": {"a": 1.0, "b": b / a if a > 0 else float("inf")},
+        # a == 0: the quadratic term was not measurable (too few slots, or timer noise)
+        "cost_model": {"a": 1.0, "b": b / a} if a > 0 else None,
         "max_relative_error": float(np.max(np.abs(fit - y) / y)),
         "points": rows,
     }

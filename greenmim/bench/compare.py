@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..models import get_spec
 from .flops import count_step_flops
 from .memory import measure_step_memory
+from .profile import profile_steps
 from .step import METHODS, BatchSource, TrainStep, build_models, time_interleaved
 
 Log = Callable[[str], None]
@@ -40,11 +43,17 @@ class BenchConfig:
     compile: bool = False
     memory: bool = True
     flops: bool = True
+    profile: int = 0  # profiled steps per method (0: no profile)
 
     def model_kwargs(self) -> Dict[str, Any]:
+        """Constructor arguments: the overrides, the image size, and for a Swin whose window does
+        not tile the new size the window from :func:`window_for`."""
         kwargs = dict(self.overrides)
         if self.img_size is not None:
             kwargs["img_size"] = self.img_size
+            window = window_for(self.model, self.overrides, self.img_size)
+            if window is not None:
+                kwargs[window_key(self.model, self.overrides)] = window
         return kwargs
 
     def resolved_img_size(self) -> int:
@@ -62,18 +71,45 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "device": str(device),
     }
+    commit = _git_commit()
+    if commit:
+        env["git"] = commit
+    if hasattr(os, "getloadavg"):  # other jobs on a shared machine make step times noisy
+        env["load_avg_1m"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
+
+
+def _git_commit() -> str:
+    """``<short hash>[+dirty]`` of the source tree the package runs from, or '' outside a checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if head.returncode:
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
     """Build both models with the same weights, time interleaved full steps, then measure peak
     memory and FLOPs of each (and, with ``cfg.compile``, the compiled encoders' steps)."""
     device = torch.device(cfg.device)
-    models = build_models(cfg.model, device, cfg.seed, METHODS, **cfg.model_kwargs())
+    env = environment(device)  # before the run: the load average says how busy the machine was
+    kwargs = cfg.model_kwargs()
+    key = window_key(cfg.model, cfg.overrides)
+    configured = {**get_spec(cfg.model).args, **cfg.overrides}.get(key)
+    if key and tuple(np.atleast_1d(kwargs.get(key, configured))) != tuple(np.atleast_1d(configured)):
+        log(f"[bench] window {configured} does not tile {cfg.img_size} px: using {key}={kwargs[key]}")
+    models = build_models(cfg.model, device, cfg.seed, METHODS, **kwargs)
     steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.mask_ratio) for m in METHODS}
     unit = models["greenmim"].unit
     batches = BatchSource(cfg.batch_size, cfg.resolved_img_size(), unit, cfg.mask_ratio, device, cfg.seed)
@@ -84,8 +120,8 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
     for m in METHODS:
         methods[m]["params"] = sum(p.numel() for p in models[m].parameters())
     if cfg.memory:
+        mask = batches.next_mask()
         for m in METHODS:
-            mask = batches.next_mask()
             stats = measure_step_memory(lambda: steps[m](batches.images, mask), models[m], steps[m].optimizer, device)
             methods[m]["memory"] = stats.as_dict()
     if cfg.flops:
@@ -93,11 +129,14 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
         for m in METHODS:
             methods[m]["flops"] = count_step_flops(steps[m], batches.images, mask)
     result: Dict[str, Any] = {
-        "config": asdict(cfg),
-        "environment": environment(device),
+        "config": {**asdict(cfg), "model_kwargs": kwargs},
+        "environment": env,
         "methods": methods,
         "ratios": ratios(methods),
     }
+    if cfg.profile:
+        masks = [batches.next_mask() for _ in range(cfg.profile)]
+        result["profile"] = {m: profile_steps(steps[m], batches.images, masks) for m in METHODS}
     if cfg.compile:
         result["compile"] = compiled_comparison(steps, batches, cfg, methods, log)
     return result
@@ -106,7 +145,7 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
 def ratios(methods: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
     """greenmim relative to simmim: speedup (img/s ratio), memory and FLOPs ratios."""
     g, s = methods["greenmim"], methods["simmim"]
-    out = {"speedup": g["img_per_s"] / s["img_per_s"]}
+    out = {"speedup": g["img_per_s"] / s["img_per_s"], "speedup_mean": g["img_per_s_mean"] / s["img_per_s_mean"]}
     if "memory" in g and "memory" in s:
         out["peak_memory_ratio"] = g["memory"]["peak_bytes"] / s["memory"]["peak_bytes"]
         out["peak_memory_reduction"] = 1.0 - out["peak_memory_ratio"]
@@ -117,19 +156,36 @@ def ratios(methods: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
 
 
 def compiled_comparison(steps: Dict[str, TrainStep], batches: BatchSource, cfg: BenchConfig, eager: Dict[str, Dict[str, Any]], log: Log) -> Dict[str, Any]:
-    """``torch.compile`` each encoder in place, time the steps again and report the gain over eager."""
+    """``torch.compile`` each encoder, time the steps again and report the gain over eager.
+
+    A method whose compiled encoder fails (graph capture or code generation) gets its error
+    recorded and keeps its eager encoder, so one failure does not hide the other method's figures.
+    """
     out: Dict[str, Any] = {}
+    compiled: Dict[str, TrainStep] = {}
     for m, step in steps.items():
-        step.model.encoder.compile()
+        encoder = step.model.encoder
+        step.model.encoder = torch.compile(encoder)
         t0 = time.perf_counter()
-        step(batches.images, batches.next_mask())  # compiles
+        try:
+            step(batches.images, batches.next_mask())  # compiles
+        except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report
+            step.model.encoder = encoder
+            step.optimizer.zero_grad(set_to_none=True)
+            message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
+            out[m] = {"error": message}
+            log(f"[bench] torch.compile failed for {m}: {message}")
+            continue
         out[m] = {"compile_s": time.perf_counter() - t0}
-    log("[bench] compiled encoders: timing again")
-    times = time_interleaved(steps, batches, cfg.warmup, cfg.iters, on_step=_progress(log))
-    for m in steps:
-        summary = times[m].summary(cfg.batch_size)
-        out[m].update(summary, gain=summary["img_per_s"] / eager[m]["img_per_s"])
-    out["speedup"] = out["greenmim"]["img_per_s"] / out["simmim"]["img_per_s"]
+        compiled[m] = step
+    if compiled:
+        log(f"[bench] compiled encoders ({', '.join(compiled)}): timing again")
+        times = time_interleaved(compiled, batches, cfg.warmup, cfg.iters, on_step=_progress(log))
+        for m in compiled:
+            summary = times[m].summary(cfg.batch_size)
+            out[m].update(summary, gain=summary["img_per_s"] / eager[m]["img_per_s"])
+    if len(compiled) == len(steps):
+        out["speedup"] = out["greenmim"]["img_per_s"] / out["simmim"]["img_per_s"]
     return out
 
 
@@ -145,17 +201,28 @@ DEFAULT_SWEEP_RATIOS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
 DEFAULT_SWEEP_SIZES = (224, 384, 512)
 
 
-def window_for(cfg: BenchConfig, img_size: int) -> Optional[int]:
-    """Window size for ``img_size``: the configured one when the unit grid is a multiple of it,
-    otherwise the unit grid itself (img/32 for Swin: 12 at 384, 16 at 512, as timm's *_window12_384
-    models do), so every stage's grid is tiled by whole windows. None for models without windows."""
-    args = {**get_spec(cfg.model).args, **cfg.overrides}
-    if "window_size" not in args:
+def window_for(model: str, overrides: Dict[str, Any], img_size: int) -> Any:
+    """Window size(s) for ``img_size``: the configured one when the unit grid is a multiple of it,
+    otherwise the unit grid itself (img/32: 12 at 384, 16 at 512, as timm's *_window12_384 models
+    do), so every stage's grid is tiled by whole windows. Swin's ``window_size`` gives an int,
+    Twins' per-stage ``wss`` a tuple; None for models without windows."""
+    args = {**get_spec(model).args, **overrides}
+    key = "window_size" if "window_size" in args else "wss" if args.get("wss") else None
+    if key is None:
         return None
-    window = int(args["window_size"])
     unit = int(args.get("patch_size", 4)) * 2 ** (len(args["depths"]) - 1)
     units = img_size // unit
-    return window if units % window == 0 else units
+
+    def fit(window: int) -> int:
+        return window if units % window == 0 else units
+
+    return fit(int(args[key])) if key == "window_size" else tuple(fit(int(w)) for w in args[key])
+
+
+def window_key(model: str, overrides: Dict[str, Any]) -> Optional[str]:
+    """The constructor argument holding the attention window: Swin's ``window_size``, Twins' ``wss``."""
+    args = {**get_spec(model).args, **overrides}
+    return "window_size" if "window_size" in args else "wss" if args.get("wss") else None
 
 
 def run_sweep(
@@ -166,15 +233,13 @@ def run_sweep(
 ) -> Dict[str, List[Dict[str, Any]]]:
     """Speedup and memory ratio against mask ratio (at ``cfg``'s image size) and against image size
     (at ``cfg``'s mask ratio). FLOPs are skipped at each point to keep the sweep short."""
-    base = replace(cfg, flops=False, compile=False)
+    base = replace(cfg, flops=False, compile=False, profile=0)
     base_size = cfg.resolved_img_size()
 
     def point(mask_ratio: float, img_size: int) -> Dict[str, Any]:
-        overrides = dict(base.overrides)
-        window = window_for(base, img_size)
-        if window is not None:
-            overrides["window_size"] = window
-        res = run_comparison(replace(base, mask_ratio=mask_ratio, img_size=img_size, overrides=overrides), log)
+        point_cfg = replace(base, mask_ratio=mask_ratio, img_size=img_size)
+        res = run_comparison(point_cfg, log)
+        window = point_cfg.model_kwargs().get(window_key(point_cfg.model, point_cfg.overrides) or "")
         row = {"mask_ratio": mask_ratio, "img_size": img_size, "window_size": window, **res["ratios"]}
         for m in METHODS:
             row[f"{m}_img_per_s"] = res["methods"][m]["img_per_s"]
@@ -184,7 +249,14 @@ def run_sweep(
             row["grouping_share"] = res["methods"]["greenmim"]["grouping_share"]
         return row
 
+    done: Dict[tuple, Dict[str, Any]] = {}  # the (mask ratio, size) shared by both axes runs once
+
+    def cached(mask_ratio: float, img_size: int) -> Dict[str, Any]:
+        if (mask_ratio, img_size) not in done:
+            done[(mask_ratio, img_size)] = point(mask_ratio, img_size)
+        return done[(mask_ratio, img_size)]
+
     return {
-        "by_mask_ratio": [point(r, base_size) for r in mask_ratios],
-        "by_img_size": [point(cfg.mask_ratio, s) for s in img_sizes],
+        "by_mask_ratio": [cached(r, base_size) for r in mask_ratios],
+        "by_img_size": [cached(cfg.mask_ratio, s) for s in img_sizes],
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from typing import Any, Dict, List, Optional, Tuple
 
 MiB = 2 ** 20
@@ -47,14 +48,14 @@ def comparison_table(result: Dict[str, Any]) -> str:
     device = env.get("device_name", env["device"])
     lines = [
         f"greenmim-bench  {cfg['model']}  img {size}  batch {cfg['batch_size']}  mask {cfg['mask_ratio']}  "
-        f"{cfg['dtype']}  {device} ({env['threads']} threads)  torch {env['torch']}  {env['date_utc']}",
+        f"{cfg['dtype']}  {device} ({env['threads']} threads, load {env.get('load_avg_1m', '?')})  torch {env['torch']}  {env['date_utc']}",
         f"full step = forward + backward + AdamW step + zero_grad; {cfg['warmup']} warm-up, median of "
         f"{cfg['iters']} interleaved steps",
     ]
     if cfg["overrides"]:
         lines.append(f"overrides: {cfg['overrides']}")
     columns = (("method", 9), ("step ms", 9), ("(p25-p75)", 13), ("img/s", 8), ("peak MiB", 9), ("step MiB", 9),
-               ("GFLOP", 8), ("group ms", 9), ("share", 6), ("packing", 7))
+               ("GFLOP", 8), ("group ms med/max", 16), ("share", 6), ("packing", 7))
     header = " ".join(f"{name:>{width}s}" if i else f"{name:{width}s}" for i, (name, width) in enumerate(columns))
     lines += [header, "-" * len(header)]
     for name, m in methods.items():
@@ -67,27 +68,52 @@ def comparison_table(result: Dict[str, Any]) -> str:
             _fmt(_scaled(mem.get("peak_bytes"), MiB), ".0f"),
             _fmt(_scaled(mem.get("step_peak_bytes"), MiB), ".0f"),
             _fmt(_scaled(m.get("flops"), 1e9), ".1f"),
-            _fmt(m.get("grouping_ms"), ".1f"),
+            f"{m['grouping_ms']:.1f}/{m['grouping_ms_max']:.0f}" if "grouping_ms" in m else "-",
             _fmt(_scaled(m.get("grouping_share"), 0.01), ".1f") + ("%" if "grouping_share" in m else ""),
             _fmt(m.get("packing_efficiency"), ".3f"),
         ]
         lines.append(" ".join(f"{c:>{w}s}" if i else f"{c:{w}s}" for i, (c, (_, w)) in enumerate(zip(cells, columns))))
-    summary = f"greenmim vs simmim: speedup {r['speedup']:.2f}x"
+    summary = f"greenmim vs simmim: speedup {r['speedup']:.2f}x (of mean step times: {r['speedup_mean']:.2f}x)"
     if "peak_memory_ratio" in r:
-        summary += f", peak memory {r['peak_memory_ratio']:.2f}x ({100 * r['peak_memory_reduction']:.0f}% less)"
+        red = 100 * r["peak_memory_reduction"]
+        summary += f", peak memory {r['peak_memory_ratio']:.2f}x ({abs(red):.0f}% {'less' if red >= 0 else 'more'})"
         summary += f", step memory {r['step_memory_ratio']:.2f}x"
     if "flops_ratio" in r:
         summary += f", FLOPs {r['flops_ratio']:.2f}x"
     lines.append(summary)
     if methods.get("simmim", {}).get("memory"):
         lines.append(f"memory: peak = resident (weights, buffers, AdamW state) + step peak; measured by {methods['simmim']['memory']['measure']}")
+    if "profile" in result:
+        lines.append(profile_table(result["profile"]))
     if "compile" in result:
-        c = result["compile"]
-        lines.append(
-            "torch.compile (encoder): "
-            + ", ".join(f"{m} {c[m]['img_per_s']:.2f} img/s ({c[m]['gain']:.2f}x eager, compile {c[m]['compile_s']:.0f} s)" for m in ("greenmim", "simmim"))
-            + f"; speedup {c['speedup']:.2f}x"
-        )
+        lines.append(compile_line(result["compile"]))
+    return "\n".join(lines)
+
+
+def compile_line(c: Dict[str, Any]) -> str:
+    """One line on the torch.compile'd encoders: img/s, gain over eager, compile time or the error."""
+    parts = []
+    for m in ("greenmim", "simmim"):
+        if "error" in c.get(m, {}):
+            parts.append(f"{m} FAILED ({c[m]['error']})")
+        elif m in c:
+            parts.append(f"{m} {c[m]['img_per_s']:.2f} img/s ({c[m]['gain']:.2f}x eager, compile {c[m]['compile_s']:.0f} s)")
+    line = "torch.compile (encoder): " + ", ".join(parts)
+    if "speedup" in c:
+        line += f"; speedup {c['speedup']:.2f}x"
+    return line
+
+
+def profile_table(profiles: Dict[str, Dict[str, Any]]) -> str:
+    """Top operators by self time of each method's profiled steps."""
+    lines = []
+    for method, p in profiles.items():
+        phases = ", ".join(f"{k} {v:.0f} ms" for k, v in p["phases_ms"].items())
+        lines.append(f"profile {method} (per step, mean of {p['steps']}): {phases}; grouping (host) {p['grouping_ms']:.1f} ms; "
+                     f"total {p['time']} {p['self_total_ms']:.0f} ms")
+        lines.append(f"  {'operator':52s} {'self ms':>9s} {'share':>6s} {'calls':>6s}")
+        for op in p["top"]:
+            lines.append(f"  {op['name'][:52]:52s} {op['self_ms']:9.1f} {100 * op['share']:5.1f}% {op['calls']:6d}")
     return "\n".join(lines)
 
 
@@ -129,8 +155,20 @@ def calibration_table(result: Dict[str, Any]) -> str:
         f"fit: time = a*n_g*g^2 + b*n_g*g + c with a = {result['a_seconds']:.3e} s, b = {result['b_seconds']:.3e} s, "
         f"c = {result['c_seconds']:.3e} s (max rel. error {100 * result['max_relative_error']:.0f}%)"
     )
-    lines.append(f"=> CostModel(a=1.0, b={cm['b']:.1f})  (only b/a matters to the solver)")
+    if cm is None:
+        lines.append("=> no cost model: the quadratic term fitted to 0 (use more slots: a larger --batch-size)")
+    else:
+        lines.append(f"=> CostModel(a=1.0, b={cm['b']:.1f})  (only b/a matters to the solver)")
     return "\n".join(lines)
+
+
+def _window(window: Any) -> str:
+    """An int window, or a per-stage tuple shown by its distinct values (Twins' ``wss``)."""
+    if window is None:
+        return "-"
+    if isinstance(window, (list, tuple)):
+        return "/".join(str(w) for w in dict.fromkeys(window))
+    return str(window)
 
 
 def sweep_table(sweep: Dict[str, List[Dict[str, Any]]]) -> str:
@@ -139,7 +177,7 @@ def sweep_table(sweep: Dict[str, List[Dict[str, Any]]]) -> str:
     for key in ("by_mask_ratio", "by_img_size"):
         for p in sweep[key]:
             lines.append(
-                f"{p['mask_ratio']:5.2f} {p['img_size']:5d} {_fmt(p['window_size'], 'd'):>6s} {p['greenmim_img_per_s']:11.2f} "
+                f"{p['mask_ratio']:5.2f} {p['img_size']:5d} {_window(p['window_size']):>6s} {p['greenmim_img_per_s']:11.2f} "
                 f"{p['simmim_img_per_s']:12.2f} {p['speedup']:7.2f}x {_fmt(p.get('peak_memory_ratio'), '9.2f'):>9s} "
                 f"{_fmt(_scaled(p.get('grouping_share'), 0.01), '10.1f'):>10s}%"
             )
@@ -171,8 +209,9 @@ def plot_sweep(sweep: Dict[str, List[Dict[str, Any]]], path: str, title: str = "
             ax2.set_ylabel("greenmim / simmim peak memory", color="tab:purple")
             ax2.set_ylim(0, max(1.0, max(p["peak_memory_ratio"] for p in rows) * 1.1))
         ax.set_ylim(0, max(p["speedup"] for p in rows) * 1.2)
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     if title:
-        fig.suptitle(title)
+        fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -11,7 +11,6 @@ import statistics
 import time
 from typing import Any, Dict, Iterator, List, Tuple
 
-import numpy as np
 import torch
 
 from ..grouping import solve_grouping
@@ -21,23 +20,33 @@ from ..ops.windows import stage_windows
 Partition = Tuple[int, int, Tuple[int, int], Tuple[int, int]]  # stage, tokens per unit, window, shift
 
 
-def encoder_partitions(encoder: torch.nn.Module) -> Iterator[Partition]:
-    """The distinct (stage, window, shift) partitions of a Swin-like visible-only encoder, read from
-    its blocks (``layers[i].blocks[j].window_size / shift_size``)."""
-    layers = getattr(encoder, "layers", None)
-    if layers is None or not all(hasattr(b, "window_size") for layer in layers for b in layer.blocks):
-        raise ValueError(
-            f"--solver-only needs a window-attention encoder (Swin); {type(encoder).__name__} has no "
-            "layers[i].blocks[j].window_size"
-        )
-    for i, layer in enumerate(layers):
-        t = encoder.unit // (encoder.patch_stride * 2 ** i)
-        seen = set()
-        for block in layer.blocks:
-            key = (tuple(block.window_size), tuple(block.shift_size))
-            if key not in seen:
-                seen.add(key)
-                yield i, t, key[0], key[1]
+def window_attention_blocks(encoder: torch.nn.Module) -> Iterator[Tuple[int, int, torch.nn.Module, Tuple[int, int], Tuple[int, int]]]:
+    """``(stage, tokens per unit, attention module, window, shift)`` of every window-attention
+    block of a visible-only encoder: Swin's blocks (``layers[i].blocks``) and Twins' locally
+    grouped attention (``blocks[i]``, attention with a window ``ws``; its global attention has none)."""
+    if hasattr(encoder, "layers") and all(hasattr(b, "window_size") for layer in encoder.layers for b in layer.blocks):
+        for i, layer in enumerate(encoder.layers):
+            t = encoder.unit // (encoder.patch_stride * 2 ** i)
+            for block in layer.blocks:
+                yield i, t, block.attn, tuple(block.window_size), tuple(block.shift_size)
+    elif hasattr(encoder, "blocks") and hasattr(encoder, "tokens_per_unit"):
+        for i, blocks in enumerate(encoder.blocks):
+            for block in blocks:
+                ws = getattr(block.attn, "ws", None)
+                if isinstance(ws, int) and ws > 1:
+                    yield i, encoder.tokens_per_unit(i), block.attn, (ws, ws), (0, 0)
+    else:
+        raise ValueError(f"{type(encoder).__name__} has no window attention that greenmim-bench knows (Swin or Twins)")
+
+
+def encoder_partitions(encoder: torch.nn.Module) -> List[Partition]:
+    """The distinct (stage, window, shift) partitions of a visible-only encoder: one grouping each."""
+    seen: Dict[Partition, None] = {}
+    for stage, t, _, window, shift in window_attention_blocks(encoder):
+        seen.setdefault((stage, t, window, shift), None)
+    if not seen:
+        raise ValueError(f"{type(encoder).__name__} has no window-attention block: nothing to group")
+    return list(seen)
 
 
 def _stats(values: List[float]) -> Dict[str, float]:
@@ -50,7 +59,7 @@ def solver_benchmark(encoder: torch.nn.Module, batch_size: int, mask_ratio: floa
     of ``batch_size`` samples (per-sample masks, as in training)."""
     img_size = tuple(encoder.patch_embed.img_size)
     grid = unit_grid(img_size, encoder.unit)
-    partitions = list(encoder_partitions(encoder))
+    partitions = encoder_partitions(encoder)
     gen = torch.Generator().manual_seed(seed)
     per_part: Dict[Partition, Dict[str, list]] = {p: {"windows_ms": [], "solve_ms": [], "eff": [], "g": [], "n_g": [], "nw": [], "optimal": []} for p in partitions}
     layouts_ms: List[float] = []

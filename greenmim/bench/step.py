@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from ..masking import random_mask, unit_grid
 from ..models import create_pretrain_model
@@ -89,22 +90,22 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
 
     def forward_backward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
+        with record_function("forward"), self.autocast():
             loss, _, _ = self.model(images, mask_ratio=self.mask_ratio, mask=mask)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        with record_function("backward"):
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss.detach()
 
     def __call__(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One step; its phases are profiler ranges ``forward``, ``backward`` and ``optimizer``."""
         loss = self.forward_backward(images, mask)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("optimizer"):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return loss
 
     @property
@@ -145,13 +146,16 @@ class StepTimes:
             "step_ms": med * 1e3,
             "step_ms_p25": _quantile(s, 0.25) * 1e3,
             "step_ms_p75": _quantile(s, 0.75) * 1e3,
+            "step_ms_mean": statistics.fmean(s) * 1e3,
             "img_per_s": batch_size / med,
+            "img_per_s_mean": batch_size / statistics.fmean(s),
             "steps": len(s),
         }
         if self.grouping_ms:
             g = statistics.median(self.grouping_ms)
             out.update(
                 grouping_ms=g,
+                grouping_ms_mean=statistics.fmean(self.grouping_ms),
                 grouping_ms_max=max(self.grouping_ms),
                 grouping_share=g / (med * 1e3),
                 packing_efficiency=statistics.fmean(self.efficiency),

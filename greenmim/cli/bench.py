@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="greenmim-bench",
         description="Time full pretraining steps of greenmim (visible tokens only) and the simmim all-token "
         "baseline, interleaved in one process; report img/s, peak memory, FLOPs and grouping cost.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:" + (__doc__ or "").split("Examples::", 1)[-1],
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help=f"timm Swin/Twins name (default {DEFAULT_MODEL}; {SOLVER_MODEL} with --solver-only)")
@@ -77,23 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other model argument (timm constructor or decoder_dim/decoder_depth/...); repeatable")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {DEFAULT_BATCH}; {SOLVER_BATCH} with --solver-only)")
-    r.add_argument("--mask-ratio", type=float, default=0.75)
-    r.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast bf16/fp16 (fp32 weights)")
+    r.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of mask units hidden (default: %(default)s)")
+    r.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast bf16/fp16 with fp32 weights (default: %(default)s)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    r.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
-    r.add_argument("--iters", type=int, default=5, help="timed steps per method (random masks with --solver-only)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--warmup", type=int, default=2, help="untimed steps per method (default: %(default)s)")
+    r.add_argument("--iters", type=int, default=5, help="timed steps per method; random masks with --solver-only (default: %(default)s)")
+    r.add_argument("--seed", type=int, default=0, help="weights, images and masks (default: %(default)s)")
     r.add_argument("--compile", action="store_true", help="also time with torch.compile'd encoders and report the gain")
     r.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     r.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    r.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps per method: top operators by self time")
     r.add_argument("--out", default=None, help="write PATH.json (and PATH.png with --sweep)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="speedup and memory ratio vs mask ratio and image size (PNG plot)")
     mode.add_argument("--calibrate", action="store_true", help="fit the grouping solver's CostModel a, b to measured group attention")
     mode.add_argument("--solver-only", action="store_true", help="grouping solver time and packing efficiency only (no training)")
-    p.add_argument("--sweep-ratios", type=_floats, default=list(DEFAULT_SWEEP_RATIOS), help="mask ratios of --sweep")
-    p.add_argument("--sweep-sizes", type=_ints, default=list(DEFAULT_SWEEP_SIZES), help="image sizes of --sweep")
+    sw = p.add_argument_group("sweep")
+    sw.add_argument("--sweep-ratios", type=_floats, default=list(DEFAULT_SWEEP_RATIOS), help="mask ratios of --sweep, e.g. 0.5,0.75,0.9 "
+                    f"(default: {','.join(map(str, DEFAULT_SWEEP_RATIOS))})")
+    sw.add_argument("--sweep-sizes", type=_ints, default=list(DEFAULT_SWEEP_SIZES), help="image sizes of --sweep; a Swin window that does "
+                    f"not tile a size becomes the unit grid (default: {','.join(map(str, DEFAULT_SWEEP_SIZES))})")
     return p
 
 
@@ -116,41 +122,40 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
-def _build_encoder(args: argparse.Namespace, model: str, overrides: Dict[str, Any]):
-    from ..models import create_encoder
+def greenmim_encoder(cfg: BenchConfig):
+    """The visible-only encoder of ``cfg`` (built through the pretraining model, so the same
+    overrides, decoder keys included, are accepted everywhere)."""
+    from ..models import create_pretrain_model
 
-    kwargs = dict(overrides)
-    for key in ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "shared_mask"):
-        kwargs.pop(key, None)
-    if args.img_size is not None:
-        kwargs["img_size"] = args.img_size
-    return create_encoder(model, method="greenmim", **kwargs)
+    return create_pretrain_model(cfg.model, method="greenmim", **cfg.model_kwargs()).encoder
 
 
-def run_solver_only(args: argparse.Namespace, overrides: Dict[str, Any]) -> Dict[str, Any]:
+def run_solver_only(cfg: BenchConfig) -> Dict[str, Any]:
     from ..bench.solver import solver_benchmark
 
-    model = args.model or SOLVER_MODEL
-    batch = args.batch_size or SOLVER_BATCH
-    encoder = _build_encoder(args, model, overrides)
-    result = solver_benchmark(encoder, batch, args.mask_ratio, args.iters, args.seed)
-    result.update(model=model, overrides=overrides, environment=environment(torch.device("cpu")))
+    encoder = greenmim_encoder(cfg)
+    result = solver_benchmark(encoder, cfg.batch_size, cfg.mask_ratio, cfg.iters, cfg.seed)
+    result.update(model=cfg.model, model_kwargs=cfg.model_kwargs(), environment=environment(torch.device("cpu")))
     print(solver_table(result))
     return result
 
 
-def run_calibration(args: argparse.Namespace, overrides: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+def run_calibration(cfg: BenchConfig) -> Dict[str, Any]:
     from ..bench.calibrate import calibrate_cost_model
+    from ..bench.solver import window_attention_blocks
     from ..masking import num_visible_units, unit_grid
 
-    model = args.model or DEFAULT_MODEL
-    encoder = _build_encoder(args, model, overrides)
-    attn = encoder.layers[0].blocks[0].attn
+    device = torch.device(cfg.device)
+    encoder = greenmim_encoder(cfg)
+    attn = next(window_attention_blocks(encoder))[2]
     grid = unit_grid(tuple(encoder.patch_embed.img_size), encoder.unit)
     tokens_per_unit = (encoder.unit // encoder.patch_stride) ** 2
-    slots = (args.batch_size or DEFAULT_BATCH) * num_visible_units(grid.num_units, args.mask_ratio) * tokens_per_unit
-    result = calibrate_cost_model(attn.qkv.in_features, attn.num_heads, slots, device, args.dtype, getattr(encoder, "fused_attn", True))
-    result.update(model=model, environment=environment(device))
+    slots = cfg.batch_size * num_visible_units(grid.num_units, cfg.mask_ratio) * tokens_per_unit
+    result = calibrate_cost_model(
+        attn.qkv.in_features, attn.num_heads, slots, device, cfg.dtype, getattr(encoder, "fused_attn", True),
+        rel_bias=hasattr(attn, "relative_position_bias_table"),
+    )
+    result.update(model=cfg.model, environment=environment(device))
     print(calibration_table(result))
     return result
 
@@ -165,38 +170,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out:
         json_path, png_path = output_paths(args.out)
 
+    solver_defaults = args.solver_only
+    cfg = BenchConfig(
+        model=args.model or (SOLVER_MODEL if solver_defaults else DEFAULT_MODEL),
+        img_size=args.img_size,
+        batch_size=args.batch_size or (SOLVER_BATCH if solver_defaults else DEFAULT_BATCH),
+        mask_ratio=args.mask_ratio,
+        dtype=args.dtype,
+        device=str(device),
+        warmup=args.warmup,
+        iters=args.iters,
+        seed=args.seed,
+        overrides=overrides,
+        compile=args.compile,
+        memory=not args.no_memory,
+        flops=not args.no_flops,
+        profile=args.profile,
+    )
     if args.solver_only:
-        result = run_solver_only(args, overrides)
+        result = run_solver_only(cfg)
     elif args.calibrate:
-        result = run_calibration(args, overrides, device)
-    else:
-        cfg = BenchConfig(
-            model=args.model or DEFAULT_MODEL,
-            img_size=args.img_size,
-            batch_size=args.batch_size or DEFAULT_BATCH,
-            mask_ratio=args.mask_ratio,
-            dtype=args.dtype,
-            device=str(device),
-            warmup=args.warmup,
-            iters=args.iters,
-            seed=args.seed,
-            overrides=overrides,
-            compile=args.compile,
-            memory=not args.no_memory,
-            flops=not args.no_flops,
-        )
-        if args.sweep:
-            sweep = run_sweep(cfg, args.sweep_ratios, args.sweep_sizes)
-            result = {"config": vars(args) | {"device": str(device)}, "environment": environment(device), "sweep": sweep}
-            print(sweep_table(sweep))
-            if png_path:
-                plot_sweep(sweep, png_path, f"greenmim vs simmim: {cfg.model} {overrides or ''} batch {cfg.batch_size} {cfg.dtype} {device}")
-                print(f"plot: {png_path}")
-            else:
-                print("(pass --out PATH to save the plot and JSON)")
+        result = run_calibration(cfg)
+    elif args.sweep:
+        sweep = run_sweep(cfg, args.sweep_ratios, args.sweep_sizes)
+        result = {"config": asdict(cfg), "sweep_args": {"ratios": args.sweep_ratios, "sizes": args.sweep_sizes},
+                  "environment": environment(device), "sweep": sweep}
+        print(sweep_table(sweep))
+        if png_path:
+            plot_sweep(sweep, png_path, f"greenmim vs simmim: {cfg.model} {overrides or ''} batch {cfg.batch_size} {cfg.dtype} {device}")
+            print(f"plot: {png_path}")
         else:
-            result = run_comparison(cfg)
-            print(comparison_table(result))
+            print("(pass --out PATH to save the plot and JSON)")
+    else:
+        result = run_comparison(cfg)
+        print(comparison_table(result))
     if json_path:
         write_json(result, json_path)
         print(f"json: {json_path}")

@@ -4,15 +4,18 @@
 * :mod:`.model`: :func:`build_maskrcnn`;
 * :mod:`.data`: :class:`CocoDetection` (pycocotools; polygons/RLE, crowd, id mapping, flip);
 * :mod:`.evaluate`: :class:`CocoEvaluator` (COCOeval bbox + segm, results JSON, DDP gathering);
-* :mod:`.export`: the encoder in the official Swin key layout (mmdetection / detectron2).
+* :mod:`.task`: :class:`DetectionTask` for the shared engine (``greenmim-detect`` runs it);
+* :mod:`.export`: the encoder in the official Swin key layout (mmdetection / detectron2);
+* :mod:`.synthetic`: a generated COCO-format dataset of drawn shapes (smoke runs, tests);
+* :mod:`.timing`: wall time per Mask R-CNN iteration at a given size.
 """
 from .backbone import TimmFPNBackbone, TimmTrunk, build_backbone
 from .data import CocoDetection, CocoFileNotFoundError, CocoFormatError, collate, hflip
 from .evaluate import CocoEvaluator, ground_truth_as_predictions, to_coco_results
-from .model import build_maskrcnn
+from .model import MaskRCNNDetector, build_maskrcnn
 
 __all__ = [
-    "TimmTrunk", "TimmFPNBackbone", "build_backbone", "build_maskrcnn",
+    "TimmTrunk", "TimmFPNBackbone", "build_backbone", "build_maskrcnn", "MaskRCNNDetector",
     "CocoDetection", "CocoFormatError", "CocoFileNotFoundError", "collate", "hflip",
     "CocoEvaluator", "ground_truth_as_predictions", "to_coco_results",
 ]

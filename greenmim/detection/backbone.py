@@ -1,9 +1,10 @@
 """Detection backbone: a timm Swin/Twins trunk giving 4 stage outputs, plus torchvision's FPN.
 
-The trunk is timm's own classification model (``timm.create_model(name, num_classes=0)``), so its
-parameter names are exactly timm's and a greenmim checkpoint, an exported encoder or a timm
-checkpoint loads into it through the fine-tuning loader without conversion. Its 4 stage outputs
-come from timm's ``forward_intermediates`` (NCHW), the unused final ``norm`` and head are pruned.
+The trunk is timm's own classification model (``timm.create_model(name)``), so its parameter names
+are exactly timm's and a greenmim checkpoint, an exported encoder, a fine-tuned classifier or a timm
+checkpoint loads into it through the fine-tuning loader without conversion. Its 4 stage outputs come
+from timm's ``forward_intermediates`` (NCHW); after loading, the final ``norm`` and the classifier,
+which detection does not use, are pruned (``prune_intermediate_layers``).
 
 Outputs of :class:`TimmFPNBackbone` (what torchvision's Mask R-CNN consumes): an ``OrderedDict``
 ``"0".."3"`` at strides 4/8/16/32 and ``"pool"`` at stride 64 (``LastLevelMaxPool``), each with
@@ -30,10 +31,9 @@ Following the official Swin detection backbone, a fresh LayerNorm is applied to 
 """
 from __future__ import annotations
 
+import difflib
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
-
-import difflib
 
 import timm
 import torch
@@ -79,7 +79,7 @@ class TimmTrunk(nn.Module):
             ``norm`` and classifier are loaded, then pruned: detection does not use them.
         use_ema: take the checkpoint's EMA weights.
         out_norm: a fresh LayerNorm on each stage output; ``None`` picks the family's default.
-        grad_checkpointing: activation checkpointing inside timm's stages (saves memory).
+        grad_checkpointing: activation checkpointing inside timm's stages (saves memory; Swin only).
         **overrides: timm constructor arguments (``embed_dim``, ``depths``, ``num_heads``,
             ``window_size``, ``drop_path_rate``, ...).
 
@@ -113,14 +113,25 @@ class TimmTrunk(nn.Module):
         if pretrained:
             self.load_report = load_pretrained(model, pretrained, use_ema=use_ema)
         model.prune_intermediate_layers(indices=4, prune_norm=True, prune_head=True)
-        if grad_checkpointing:
-            model.set_grad_checkpointing(True)
         self.model = model
+        if grad_checkpointing:
+            self.set_grad_checkpointing(True)
         self.channels: List[int] = [int(f["num_chs"]) for f in model.feature_info]
         self.strides: List[int] = [int(f["reduction"]) for f in model.feature_info]
         if out_norm is None:
             out_norm = self.family == "swin"
         self.out_norms = nn.ModuleList([LayerNorm2d(c) for c in self.channels]) if out_norm else None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in every stage (timm's switch; Swin only, timm's Twins has none)."""
+        if enable and self.family != "swin":
+            raise ConfigError(f"activation checkpointing is not available for timm's {self.name}; set trainer.grad_checkpointing=false")
+        self.model.set_grad_checkpointing(enable)
+
+    @property
+    def layers(self) -> Optional[nn.Module]:
+        """Swin's stages (for per-stage activation checkpointing: ``trainer.grad_checkpointing=[0,1]``)."""
+        return self.model.layers if self.family == "swin" else None
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         feats = self.model.forward_intermediates(x, intermediates_only=True)

@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..engine.errors import UserError
+from ..engine.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class CocoDetection(Dataset):
     ):
         for name, value in (("bad_boxes", bad_boxes), ("missing_images", missing_images)):
             if value not in POLICIES:
-                raise ValueError(f"data.{name}={value!r}: choose one of {', '.join(POLICIES)}")
+                raise ConfigError(f"data.{name}={value!r}: choose one of {', '.join(POLICIES)}")
         if not os.path.isdir(img_dir):
             raise CocoFileNotFoundError(
                 f"image folder not found: {img_dir} (set data.root= to the COCO folder holding train2017/ and val2017/, "

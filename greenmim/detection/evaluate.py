@@ -112,7 +112,8 @@ def coco_eval(coco_gt, results: List[Dict[str, Any]], iou_type: str, img_ids: Op
         ev.accumulate()
         ev.summarize()
     # COCOeval reports -1 where a size range has no ground truth; keep that convention
-    return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats[:6])}, buf.getvalue()
+    table = "\n".join(line for line in buf.getvalue().splitlines() if line.lstrip().startswith("Average"))
+    return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats[:6])}, table
 
 
 class CocoEvaluator:
@@ -170,7 +171,7 @@ class CocoEvaluator:
                     json.dump(results, f)
                 os.replace(tmp, path)
             stats, text = coco_eval(self.coco_gt, results, iou_type, img_ids)
-            log.info("COCO %s on %d images:\n%s", iou_type, len(img_ids), text.strip())
+            log.info("COCO %s on %d images:\n%s", iou_type, len(img_ids), text)
             metrics.update({f"{iou_type}_{k}": v for k, v in stats.items()})
         return metrics
 

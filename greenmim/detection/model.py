@@ -29,6 +29,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TRUNK_PREFIX = "backbone.trunk.model."
 
 
+class MaskRCNNDetector(MaskRCNN):
+    """torchvision's :class:`MaskRCNN`, plus ``encoder``: its :class:`TimmTrunk` (a property, not a
+    second registration, so the state dict is unchanged). The engine's
+    ``trainer.grad_checkpointing`` (``true`` or a list of stages) acts on ``model.encoder``."""
+
+    @property
+    def encoder(self) -> TimmTrunk:
+        return self.backbone.trunk
+
+
 def build_maskrcnn(
     backbone: str,
     num_classes: int,
@@ -43,7 +53,7 @@ def build_maskrcnn(
     image_std: Sequence[float] = IMAGENET_STD,
     detector_kwargs: Optional[Dict[str, Any]] = None,
     **backbone_overrides: Any,
-) -> MaskRCNN:
+) -> MaskRCNNDetector:
     """Build the detector.
 
     Args:
@@ -64,7 +74,7 @@ def build_maskrcnn(
                       grad_checkpointing=grad_checkpointing, **backbone_overrides)
     body = TimmFPNBackbone(trunk, fpn_channels)
     sizes = tuple(int(s) for s in min_size) if isinstance(min_size, (list, tuple)) else int(min_size)
-    model = MaskRCNN(
+    model = MaskRCNNDetector(
         body,
         num_classes=num_classes + 1,
         min_size=sizes,

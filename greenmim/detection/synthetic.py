@@ -134,12 +134,22 @@ def uncompressed_rle(mask: np.ndarray) -> Dict[str, object]:
 
 def ensure_synthetic_coco(root: str, num_train: int = 64, num_val: int = 16, size: Tuple[int, int] = (160, 192),
                           seed: int = 0) -> Dict[str, str]:
-    """Generate train and val splits under ``root`` unless they exist; returns the four paths."""
+    """Generate train and val splits under ``root`` unless the same ones are there; returns the four paths.
+
+    The generation parameters are recorded in ``root/synthetic.json``; other parameters regenerate.
+    """
+    params = {"num_train": int(num_train), "num_val": int(num_val), "size": [int(v) for v in size], "seed": int(seed)}
+    marker = os.path.join(root, "synthetic.json")
+    current = None
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            current = json.load(f)
     paths: Dict[str, str] = {}
     for split, n, s in (("train", num_train, seed), ("val", num_val, seed + 1)):
         img_dir, ann = os.path.join(root, split), os.path.join(root, "annotations", f"instances_{split}.json")
-        if not os.path.isfile(ann):
-            img_dir, ann = write_synthetic_coco(root, n, size, split=split, seed=s)
+        if current != params or not os.path.isfile(ann):
+            img_dir, ann = write_synthetic_coco(root, n, tuple(size), split=split, seed=s)
         paths[f"{split}_images"], paths[f"{split}_ann"] = img_dir, ann
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump(params, f)
     return paths
-

@@ -177,12 +177,23 @@ class TrainTask:
     def on_epoch_end(self, model: nn.Module, trainer: "Trainer") -> None:
         """Anything per epoch (e.g. a reconstruction figure; write only when ``trainer.dist.is_main``)."""
 
+    def on_step_end(self, model: nn.Module, trainer: "Trainer") -> None:
+        """After every optimizer step (``trainer.step`` already counts it), e.g. a model EMA update.
+        ``model`` is unwrapped."""
+
     def state_dict(self) -> Dict[str, Any]:
         """Per-rank task state to checkpoint (e.g. a mask generator's RNG state)."""
         return {}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (called on resume with this rank's saved state)."""
+
+    def shared_state_dict(self) -> Dict[str, Any]:
+        """Task state identical on every rank (e.g. EMA weights), stored once (rank 0's copy)."""
+        return {}
+
+    def load_shared_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`shared_state_dict` (called on resume on every rank)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -224,14 +235,14 @@ class Trainer:
     during training: ``epoch`` (0-based), ``step`` (optimizer steps done).
     """
 
-    def __init__(self, task: TrainTask, cfg: TrainerConfig, optim: OptimConfig = OptimConfig(), sched: Optional[Dict[str, Any]] = None):
+    def __init__(self, task: TrainTask, cfg: TrainerConfig, optim: Optional[OptimConfig] = None, sched: Optional[Dict[str, Any]] = None):
         if cfg.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"trainer.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got '{cfg.nonfinite}'")
         if cfg.accum_steps < 1:
             raise ConfigError(f"trainer.accum_steps must be >= 1, got {cfg.accum_steps}")
         self.task = task
         self.cfg = cfg
-        self.optim_cfg = optim
+        self.optim_cfg = optim or OptimConfig()
         self.sched_cfg = dict(sched or {"name": "cosine", "warmup_epochs": 0})
         self.epoch = 0
         self.step = 0
@@ -254,6 +265,17 @@ class Trainer:
 
                 (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg.config)))
         self.precision = Precision(cfg.precision, self.device)
+
+        # resolved on rank 0 and shared, errors included, so that no rank waits for a failed one
+        error, resume = None, None
+        if self.dist.is_main:
+            try:
+                resume = resolve_resume(cfg.resume, self.output_dir)
+            except UserError as exc:
+                error = str(exc)
+        error, self._resume_path = broadcast_object((error, str(resume) if resume else None))
+        if error:
+            raise UserError(error)
 
         seed_everything(cfg.seed)  # the same initial weights whatever the world size
         model = self.task.build_model()
@@ -287,8 +309,7 @@ class Trainer:
         self.writer = MetricsWriter(self.output_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.keep_last, cfg.keep_every_epochs)
 
-        resume = resolve_resume(cfg.resume, self.output_dir) if self.dist.is_main else None
-        resume = broadcast_object(str(resume) if resume else None)
+        resume = self._resume_path
         if resume:
             self.load(resume)
         elif cfg.resume and str(cfg.resume) == "auto":
@@ -325,6 +346,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "world_size": self.dist.world_size,
             "rank_states": gathered,
+            "task_shared": self.task.shared_state_dict(),
             "config": self.cfg.config,
         }
 
@@ -350,6 +372,7 @@ class Trainer:
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.task.load_shared_state_dict(ckpt.get("task_shared") or {})
         states = ckpt.get("rank_states") or []
         if len(states) == self.dist.world_size:
             set_rng_state(states[self.dist.rank]["rng"])
@@ -439,6 +462,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.batch_in_epoch = i + 1
+            task.on_step_end(unwrap(model), self)
             meter.update(0, steps=1)
             if window_losses:
                 step_loss = sum(window_losses) / len(window_losses)

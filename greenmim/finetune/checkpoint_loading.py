@@ -44,7 +44,7 @@ class LoadReport:
     """What :func:`load_pretrained` did. ``missing`` holds classifier-head keys only (else it raised)."""
 
     source: str
-    kind: str  # "greenmim-pretrain" | "state-dict"
+    kind: str  # "greenmim-pretrain" | "greenmim-classifier" | "greenmim-checkpoint" | "safetensors" | "state-dict"
     loaded: int = 0
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
@@ -88,16 +88,17 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
     (only load checkpoints you trust).
     """
     if not os.path.isfile(path):
-        raise UserError(f"pretrained checkpoint '{path}' does not exist: pass an existing file as pretrained=PATH")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
+        raise UserError(f"checkpoint file '{path}' does not exist: check the path given to pretrained= (or checkpoint=)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        _logger.debug("%s holds non-tensor objects; re-reading with weights_only=False", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            _logger.debug("%s holds non-tensor objects; re-reading with weights_only=False", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated or foreign file
         raise UserError(f"cannot read checkpoint '{path}' ({type(exc).__name__}: {exc}); is it a complete torch/safetensors file?") from exc
 
@@ -106,6 +107,8 @@ def unwrap_state_dict(ckpt: Mapping[str, Any], use_ema: bool = False) -> Dict[st
     """The tensor dictionary inside a checkpoint (``model`` / ``state_dict`` / EMA containers, ``module.`` prefix)."""
     state: Any = ckpt
     keys = EMA_STATE_KEYS if use_ema else STATE_KEYS
+    if use_ema and isinstance(ckpt.get("task_shared"), Mapping):  # a greenmim training checkpoint's EMA
+        state = ckpt["task_shared"]
     for key in keys:
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
@@ -157,16 +160,21 @@ def load_pretrained(
     path: str,
     use_ema: bool = False,
     allow_missing_head: bool = True,
+    checkpoint: Optional[Mapping[str, Any]] = None,
 ) -> LoadReport:
     """Load a greenmim pretraining checkpoint, exported encoder or timm checkpoint into ``model``.
 
     ``model`` is a timm classifier (``timm.create_model(name, num_classes=K, ...)``). Returns a
     :class:`LoadReport`; raises :class:`~greenmim.engine.errors.UserError` naming the offending keys
-    when anything other than the classifier head is missing, unexpected or of the wrong shape.
+    when anything other than the classifier head (or, with ``allow_missing_head=False``, anything
+    at all) is missing, unexpected or of the wrong shape. ``checkpoint``: the already-read contents
+    of ``path``. ``use_ema``: take the EMA weights (``model_ema``, ``state_dict_ema``, ``ema`` or a
+    greenmim training checkpoint's ``task_shared.ema``).
     """
-    raw = read_checkpoint(path)
+    raw = checkpoint if checkpoint is not None else read_checkpoint(path)
     state, ignored, is_pretrain = split_pretrain_state(unwrap_state_dict(raw, use_ema=use_ema))
-    report = LoadReport(source=os.path.basename(path), kind="greenmim-pretrain" if is_pretrain else "state-dict", ignored=ignored)
+    kind = "greenmim-pretrain" if is_pretrain else str(raw.get("format") or ("safetensors" if path.endswith(".safetensors") else "state-dict"))
+    report = LoadReport(source=os.path.basename(path), kind=kind, ignored=ignored)
 
     before = {k: tuple(v.shape) for k, v in state.items()}
     state = timm_filter(state, model)
@@ -199,5 +207,5 @@ def load_pretrained(
             f"'{path}' does not match the classifier ({'; '.join(problems)}); only the head ({head}*) may be "
             "missing: check model.name and model.overrides against the pretraining config"
         )
-    _logger.info("pretrained weights: %s", report.summary())
+    _logger.debug("loaded %s", report.summary())
     return report

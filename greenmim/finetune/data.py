@@ -9,8 +9,7 @@ one ``<file name or stem> <class>`` pair per line (whitespace or comma separated
 train folder name such as ``n01440764`` or a 0-based class index), or Kaggle's
 ``LOC_val_solution.csv`` (``ImageId,PredictionString``: the first word is the synset).
 
-Classes are the sorted train folder names (torchvision's :class:`~torchvision.datasets.ImageFolder`
-rule); the validation set is indexed with the *train* mapping, so both always agree.
+Classes are the sorted train folder names (torchvision's ``find_classes``); the validation set is indexed with the *train* mapping, so both always agree.
 
 Transforms are timm's :func:`~timm.data.create_transform`: RandomResizedCrop + flip + RandAugment
 ``rand-m9-mstd0.5-inc1`` + random erasing 0.25 (bicubic) for training, resize to ``img_size /
@@ -21,141 +20,119 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import Mixup, create_transform
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import find_classes, make_dataset
 
-from ..engine.errors import ConfigError, UserError
+from ..data.datasets import ImageFiles
+from ..data.images import IMAGE_EXTENSIONS, DataError
+from ..engine.errors import ConfigError
+from .compat import patch_timm_posterize
 
 _logger = logging.getLogger(__name__)
-
-#: torchvision's extensions plus GIF (hymenoptera has one) and upper-case variants.
-EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS + (".gif",))))
+patch_timm_posterize()  # timm RandAugment vs Pillow >= 11 (see greenmim.finetune.compat)
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB (palette/transparent, grayscale and CMYK files included).
+def list_class_folder(directory: str, class_to_idx: Optional[Dict[str, int]] = None) -> Tuple[List[Tuple[str, int]], Dict[str, int]]:
+    """``(samples, class_to_idx)`` of a folder-per-class directory (torchvision's listing rules).
 
-    Raises :class:`UserError` naming the file when PIL cannot decode it.
+    Without ``class_to_idx`` the classes are the sorted sub-folder names (train). With it (val), the
+    folders must be a subset of those classes and keep their indices.
     """
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-    except Exception as exc:  # PIL.UnidentifiedImageError, OSError (truncated), ...
-        raise UserError(f"unreadable image {path} ({type(exc).__name__}: {exc}): remove or replace the file") from exc
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("LA", "PA"):
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
-class ClassFolder(ImageFolder):
-    """:class:`ImageFolder` with a fixed ``class_to_idx`` (so val follows train), GIF support, RGB
-    loading and errors that name the fix."""
-
-    def __init__(self, root: str, transform: Optional[Callable] = None, class_to_idx: Optional[Dict[str, int]] = None):
-        self._given = class_to_idx
-        try:
-            super().__init__(root, transform=transform, loader=load_rgb, extensions=EXTENSIONS)
-        except FileNotFoundError as exc:  # an empty class folder or no class folders at all
-            raise UserError(f"{root}: {exc} Add images or delete the empty folder.") from exc
-
-    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
-        classes, mapping = super().find_classes(directory)
-        if self._given is None:
-            return classes, mapping
-        unknown = sorted(set(classes) - set(self._given))
+        _, found = find_classes(directory)
+    except FileNotFoundError:
+        raise DataError(f"{directory} has no class sub-folders: expected {directory}/<class>/<image> (ImageNet layout)") from None
+    if class_to_idx is None:
+        class_to_idx = found
+    else:
+        unknown = sorted(set(found) - set(class_to_idx))
         if unknown:
-            raise UserError(
-                f"{directory} has class folders that train/ lacks: {', '.join(unknown[:5])}; "
+            raise DataError(
+                f"{directory} has class folders that the train split lacks: {', '.join(unknown[:5])}; "
                 "train and val must use the same class folder names"
             )
-        absent = sorted(set(self._given) - set(classes))
+        absent = sorted(set(class_to_idx) - set(found))
         if absent:
             _logger.warning("%s lacks %d of the train classes (e.g. %s)", directory, len(absent), ", ".join(absent[:3]))
-        return sorted(self._given, key=self._given.get), dict(self._given)
+    samples = make_dataset(directory, {c: class_to_idx[c] for c in found}, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    counts = Counter(t for _, t in samples)
+    empty = sorted(c for c in found if counts[class_to_idx[c]] == 0)
+    if empty:
+        raise DataError(
+            f"class folder(s) without images ({', '.join(IMAGE_EXTENSIONS)}) in {directory}: {', '.join(empty[:5])}; "
+            "add images or delete the empty folder(s)"
+        )
+    return samples, dict(class_to_idx)
 
 
 def read_label_file(path: str) -> Dict[str, str]:
     """``{file name or stem: class}`` from a flat-validation label file (see the module docstring)."""
+    if not os.path.isfile(path):
+        raise DataError(f"data.val_labels={path} does not exist")
     labels: Dict[str, str] = {}
     with open(path, newline="") as f:
         for row in csv.reader(f) if path.endswith(".csv") else (line.split() for line in f):
             if not row or row[0].startswith("#") or row[0] == "ImageId":
                 continue
             if len(row) < 2:
-                raise UserError(f"{path}: expected '<file> <class>' per line, got '{' '.join(row)}'")
+                raise DataError(f"{path}: expected '<file> <class>' per line, got '{' '.join(row)}'")
             labels[row[0].strip()] = row[1].split()[0]
     if not labels:
-        raise UserError(f"label file {path} is empty")
+        raise DataError(f"label file {path} is empty")
     return labels
 
 
-class FlatLabelledFolder(Dataset):
-    """The flat ILSVRC validation layout: images directly in ``root``, labels from a file."""
-
-    def __init__(self, root: str, label_file: str, class_to_idx: Dict[str, int], transform: Optional[Callable] = None):
-        labels = read_label_file(label_file)
-        self.transform = transform
-        self.classes = sorted(class_to_idx, key=class_to_idx.get)
-        self.class_to_idx = dict(class_to_idx)
-        files = sorted(p for p in Path(root).iterdir() if p.suffix.lower() in EXTENSIONS)
-        if not files:
-            raise UserError(f"no images directly in {root}: val_labels is only for the flat ILSVRC validation layout")
-        self.samples: List[Tuple[str, int]] = []
-        for p in files:
-            label = labels.get(p.name, labels.get(p.stem))
-            if label is None:
-                raise UserError(f"{label_file} has no label for {p.name}")
-            if label in class_to_idx:
-                idx = class_to_idx[label]
-            elif label.isdigit() and int(label) < len(self.classes):
-                idx = int(label)
-            else:
-                raise UserError(f"{label_file}: label '{label}' of {p.name} is neither a train class folder nor a class index")
-            self.samples.append((str(p), idx))
-        self.targets = [t for _, t in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform else img), target
+def list_flat_labelled(directory: str, label_file: str, class_to_idx: Dict[str, int]) -> List[Tuple[str, int]]:
+    """Samples of the flat ILSVRC validation layout: images directly in ``directory``, labels from a file."""
+    labels = read_label_file(label_file)
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"no images directly in {directory}: data.val_labels is only for the flat ILSVRC validation layout")
+    samples = []
+    for p in files:
+        label = labels.get(p.name, labels.get(p.stem))
+        if label is None:
+            raise DataError(f"{label_file} has no label for {p.name}")
+        if label in class_to_idx:
+            idx = class_to_idx[label]
+        elif label.isdigit() and int(label) < len(class_to_idx):
+            idx = int(label)
+        else:
+            raise DataError(f"{label_file}: label '{label}' of {p.name} is neither a train class folder nor a class index")
+        samples.append((str(p), idx))
+    return samples
 
 
-def build_transform(is_training: bool, img_size: int, cfg: Any) -> Callable:
-    """timm's ``create_transform`` with the fine-tune recipe's options taken from ``cfg`` (``data``)."""
-    if is_training:
-        return create_transform(
-            input_size=img_size,
-            is_training=True,
-            scale=tuple(cfg.get("scale", (0.08, 1.0))),
-            hflip=cfg.get("hflip", 0.5),
-            color_jitter=cfg.get("color_jitter", 0.4),
-            auto_augment=cfg.get("auto_augment") or None,
-            interpolation=cfg.get("interpolation", "bicubic"),
-            re_prob=cfg.get("reprob", 0.25),
-            re_mode=cfg.get("remode", "pixel"),
-            re_count=cfg.get("recount", 1),
-            mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
-            std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
-        )
+def labelled_images(samples: List[Tuple[str, int]], transform: Optional[Callable], on_corrupt: str) -> ImageFiles:
+    """``(image, label)`` items with the pretraining data's RGB conversion and unreadable-file policy."""
+    return ImageFiles([p for p, _ in samples], transform, on_corrupt, targets=[t for _, t in samples])
+
+
+def build_transform(is_training: bool, img_size: int, aug: Any = None, crop_pct: float = 0.875, interpolation: str = "bicubic") -> Callable:
+    """timm's ``create_transform``: the recipe's training augmentation (options from ``aug``: ``scale``,
+    ``hflip``, ``color_jitter``, ``auto_augment``, ``reprob``, ``remode``, ``recount``) or the
+    evaluation resize to ``img_size / crop_pct`` + center crop."""
+    aug = aug if aug is not None else {}
+    if not is_training:
+        return create_transform(input_size=img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct)
     return create_transform(
         input_size=img_size,
-        is_training=False,
-        interpolation=cfg.get("interpolation", "bicubic"),
-        crop_pct=cfg.get("crop_pct", 0.875),
-        mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
+        is_training=True,
+        scale=tuple(aug.get("scale", (0.08, 1.0))),
+        hflip=float(aug.get("hflip", 0.5)),
+        color_jitter=aug.get("color_jitter", 0.4),
+        auto_augment=aug.get("auto_augment") or None,
+        interpolation=interpolation,
+        re_prob=float(aug.get("reprob", 0.25)),
+        re_mode=aug.get("remode", "pixel"),
+        re_count=int(aug.get("recount", 1)),
     )
 
 
@@ -172,52 +149,60 @@ class ClassificationData:
         return len(self.classes)
 
 
-def _split_dir(root: Path, name: str) -> Path:
+def _split_dir(root: Path, name: str) -> str:
     path = root / name
     if not path.is_dir():
-        raise UserError(f"{path} does not exist: data.root must hold train/ and val/ folders (ImageNet layout)")
-    return path
+        raise DataError(f"{path} does not exist: data.root must be the folder holding {name}/ (ImageNet layout: root/train/<class>/*, root/val/<class>/*)")
+    return str(path)
 
 
-def build_classification_data(cfg: Any, need_train: bool = True) -> ClassificationData:
-    """Datasets from a ``data`` config: ``root``, ``train_split``/``val_split`` (``train``/``val``),
-    ``val_labels`` (flat ILSVRC val), ``num_classes`` (``null``: inferred, else checked), ``img_size``
-    and the transform options of :func:`build_transform`."""
-    if not cfg.get("root"):
-        raise ConfigError("data.root is not set: pass data.root=/path/to/dataset (holding train/ and val/ class folders)")
+def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True) -> ClassificationData:
+    """Datasets from a ``data`` config and the ``aug`` config.
+
+    ``data`` keys: ``root``, ``train_split``/``val_split`` (``train``/``val``), ``val_labels`` (flat
+    ILSVRC val), ``num_classes`` (``null``: inferred, else checked), ``img_size``, ``crop_pct``,
+    ``interpolation`` and ``on_corrupt`` (training images: ``skip`` | ``error``; validation images are
+    always ``error``, so accuracies are exact). ``aug``: see :func:`build_transform`.
+    """
+    if cfg.get("root") in (None, "", "???"):
+        raise ConfigError("data.root is not set: pass data.root=/path/to/dataset (a folder holding train/ and val/ class folders)")
     root = Path(os.path.expanduser(str(cfg["root"])))
     if not root.is_dir():
-        raise UserError(f"data.root={root} does not exist")
+        raise DataError(f"data.root={root} is not a folder: point it at the folder holding train/ and val/")
     img_size = int(cfg["img_size"])
-    train_dir = _split_dir(root, cfg.get("train_split", "train"))
-    train_tf = build_transform(True, img_size, cfg) if need_train else None
-    train = ClassFolder(str(train_dir), transform=train_tf)
-    classes = list(train.classes)
+    train_samples, class_to_idx = list_class_folder(_split_dir(root, cfg.get("train_split", "train")))
+    classes = sorted(class_to_idx, key=class_to_idx.get)
     expected = cfg.get("num_classes")
     if expected not in (None, "auto") and int(expected) != len(classes):
         raise ConfigError(
-            f"data.num_classes={expected} but {train_dir} has {len(classes)} class folders; "
+            f"data.num_classes={expected} but {root / cfg.get('train_split', 'train')} has {len(classes)} class folders; "
             f"set data.num_classes={len(classes)} (or null to infer it)"
         )
     val_dir = _split_dir(root, cfg.get("val_split", "val"))
-    val_tf = build_transform(False, img_size, cfg)
     if cfg.get("val_labels"):
-        val: Dataset = FlatLabelledFolder(str(val_dir), str(cfg["val_labels"]), train.class_to_idx, transform=val_tf)
+        val_samples = list_flat_labelled(val_dir, str(cfg["val_labels"]), class_to_idx)
     else:
-        val = ClassFolder(str(val_dir), transform=val_tf, class_to_idx=train.class_to_idx)
-    return ClassificationData(train=train if need_train else None, val=val, classes=classes)
+        val_samples, _ = list_class_folder(val_dir, class_to_idx)
+    train = None
+    if need_train:
+        train_tf = build_transform(True, img_size, aug, interpolation=cfg.get("interpolation", "bicubic"))
+        train = labelled_images(train_samples, train_tf, cfg.get("on_corrupt", "skip"))
+    val_tf = build_transform(False, img_size, crop_pct=float(cfg.get("crop_pct", 0.875)), interpolation=cfg.get("interpolation", "bicubic"))
+    val = labelled_images(val_samples, val_tf, "error")
+    return ClassificationData(train=train, val=val, classes=classes)
 
 
 # -- mixup and losses -------------------------------------------------------------------------------
 def build_mixup(cfg: Any, num_classes: int) -> Optional[Mixup]:
     """timm's :class:`Mixup` (batch mode; label smoothing folded into the soft targets), or ``None``."""
-    active = cfg.get("mixup", 0.0) > 0 or cfg.get("cutmix", 0.0) > 0 or cfg.get("cutmix_minmax") is not None
+    minmax = cfg.get("cutmix_minmax")
+    active = cfg.get("mixup", 0.0) > 0 or cfg.get("cutmix", 0.0) > 0 or minmax is not None
     if not active or cfg.get("mixup_prob", 1.0) <= 0:
         return None
     return Mixup(
         mixup_alpha=cfg.get("mixup", 0.8),
         cutmix_alpha=cfg.get("cutmix", 1.0),
-        cutmix_minmax=cfg.get("cutmix_minmax"),
+        cutmix_minmax=None if minmax is None else tuple(minmax),
         prob=cfg.get("mixup_prob", 1.0),
         switch_prob=cfg.get("mixup_switch_prob", 0.5),
         mode=cfg.get("mixup_mode", "batch"),

@@ -40,6 +40,7 @@ def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank:
         pin_memory=pin_memory,
         drop_last=False,
         persistent_workers=False,
+        generator=torch.Generator(),  # worker seeds from a private generator: evaluating leaves the training RNG alone
     )
 
 

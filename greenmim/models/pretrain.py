@@ -141,9 +141,11 @@ def create_pretrain_model(name: str, method: str = "greenmim", **overrides: Any)
     """Build a pretraining model for a timm Swin/Twins name.
 
     Keyword arguments named ``decoder_dim``, ``decoder_depth``, ``decoder_heads``, ``norm_pix_loss``
-    and ``shared_mask`` configure the MIM model; the rest go to :func:`create_encoder`.
+    and ``shared_mask`` configure the MIM model; the rest go to :func:`create_encoder`
+    (``drop_path_rate`` defaults to 0, as in the GreenMIM/SimMIM pretraining recipes).
     """
     model_keys = ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "shared_mask")
     model_kwargs = {k: overrides.pop(k) for k in model_keys if k in overrides}
+    overrides.setdefault("drop_path_rate", 0.0)  # MIM pretraining recipes use no stochastic depth (timm's default is 0.1)
     encoder = create_encoder(name, method=method, **overrides)
     return MIMPretrainModel(encoder, **model_kwargs)

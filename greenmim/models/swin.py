@@ -17,7 +17,8 @@ whose attention ignores masked keys.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Hashable, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -26,13 +27,11 @@ from timm.models.swin_transformer import SwinTransformer
 from torch.utils.checkpoint import checkpoint
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel
-from ..masking import check_mask, to_pair, unit_grid
+from ..masking import UnitGrid, check_mask, unit_grid
 from ..ops.group_attention import GroupLayout, build_group_layout, group_window_attention
+from ..ops.sparse_conv import SPARSE_BACKENDS
 from ..ops.windows import stage_windows
 from .registry import EncoderSpec, register_encoder
-
-SPARSE_BACKENDS = ("auto", "spconv", "native")
-
 
 class EncoderGeometryMixin:
     """Shared geometry checks of the pretraining encoders (needs ``patch_embed`` and ``num_layers``)."""
@@ -55,17 +54,55 @@ class EncoderGeometryMixin:
             )
         return grid
 
+    def window_partitions(self) -> Iterator[Tuple[int, Hashable, Tuple[int, int], Tuple[int, int]]]:
+        """The windowed attentions to plan: ``(stage, key, window, shift)``, possibly repeated."""
+        raise NotImplementedError
 
-def split_units(images: torch.Tensor, grid, unit: int) -> torch.Tensor:
-    """``(B, 3, H, W)`` -> ``(B, num_units, 3, unit, unit)`` pixel blocks in raster order."""
+    def tokens_per_unit(self, stage: int) -> int:
+        return self.unit // (self.patch_stride * 2 ** stage)
+
+    @torch.compiler.disable
+    def plan(self, images: torch.Tensor, mask: torch.Tensor) -> VisiblePlan:
+        """Host-side planning of a forward: input checks, visible units, one group layout per stage
+        and window partition (shared by all blocks using it). Runs eagerly under torch.compile."""
+        grid = self.check_images(images)
+        mask = check_mask(mask, images.shape[0], grid.num_units)
+        mask_np = mask.detach().cpu().numpy()  # a host mask (the default) costs no device sync
+        vis_idx = torch.from_numpy(np.nonzero(~mask_np)[1].reshape(mask_np.shape[0], -1))
+        t0 = time.perf_counter()
+        layouts: List[Dict[Hashable, GroupLayout]] = [{} for _ in range(self.num_stages)]
+        slots = tokens = 0
+        for stage, key, window, shift in self.window_partitions():
+            if key in layouts[stage]:
+                continue
+            win = stage_windows(mask_np, (grid.height, grid.width), self.tokens_per_unit(stage), window, shift)
+            layout = layouts[stage][key] = build_group_layout(win, images.device, self.cost_model)
+            slots += layout.num_groups * layout.group_size
+            tokens += int(win.counts.sum())
+        # efficiency: visible tokens per allocated attention slot over all windowed attentions
+        self.last_grouping = {"ms": (time.perf_counter() - t0) * 1e3, "efficiency": tokens / slots if slots else 1.0}
+        return VisiblePlan(grid, mask_np, vis_idx.to(images.device, non_blocking=True), layouts)
+
+
+@dataclass
+class VisiblePlan:
+    """What a visible-only forward needs from the host: the unit grid, the mask as numpy, the
+    visible unit indices ``(B, N_vis)`` (ascending) and the group layouts of every stage."""
+
+    grid: UnitGrid
+    mask_np: np.ndarray
+    vis_idx: torch.Tensor
+    layouts: List[Dict[Hashable, GroupLayout]]
+
+
+def visible_unit_pixels(images: torch.Tensor, vis_idx: torch.Tensor, grid: UnitGrid) -> torch.Tensor:
+    """The pixel blocks of the visible units: ``(B, 3, H, W)`` -> ``(B, N_vis, 3, unit, unit)``,
+    in the order of ``vis_idx`` ``(B, N_vis)``."""
     b, c = images.shape[:2]
-    x = images.reshape(b, c, grid.height, unit, grid.width, unit)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, grid.num_units, c, unit, unit)
-
-
-def host_and_device_mask(mask: torch.Tensor, device: torch.device) -> Tuple[np.ndarray, torch.Tensor]:
-    """The mask as numpy (for the host-side grouping) and on ``device``; a CPU mask costs no sync."""
-    return mask.detach().cpu().numpy(), mask.to(device, non_blocking=True)
+    u = grid.unit
+    units = images.reshape(b, c, grid.height, u, grid.width, u).permute(0, 2, 4, 1, 3, 5)
+    units = units.reshape(b, grid.num_units, c, u, u)
+    return torch.gather(units, 1, vis_idx.view(b, -1, 1, 1, 1).expand(-1, -1, c, u, u))
 
 
 class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
@@ -97,32 +134,17 @@ class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
         self.fused_attn = fused_attn
         self.last_grouping: Dict[str, float] = {}
 
-    # -- grouping ---------------------------------------------------------------------------------
-    def build_layouts(self, mask_np: np.ndarray, grid, device) -> List[Dict[Tuple, GroupLayout]]:
-        """One :class:`GroupLayout` per stage and distinct (window, shift) partition."""
-        t0 = time.perf_counter()
-        layouts: List[Dict[Tuple, GroupLayout]] = []
-        slots = tokens = 0
+    def window_partitions(self):
         for i, layer in enumerate(self.layers):
-            t = self.unit // (self.patch_stride * 2 ** i)
-            stage: Dict[Tuple, GroupLayout] = {}
             for block in layer.blocks:
                 key = (tuple(block.window_size), tuple(block.shift_size))
-                if key not in stage:
-                    win = stage_windows(mask_np, (grid.height, grid.width), t, key[0], key[1])
-                    stage[key] = build_group_layout(win, device, self.cost_model)
-                    slots += stage[key].num_groups * stage[key].group_size
-                    tokens += int(win.counts.sum())
-            layouts.append(stage)
-        self.last_grouping = {"ms": (time.perf_counter() - t0) * 1e3, "efficiency": tokens / max(slots, 1)}
-        return layouts
+                yield i, key, key[0], key[1]
 
     # -- forward ----------------------------------------------------------------------------------
     def embed_visible(self, images: torch.Tensor, vis_idx: torch.Tensor, grid) -> torch.Tensor:
         """Patch-embed the visible units: ``(B, N_vis * t * t, C)`` unit-major tokens."""
-        b, n_vis = vis_idx.shape
-        units = split_units(images, grid, self.unit)
-        units = torch.gather(units, 1, vis_idx.view(b, n_vis, 1, 1, 1).expand(-1, -1, *units.shape[2:]))
+        b = vis_idx.shape[0]
+        units = visible_unit_pixels(images, vis_idx, grid)
         x = self.patch_embed.proj(units.flatten(0, 1))  # (B*N_vis, C, t, t)
         x = x.flatten(2).transpose(1, 2).reshape(b, -1, x.shape[1])
         return self.patch_embed.norm(x)
@@ -146,7 +168,7 @@ class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
     def stage_forward(self, i: int, x: torch.Tensor, layouts: Dict[Tuple, GroupLayout]) -> torch.Tensor:
         layer = self.layers[i]
         if i > 0:
-            x = merge_patches(x, self.unit // (self.patch_stride * 2 ** (i - 1)), layer.downsample)
+            x = merge_patches(x, self.tokens_per_unit(i - 1), layer.downsample)
         for block in layer.blocks:
             layout = layouts[(tuple(block.window_size), tuple(block.shift_size))]
             if layer.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -158,15 +180,11 @@ class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
     def forward_stages(self, images: torch.Tensor, mask: torch.Tensor) -> List[torch.Tensor]:
         """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
         unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`)."""
-        grid = self.check_images(images)
-        mask = check_mask(mask, images.shape[0], grid.num_units)
-        mask_np, _ = host_and_device_mask(mask, images.device)
-        vis_idx = torch.from_numpy(np.nonzero(~mask_np)[1].reshape(mask_np.shape[0], -1)).to(images.device)
-        layouts = self.build_layouts(mask_np, grid, images.device)
-        x = self.embed_visible(images, vis_idx, grid)
+        plan = self.plan(images, mask)
+        x = self.embed_visible(images, plan.vis_idx, plan.grid)
         outs = []
         for i in range(self.num_stages):
-            x = self.stage_forward(i, x, layouts[i])
+            x = self.stage_forward(i, x, plan.layouts[i])
             outs.append(x)
         return outs
 

@@ -22,26 +22,25 @@ attention ignores masked keys and whose convolutions see zeros at masked positio
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Dict, List
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, Twins
+from torch.utils.checkpoint import checkpoint
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel
 from ..masking import check_mask, to_pair
-from ..ops.group_attention import GroupLayout, build_group_layout, group_window_attention
+from ..ops.group_attention import GroupLayout, group_window_attention
 from ..ops.sparse_conv import VisibleGeometry, get_sparse_backend
-from ..ops.windows import stage_windows
 from .registry import EncoderSpec, register_encoder
-from .swin import EncoderGeometryMixin, host_and_device_mask, split_units
+from .swin import EncoderGeometryMixin, visible_unit_pixels
 
 
-class TwinsGeometryMixin(EncoderGeometryMixin):
-    """Maps timm Twins' attributes onto the names the pretraining model and geometry checks use."""
+class TwinsEncoderMixin(EncoderGeometryMixin):
+    """Maps timm Twins' attributes onto the names the pretraining model and geometry checks use,
+    and adds block-level activation checkpointing."""
 
     def _init_geometry(self) -> None:
         self.patch_stride = self.patch_embeds[0].patch_size[0]
@@ -57,11 +56,18 @@ class TwinsGeometryMixin(EncoderGeometryMixin):
         """Width of the first stage (the simmim mask token's width)."""
         return self.embed_dims[0]
 
-    def tokens_per_unit(self, stage: int) -> int:
-        return self.unit // (self.patch_stride * 2 ** stage)
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (timm's Twins has none; the trainer asks for it)."""
+        self.grad_checkpointing = enable
+
+    def run_block(self, fn, *args):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
 
-class VisibleTwins(TwinsGeometryMixin, Twins):
+class VisibleTwins(TwinsEncoderMixin, Twins):
     """Twins encoder that computes on visible mask units only.
 
     ``forward(images, mask)``: images ``(B, 3, H, W)``, mask ``(B, num_units)`` bool (True = masked,
@@ -120,24 +126,16 @@ class VisibleTwins(TwinsGeometryMixin, Twins):
                 raise ValueError("only stride-1 PEGs (timm's default) are supported")
 
     # -- host-side planning -----------------------------------------------------------------------
-    def build_layouts(self, mask_np: np.ndarray, grid, device) -> List[Dict[int, GroupLayout]]:
-        """One LSA :class:`GroupLayout` per stage and window size (empty for stages without LSA)."""
-        t0 = time.perf_counter()
-        layouts: List[Dict[int, GroupLayout]] = []
-        slots = tokens = 0
+    def window_partitions(self):
+        """Locally-grouped attentions (LSA): one partition per stage and window size, never shifted."""
         for i, blocks in enumerate(self.blocks):
-            stage: Dict[int, GroupLayout] = {}
             for blk in blocks:
-                ws = getattr(blk.attn, "ws", None)
-                if isinstance(blk.attn, LocallyGroupedAttn) and ws not in stage:
-                    win = stage_windows(mask_np, (grid.height, grid.width), self.tokens_per_unit(i), ws)
-                    stage[ws] = build_group_layout(win, device, self.cost_model)
-                    slots += stage[ws].num_groups * stage[ws].group_size
-                    tokens += int(win.counts.sum())
-            layouts.append(stage)
-        # efficiency: visible tokens per attention slot over the LSA groupings (1.0 without LSA)
-        self.last_grouping = {"ms": (time.perf_counter() - t0) * 1e3, "efficiency": tokens / slots if slots else 1.0}
-        return layouts
+                if isinstance(blk.attn, LocallyGroupedAttn):
+                    yield i, blk.attn.ws, blk.attn.ws, 0
+
+    @torch.compiler.disable
+    def sparse_geometry(self, plan) -> VisibleGeometry:
+        return VisibleGeometry(plan.mask_np, (plan.grid.height, plan.grid.width), plan.vis_idx.device)
 
     # -- layers -----------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
@@ -187,16 +185,10 @@ class VisibleTwins(TwinsGeometryMixin, Twins):
     def forward_stages(self, images: torch.Tensor, mask: torch.Tensor) -> List[torch.Tensor]:
         """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
         unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`)."""
-        grid = self.check_images(images)
-        mask = check_mask(mask, images.shape[0], grid.num_units)
-        mask_np, _ = host_and_device_mask(mask, images.device)
+        plan = self.plan(images, mask)
+        geometry, layouts, grid, vis_idx = self.sparse_geometry(plan), plan.layouts, plan.grid, plan.vis_idx
         b = images.shape[0]
-        geometry = VisibleGeometry(mask_np, (grid.height, grid.width), images.device)
-        layouts = self.build_layouts(mask_np, grid, images.device)
-
-        vis_idx = torch.from_numpy(np.nonzero(~mask_np)[1].reshape(b, -1)).to(images.device)
-        units = split_units(images, grid, self.unit)
-        units = torch.gather(units, 1, vis_idx.view(b, -1, 1, 1, 1).expand(-1, -1, *units.shape[2:]))
+        units = visible_unit_pixels(images, vis_idx, grid)
         x = units.permute(0, 1, 3, 4, 2).reshape(b, -1, units.shape[2])  # pixels as unit-major tokens
         t = self.unit
         outs = []
@@ -204,7 +196,7 @@ class VisibleTwins(TwinsGeometryMixin, Twins):
             x = drop(embed.norm(self.sparse.stride_conv(x, embed.proj, geometry, t)))
             t = self.tokens_per_unit(i)
             for j, blk in enumerate(blocks):
-                x = self.block_forward(blk, x, geometry, t, layouts[i])
+                x = self.run_block(self.block_forward, blk, x, geometry, t, layouts[i])
                 if j == 0:
                     x = self.peg_forward(pos_blk, x, geometry, t)
             outs.append(x)
@@ -214,7 +206,7 @@ class VisibleTwins(TwinsGeometryMixin, Twins):
         return self.norm(self.forward_stages(images, mask)[-1])
 
 
-class AllTokenTwins(TwinsGeometryMixin, Twins):
+class AllTokenTwins(TwinsEncoderMixin, Twins):
     """The SimMIM-style baseline: timm's Twins over all tokens, a mask token in place of hidden patches
     (inserted after the first patch embedding, as :class:`~greenmim.models.swin.AllTokenSwin` does).
 
@@ -242,7 +234,7 @@ class AllTokenTwins(TwinsGeometryMixin, Twins):
                 x = torch.where(token_mask, mask_token.to(x.dtype).view(1, 1, -1), x)
             x = drop(x)
             for j, blk in enumerate(blocks):
-                x = blk(x, size)
+                x = self.run_block(blk, x, size)
                 if j == 0:
                     x = pos_blk(x, size)
             if i < last:
@@ -251,7 +243,9 @@ class AllTokenTwins(TwinsGeometryMixin, Twins):
 
 
 # timm's entrypoint arguments (timm/models/twins.py), at 224 px
-_PCPVT = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1))
+_PCPVT = dict(
+    patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1)
+)
 _SVT = dict(patch_size=4, mlp_ratios=(4, 4, 4, 4), wss=(7, 7, 7, 7), sr_ratios=(8, 4, 2, 1))
 TWINS_ARCHS = {
     "twins_pcpvt_small": dict(_PCPVT, img_size=224, depths=(3, 4, 6, 3)),

@@ -12,7 +12,7 @@ of each pair's true coordinate difference plus ``-inf`` between windows, and sca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
@@ -83,7 +83,10 @@ def build_group_layout(
     slot_x[token_slot] = windows.xs
 
     def to_dev(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device, non_blocking=True)
+        t = torch.from_numpy(a)
+        if device.type == "cuda":  # pinned memory makes the copy asynchronous: no wait on the GPU
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
 
     wh, ww = windows.window
     num_rel = (2 * wh - 1) * (2 * ww - 1)

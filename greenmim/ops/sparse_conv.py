@@ -20,8 +20,10 @@ Backends (:func:`get_sparse_backend`):
 * ``spconv``: kernel == stride convs through ``spconv.pytorch.SparseConv2d`` (CPU build ``pip install
   spconv``, GPU builds ``spconv-cuXXX``). spconv has no grouped/depthwise convolution, so the PEG
   uses the native gather on this backend too.
-* ``auto``: ``spconv`` when importable (and usable: not its CPU-only build on a machine with CUDA),
-  else ``native``.
+* ``auto``: ``spconv`` where it runs on the GPU (a ``spconv-cuXXX`` build and CUDA available), else
+  ``native``. On CPU the native path measured faster for every conv of Twins-L (e.g. the 4x4 patch
+  embedding 7.7 ms vs 67 ms) and spconv's CPU kernels need the single-thread guard described on
+  :class:`SpconvBackend`, so ``auto`` does not pick the CPU build; ask for ``spconv`` explicitly to use it.
 
 Weights always stay in the ``nn.Conv2d`` modules of the model (timm's names and layout); the
 spconv backend converts them to its own layout on every call, so gradients flow to the
@@ -29,6 +31,7 @@ spconv backend converts them to its own layout on every call, so gradients flow 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Tuple
 
 import numpy as np
@@ -57,7 +60,7 @@ class VisibleGeometry:
     def __init__(self, mask: np.ndarray, grid: Tuple[int, int], device: torch.device):
         self.mask = mask
         self.grid = (int(grid[0]), int(grid[1]))
-        self.device = device
+        self.device = torch.device(device)
         self.batch_size = mask.shape[0]
         self._cache: Dict[Tuple[str, int], torch.Tensor] = {}
 
@@ -68,7 +71,10 @@ class VisibleGeometry:
     def _cached(self, kind: str, t: int, build) -> torch.Tensor:
         key = (kind, t)
         if key not in self._cache:
-            self._cache[key] = torch.from_numpy(np.ascontiguousarray(build())).to(self.device, non_blocking=True)
+            host = torch.from_numpy(np.ascontiguousarray(build()))
+            if self.device.type == "cuda":  # pinned memory makes the copy asynchronous
+                host = host.pin_memory()
+            self._cache[key] = host.to(self.device, non_blocking=True)
         return self._cache[key]
 
     def _coords(self, t: int):
@@ -177,10 +183,10 @@ def submanifold_depthwise3x3(x: torch.Tensor, conv: nn.Conv2d, neighbours: torch
     """
     check_depthwise3x3(conv)
     b, n, c = x.shape
-    weight = conv.weight.reshape(c, 9).t()
+    weight = conv.weight.reshape(c, 9).t().to(x.dtype)  # x's dtype, as nn.Conv2d under autocast
     out = _SubmanifoldDepthwise.apply(x.reshape(b * n, c), weight, neighbours)
     if conv.bias is not None:
-        out = out + conv.bias
+        out = out + conv.bias.to(x.dtype)
     return out.view(b, n, c)
 
 
@@ -210,13 +216,60 @@ class NativeBackend(SparseConvBackend):
         return native_stride_conv(x, conv, t)
 
 
+@contextlib.contextmanager
+def _single_thread(enabled: bool):
+    """One intra-op thread while spconv's CPU kernels run (see :class:`SpconvBackend`)."""
+    if not enabled:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _SpconvCall(torch.autograd.Function):
+    """Runs a spconv module's forward and backward (its own autograd graph, built inside) with one
+    intra-op thread on CPU: spconv 2.3.8's CPU gather/scatter races at 2+ threads (measured: wrong
+    output and input-gradient rows, none with one thread)."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, module, make_tensor):
+        cpu = not features.is_cuda
+        with _single_thread(cpu), torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.requires_grad) for t in (features, weight, bias)]
+            out = torch.func.functional_call(module, {"weight": inputs[1], "bias": inputs[2]}, (make_tensor(inputs[0]),))
+        ctx.cpu, ctx.inputs, ctx.out = cpu, inputs, out.features
+        ctx.mark_non_differentiable(out.indices)
+        return out.features.detach(), out.indices
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices):
+        wanted = [t for t in ctx.inputs if t.requires_grad]
+        grads = iter(())
+        if wanted:
+            with _single_thread(ctx.cpu):
+                grads = iter(torch.autograd.grad(ctx.out, wanted, grad_out))
+        return tuple(next(grads) if t.requires_grad else None for t in ctx.inputs) + (None, None)
+
+
 class SpconvBackend(SparseConvBackend):
     """kernel == stride convs through ``spconv.pytorch.SparseConv2d``.
 
-    The spconv module is a parameterless-in-practice template kept outside the model (one per
-    conv shape); on each call the ``nn.Conv2d`` weight is converted to spconv's layout and passed
-    through :func:`torch.func.functional_call`, so gradients reach the ``nn.Conv2d`` parameters.
-    spconv has no grouped/depthwise convolution: :meth:`depthwise3x3` is the native gather.
+    The spconv module is only a template kept outside the model (one per conv shape, its own
+    parameters unused): on each call the ``nn.Conv2d`` weight is converted to spconv's layout and
+    passed in through :func:`torch.func.functional_call`, so gradients reach the ``nn.Conv2d``
+    parameters and state_dicts keep timm's layout.
+
+    spconv has no grouped/depthwise convolution: :meth:`depthwise3x3` (Twins' PEG) is the native
+    9-neighbour gather on this backend too.
+
+    Two workarounds for spconv 2.3.8's CPU build, both measured here: its CPU kernels run with one
+    intra-op thread (they race at 2+ threads), and where CUDA is unavailable its backward's
+    unconditional ``torch.cuda.current_stream()`` call is answered with the null stream (the CPU
+    path never uses it).
     """
 
     name = "spconv"
@@ -227,15 +280,19 @@ class SpconvBackend(SparseConvBackend):
 
         self._krsc = getattr(constants, "ALL_WEIGHT_IS_KRSC", True)
         self._templates: Dict[Tuple[int, int, int], nn.Module] = {}
+        if not torch.cuda.is_available():
+            from spconv.pytorch import ops as spconv_ops
 
-    def _template(self, c_in: int, c_out: int, s: int) -> nn.Module:
+            spconv_ops.get_current_stream = lambda: 0
+
+    def _template(self, c_in: int, c_out: int, s: int, device: torch.device) -> nn.Module:
         key = (c_in, c_out, s)
         if key not in self._templates:
             self._templates[key] = self.spconv.SparseConv2d(c_in, c_out, s, s, bias=True)
-        return self._templates[key]
+        return self._templates[key].to(device)
 
     def _weight(self, module: nn.Module, conv: nn.Conv2d) -> torch.Tensor:
-        w = conv.weight  # (out, in, kh, kw)
+        w = conv.weight  # nn.Conv2d: (out, in, kh, kw)
         if self._krsc or module.algo != self.spconv.ConvAlgo.Native:
             w = w.permute(0, 2, 3, 1)  # KRSC: (out, kh, kw, in)
         else:
@@ -244,6 +301,8 @@ class SpconvBackend(SparseConvBackend):
 
     def stride_conv(self, x, conv, geometry, t):
         s = check_stride_conv(conv, t)
+        if s == 1:  # a per-token linear layer; spconv's 1x1 path also expects another weight layout
+            return native_stride_conv(x, conv, t)
         if x.is_cuda:
             from spconv.cppconstants import CPU_ONLY_BUILD
 
@@ -253,21 +312,25 @@ class SpconvBackend(SparseConvBackend):
                     "your CUDA (e.g. `pip install spconv-cu120`) or use sparse_backend='native'"
                 )
         b, n, c = x.shape
-        module = self._template(c, conv.out_channels, s).to(x.device)
+        module = self._template(c, conv.out_channels, s, x.device)
         h, w = geometry.shape(t)
-        sparse = self.spconv.SparseConvTensor(
-            x.reshape(b * n, c).contiguous(), geometry.sparse_indices(t), [h, w], geometry.batch_size
-        )
+        indices = geometry.sparse_indices(t)
+
+        def make_tensor(features):
+            return self.spconv.SparseConvTensor(features, indices, [h, w], geometry.batch_size)
+
         bias = conv.bias if conv.bias is not None else x.new_zeros(conv.out_channels)
-        out = torch.func.functional_call(module, {"weight": self._weight(module, conv), "bias": bias}, (sparse,))
+        features, out_idx = _SpconvCall.apply(
+            x.reshape(b * n, c).contiguous(), self._weight(module, conv), bias, module, make_tensor
+        )
         # spconv emits outputs in its own order: put them back in unit-major order
         oh, ow = h // s, w // s
-        out_idx = out.indices.long()
+        out_idx = out_idx.long()
         out_keys = (out_idx[:, 0] * oh + out_idx[:, 1]) * ow + out_idx[:, 2]
         lookup = torch.empty(geometry.batch_size * oh * ow, dtype=torch.long, device=x.device)
         lookup[out_keys] = torch.arange(out_keys.numel(), device=x.device)
         order = lookup[geometry.token_keys(t // s)]
-        return out.features.index_select(0, order).view(b, -1, conv.out_channels)
+        return features.index_select(0, order).view(b, -1, conv.out_channels)
 
 
 def spconv_available() -> bool:
@@ -278,10 +341,10 @@ def spconv_available() -> bool:
     return True
 
 
-def _spconv_cpu_only_with_cuda() -> bool:
+def _spconv_cpu_only_build() -> bool:
     from spconv.cppconstants import CPU_ONLY_BUILD
 
-    return bool(CPU_ONLY_BUILD) and torch.cuda.is_available()
+    return bool(CPU_ONLY_BUILD)
 
 
 def import_spconv():
@@ -297,9 +360,9 @@ def import_spconv():
 
 
 def get_sparse_backend(name: str = "auto") -> SparseConvBackend:
-    """The sparse-conv backend ``name``: ``'auto'`` (spconv if installed, else native), ``'spconv'`` or ``'native'``."""
+    """The sparse-conv backend ``name``: ``'auto'`` (spconv on CUDA, else native), ``'spconv'`` or ``'native'``."""
     if name not in SPARSE_BACKENDS:
         raise ValueError(f"sparse_backend must be one of {', '.join(SPARSE_BACKENDS)}, got '{name}'")
     if name == "auto":
-        name = "spconv" if spconv_available() and not _spconv_cpu_only_with_cuda() else "native"
+        name = "spconv" if torch.cuda.is_available() and spconv_available() and not _spconv_cpu_only_build() else "native"
     return SpconvBackend() if name == "spconv" else NativeBackend()

@@ -1,0 +1,107 @@
+"""``greenmim-export``: write a pretrained encoder alone, in timm's layout, as safetensors.
+
+    greenmim-export outputs/pretrain/run/checkpoints/step-00001000.pt -o swin_b_greenmim.safetensors
+
+The file loads into timm without conversion (only the classifier head is missing)::
+
+    timm.create_model("swin_base_patch4_window7_224", pretrained=True, num_classes=10,
+                      pretrained_cfg_overlay=dict(file="swin_b_greenmim.safetensors"))
+
+(``num_classes`` must differ from the pretrained config's 1000 so timm skips the absent head; with
+``num_classes=1000`` use ``load_state_dict(..., strict=False)``.) The file's metadata and a ``.json``
+sidecar record the timm name and the constructor arguments (``window_size``, ``embed_dim``, ...) the
+encoder was built with; pass the same ones to ``timm.create_model``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from safetensors.torch import save_file
+
+from ..engine.checkpoint import load_checkpoint
+from ..engine.errors import UserError
+from .common import report_errors
+
+PROG = "greenmim-export"
+ENCODER_PREFIX = "encoder."
+GREENMIM_ONLY_ARGS = ("cost_model", "fused_attn", "sparse_backend")
+
+
+def timm_model_args(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments that rebuild the pretrained encoder's architecture."""
+    args = {k: v for k, v in dict(config["model"].get("encoder_args") or {}).items() if k not in GREENMIM_ONLY_ARGS}
+    args.pop("drop_path_rate", None)  # a training choice, not architecture
+    img = config.get("data", {}).get("img_size")
+    if img is not None:
+        args["img_size"] = img
+    return args
+
+
+def encoder_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The encoder's tensors with timm's names (``encoder.`` prefix removed, contiguous, CPU)."""
+    state = {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["model"].items() if k.startswith(ENCODER_PREFIX)}
+    if not state:
+        raise UserError("the checkpoint has no encoder weights (no 'encoder.*' keys): is it a greenmim pretraining checkpoint?")
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def check_against_timm(name: str, args: Dict[str, Any], state: Dict[str, torch.Tensor]) -> None:
+    """Raise if ``state`` does not load into ``timm.create_model(name, **args)`` with only the head missing."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **args)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith("head")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise UserError(
+            f"exported weights do not match timm's {name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape mismatch {wrong[:3]}"
+        )
+
+
+def export_encoder(checkpoint: str, output: Optional[str] = None, verify: bool = True) -> Tuple[Path, Dict[str, Any]]:
+    """Write ``checkpoint``'s encoder to ``output`` (default: next to the checkpoint, ``<name>-encoder.safetensors``).
+
+    Returns the path and a description ``{"timm_name", "model_args", "step", "checkpoint"}`` (also
+    written to ``<output>.json`` and into the safetensors metadata).
+    """
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt.get("config") or {}
+    if "model" not in config:
+        raise UserError(f"{checkpoint} has no resolved config; it was not written by greenmim-pretrain")
+    name = config["model"]["name"]
+    args = timm_model_args(config)
+    state = encoder_state_dict(ckpt)
+    if verify:
+        check_against_timm(name, args, state)
+    out = Path(output) if output else Path(checkpoint).with_name(f"{Path(checkpoint).stem}-encoder.safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"timm_name": name, "model_args": args, "step": int(ckpt.get("step", 0)), "method": config["model"].get("method"), "checkpoint": str(checkpoint)}
+    save_file(state, str(out), metadata={"format": "pt", "greenmim": json.dumps(info)})
+    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return out, info
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description="Export a pretrained encoder in timm's layout (safetensors).")
+    parser.add_argument("checkpoint", help="a checkpoint written by greenmim-pretrain (checkpoints/step-*.pt)")
+    parser.add_argument("-o", "--output", help="output .safetensors file (default: next to the checkpoint)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the key/shape check against timm's model")
+    args = parser.parse_args(argv)
+    with report_errors(PROG):
+        out, info = export_encoder(args.checkpoint, args.output, verify=not args.no_verify)
+        margs = "".join(f", {k}={v!r}" for k, v in info["model_args"].items())
+        print(f"wrote {out} ({info['timm_name']}, step {info['step']})")
+        print(f"load with: timm.create_model({info['timm_name']!r}, pretrained=True, num_classes=NUM_CLASSES{margs}, "
+              f"pretrained_cfg_overlay=dict(file={str(out)!r}))")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""``greenmim-finetune`` / ``python -m greenmim.cli.finetune``: image classification fine-tuning (Hydra app).
+
+Configs: ``configs/finetune.yaml`` (installed as ``greenmim.configs``) with the shared groups
+(``model/`` as in pretraining, ``data/imagenet_cls``, ``optim/adamw_finetune``, ``sched/cosine_finetune``,
+``trainer/``, ``experiment/finetune_*``)::
+
+    greenmim-finetune experiment=finetune_quick data.root=/data/hymenoptera pretrained=PATH output_dir=runs/ft
+    torchrun --nproc_per_node=8 -m greenmim.cli.finetune experiment=finetune_swin_base_w7 data.root=/datasets/imagenet pretrained=PATH
+    greenmim-finetune experiment=finetune_quick data.root=/data/hymenoptera output_dir=runs/ft eval_only=true
+
+Training runs on the shared engine (:class:`greenmim.engine.Trainer`): DDP under torchrun,
+``trainer.precision``, accumulation, clipping, warmup + cosine per step, atomic checkpoints
+(``checkpoints/step-*.pt``, the last; ``checkpoints/best.pt``, the best validation top-1),
+``resume=auto``, progress lines with img/s and ETA, TensorBoard and ``metrics.jsonl``. At the end,
+``results.json`` holds the last and best validation metrics. ``eval_only=true`` evaluates
+``checkpoint=`` (default: ``output_dir/checkpoints/best.pt``, else the latest checkpoint) and writes
+``eval.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ..engine import MetricsWriter, Precision, Trainer, init_distributed, setup_logging
+from ..engine.checkpoint import CHECKPOINT_DIR, find_latest
+from ..engine.errors import ConfigError
+from ..finetune.checkpoint_loading import load_pretrained, read_checkpoint
+from ..finetune.data import build_classification_data
+from ..finetune.evaluate import build_eval_loader, evaluate
+from ..finetune.model import create_classifier
+from ..finetune.task import BEST_NAME, FinetuneTask, model_kwargs
+from .common import CONFIG_PATH, optim_config, report_errors, sched_config, to_dict, trainer_config
+
+PROG = "greenmim-finetune"
+log = logging.getLogger("greenmim")
+
+
+def finetune_optim_config(cfg: DictConfig):
+    """The engine's ``OptimConfig`` from ``cfg.optim`` (``layer_decay`` is the task's, not the engine's)."""
+    optim = to_dict(cfg.optim)
+    optim.pop("layer_decay", None)
+    return optim_config(OmegaConf.create({"optim": optim}))
+
+
+def train(cfg: DictConfig) -> Dict[str, Any]:
+    """Fine-tune as configured; returns ``{"last": {...}, "best": {...}}`` validation metrics (all ranks)."""
+    t0 = time.time()
+    task = FinetuneTask(cfg)
+    trainer = Trainer(task, trainer_config(cfg), finetune_optim_config(cfg), sched_config(cfg))
+    trainer.fit()
+    results = {
+        "last": dict(task.last_metrics, epoch=trainer.epoch, step=trainer.step),
+        "best": dict(task.best),
+        "num_classes": task.num_classes,
+        "train_images": len(task.data.train),
+        "val_images": len(task.data.val),
+        "pretrained": cfg.get("pretrained"),
+        "load_report": task.load_report.to_dict() if task.load_report else None,
+        "wall_s": time.time() - t0,
+    }
+    if trainer.dist.is_main:
+        (trainer.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if task.last_metrics:
+            log.info("val top-1 %.2f%% (best %.2f%% at epoch %d), top-5 %.2f%%; results in %s",
+                     task.last_metrics["val_acc1"], task.best["acc1"], task.best["epoch"], task.last_metrics["val_acc5"],
+                     trainer.output_dir / "results.json")
+    return results
+
+
+def eval_checkpoint(cfg: DictConfig, output_dir: Path) -> str:
+    """``checkpoint=`` or, by default, ``output_dir/checkpoints/best.pt`` or the latest checkpoint there."""
+    if cfg.get("checkpoint"):
+        return str(cfg.checkpoint)
+    best = output_dir / CHECKPOINT_DIR / BEST_NAME
+    if best.is_file():
+        return str(best)
+    latest = find_latest(output_dir) if output_dir.is_dir() else None
+    if latest is None:
+        raise ConfigError(f"eval_only=true needs checkpoint=PATH (no {BEST_NAME} or step-*.pt in {output_dir / CHECKPOINT_DIR})")
+    return str(latest)
+
+
+def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
+    """Evaluate a checkpoint on the validation split (distributed under torchrun); returns the metrics."""
+    tcfg = trainer_config(cfg)
+    dist = init_distributed(tcfg.device)
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    setup_logging(output_dir, dist.rank)
+    data = build_classification_data(cfg.data, cfg.aug, need_train=False)
+    path = eval_checkpoint(cfg, output_dir)
+    raw = read_checkpoint(path)
+    classes = raw.get("classes")
+    if classes is not None and list(classes) != data.classes:
+        raise ConfigError(f"{path} was trained on classes {classes[:5]}... but data.root has {data.classes[:5]}...: evaluate it on its own dataset")
+    model, _ = create_classifier(cfg.model.name, data.num_classes, drop_path_rate=0.0, **model_kwargs(cfg))
+    report = load_pretrained(model, path, use_ema=bool(cfg.get("eval_ema", False)), allow_missing_head=False, checkpoint=raw)
+    model.to(dist.device)
+    d = cfg.data
+    loader = build_eval_loader(data.val, int(d.get("eval_batch_size") or d.batch_size), int(d.get("num_workers", 4)),
+                               dist.rank, dist.world_size, pin_memory=dist.device.type == "cuda")
+    t0 = time.time()
+    metrics = evaluate(model, loader, dist.device, Precision(tcfg.precision, dist.device).autocast)
+    result = {"checkpoint": path, "ema": bool(cfg.get("eval_ema", False)), **metrics, "wall_s": time.time() - t0}
+    if dist.is_main:
+        log.info("eval %s (%s): top-1 %.2f%% top-5 %.2f%% loss %.4f on %d images",
+                 path, report.kind, metrics["acc1"], metrics["acc5"], metrics["loss"], metrics["count"])
+        (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        writer = MetricsWriter(output_dir, tensorboard=tcfg.tensorboard)
+        writer.add_scalars(0, {k: metrics[k] for k in ("loss", "acc1", "acc5")}, prefix="eval")
+        writer.close()
+    return result
+
+
+def run(cfg: DictConfig) -> Dict[str, Any]:
+    return evaluate_only(cfg) if cfg.get("eval_only", False) else train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="finetune")
+def main(cfg: DictConfig) -> None:
+    with report_errors(PROG):
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()

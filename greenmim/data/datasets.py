@@ -1,0 +1,208 @@
+"""Unlabelled image datasets for pretraining and their distributed loader.
+
+Every dataset returns one transformed image tensor ``(3, H, W)`` per index (labels are ignored).
+
+* ``imagefolder``: ImageNet layout ``root/<split>/<class>/<image>`` (``root`` itself when it has no
+  ``<split>`` sub-folder); listed with torchvision's ``find_classes``/``make_dataset``.
+* ``folder``: every image file below ``root``, recursively, in sorted order.
+* ``synthetic``: deterministic generated pictures (gradients, shapes, stripes), no files needed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import find_classes, make_dataset
+
+from ..engine.distributed import DistInfo
+from ..engine.sampler import ResumableDistributedSampler, SeededDataset
+from .images import IMAGE_EXTENSIONS, CorruptImageError, DataError, check_root, is_image_file, load_rgb
+from .transforms import image_hw, pretrain_transform
+
+log = logging.getLogger("greenmim")
+
+CORRUPT_POLICIES = ("skip", "error")
+DATASETS = ("imagefolder", "folder", "synthetic")
+
+
+class ImageFiles(Dataset):
+    """Images from a list of paths (with their labels when ``targets`` is given).
+
+    Args:
+        paths: image files.
+        transform: PIL RGB image -> tensor.
+        on_corrupt: ``skip`` (warn, count, and return the next readable image instead) or ``error``.
+        max_consecutive_skips: give up after this many unreadable files in a row.
+        targets: optional labels, one per path; then an item is ``(image, label)`` of the file
+            actually read (a skipped file's replacement keeps its own label). Used by fine-tuning.
+    """
+
+    def __init__(self, paths: Sequence[str], transform: Callable, on_corrupt: str = "skip", max_consecutive_skips: int = 50,
+                 targets: Optional[Sequence[int]] = None):
+        if on_corrupt not in CORRUPT_POLICIES:
+            raise DataError(f"data.on_corrupt must be one of {', '.join(CORRUPT_POLICIES)}, got '{on_corrupt}'")
+        if targets is not None and len(targets) != len(paths):
+            raise ValueError(f"{len(targets)} targets for {len(paths)} paths")
+        self.paths = list(paths)
+        self.targets = None if targets is None else list(targets)
+        self.transform = transform
+        self.on_corrupt = on_corrupt
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped = 0  # per process (each DataLoader worker counts its own)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        for attempt in range(self.max_consecutive_skips + 1):
+            i = (index + attempt) % len(self.paths)
+            path = self.paths[i]
+            try:
+                img = load_rgb(path)
+            except CorruptImageError as exc:
+                if self.on_corrupt == "error":
+                    raise
+                self.skipped += 1
+                log.warning("skipping unreadable image %s (%d skipped in this process); set data.on_corrupt=error to stop instead",
+                            path, self.skipped)
+                continue
+            return self.transform(img) if self.targets is None else (self.transform(img), self.targets[i])
+        raise DataError(
+            f"{self.max_consecutive_skips + 1} unreadable images in a row near {self.paths[index]}: check the folder's files"
+        )
+
+
+def list_imagefolder(root: str, split: Optional[str] = "train") -> List[str]:
+    """Image paths of an ImageNet-layout folder (``root/split/class/*`` or ``root/class/*``)."""
+    root = check_root(root)
+    base = os.path.join(root, split) if split and os.path.isdir(os.path.join(root, split)) else root
+    try:
+        _, class_to_idx = find_classes(base)
+    except FileNotFoundError:
+        raise DataError(
+            f"{base} has no class sub-folders (ImageNet layout is root/{split or 'train'}/<class>/<image>); "
+            "for a plain tree of images use data=folder"
+        ) from None
+    try:
+        samples = make_dataset(base, class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    except TypeError:  # torchvision < 0.16 has no allow_empty
+        samples = make_dataset(base, class_to_idx, extensions=IMAGE_EXTENSIONS)
+    if not samples:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {base}: check data.root")
+    return [path for path, _ in samples]
+
+
+def list_folder(root: str) -> List[str]:
+    """Every image file below ``root`` (recursive, sorted, hidden folders skipped)."""
+    root = check_root(root)
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        paths += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f) and not f.startswith(".")]
+    if not paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}: check data.root")
+    return paths
+
+
+class SyntheticImages(Dataset):
+    """Deterministic generated pictures: a two-colour gradient, stripes and a few filled shapes.
+
+    Image ``i`` is always the same (seeded by ``seed + i``), so runs are reproducible and need no
+    download. ``size`` is the generated resolution before the transform's random crop.
+    """
+
+    def __init__(self, num_samples: int, transform: Callable, size: int = 160, seed: int = 0):
+        if num_samples <= 0:
+            raise DataError(f"data.num_samples must be positive, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self.transform = transform
+        self.size = int(size)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def image(self, index: int) -> Image.Image:
+        rng = np.random.default_rng(self.seed * 1_000_003 + index)
+        s = self.size
+        c0, c1 = rng.integers(0, 256, size=(2, 3))
+        angle = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:s, 0:s] / max(s - 1, 1)
+        t = np.clip(0.5 + (xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle), 0, 1)[..., None]
+        pixels = (1 - t) * c0 + t * c1
+        if rng.random() < 0.5:  # soft stripes
+            freq, phase = rng.uniform(2, 8), rng.uniform(0, 2 * math.pi)
+            pixels += 25 * np.sin(2 * math.pi * freq * (xx * math.sin(angle) - yy * math.cos(angle)) + phase)[..., None]
+        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 6))):
+            x0, y0 = rng.integers(-s // 4, s, size=2)
+            w, h = rng.integers(s // 6, s // 2, size=2)
+            color = tuple(int(v) for v in rng.integers(0, 256, size=3))
+            box = [int(x0), int(y0), int(x0 + w), int(y0 + h)]
+            kind = rng.integers(0, 3)
+            if kind == 0:
+                draw.ellipse(box, fill=color)
+            elif kind == 1:
+                draw.rectangle(box, fill=color)
+            else:
+                draw.polygon([(int(x0), int(y0 + h)), (int(x0 + w // 2), int(y0)), (int(x0 + w), int(y0 + h))], fill=color)
+        return img
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.image(index))
+
+
+def build_pretrain_dataset(cfg: Dict[str, Any], transform: Optional[Callable] = None) -> Dataset:
+    """The dataset named by ``cfg["name"]`` (a ``data`` config: see ``configs/data/*.yaml``), with the
+    pretraining augmentation unless another ``transform`` is given."""
+    name = cfg.get("name")
+    if transform is None:
+        transform = pretrain_transform(cfg["img_size"], scale=cfg.get("crop_scale", (0.2, 1.0)), hflip=cfg.get("hflip", 0.5))
+    on_corrupt = cfg.get("on_corrupt", "skip")
+    if name == "synthetic":
+        return SyntheticImages(cfg.get("num_samples", 1024), transform, size=cfg.get("synthetic_size", max(image_hw(cfg["img_size"])) * 5 // 4), seed=cfg.get("synthetic_seed", 0))
+    if name == "imagefolder":
+        return ImageFiles(list_imagefolder(cfg.get("root"), cfg.get("split", "train")), transform, on_corrupt)
+    if name == "folder":
+        return ImageFiles(list_folder(cfg.get("root")), transform, on_corrupt)
+    raise DataError(f"unknown dataset '{name}': choose data=imagefolder, data=folder or data=synthetic")
+
+
+def build_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    dist: DistInfo,
+    seed: int = 0,
+    num_workers: int = 4,
+    pin_memory: bool = True,
+    shuffle: bool = True,
+) -> DataLoader:
+    """A loader of ``batch_size`` images per process over this rank's shard (last partial batch dropped).
+
+    Uses :class:`ResumableDistributedSampler` with per-sample augmentation seeds, so runs are
+    reproducible for any ``num_workers`` and resume exactly mid-epoch.
+    """
+    n = len(dataset)
+    if n < batch_size * dist.world_size:
+        raise DataError(
+            f"the dataset has {n} image(s), fewer than one batch ({batch_size} per process x {dist.world_size} process(es)): "
+            "add images or lower data.batch_size"
+        )
+    sampler = ResumableDistributedSampler(n, dist.world_size, dist.rank, shuffle=shuffle, seed=seed, drop_last=True, seeded=True)
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory and dist.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),  # keeps the loader off the global RNG
+    )

@@ -1,0 +1,191 @@
+"""Pretraining as a :class:`~greenmim.engine.TrainTask`, model building from configs, reconstruction grids.
+
+Used by ``greenmim-pretrain`` (Hydra), ``greenmim-visualize`` and ``greenmim-export``, and usable from
+Python::
+
+    from greenmim.pretraining import PretrainTask
+    Trainer(PretrainTask(model_cfg, data_cfg), TrainerConfig(...), OptimConfig(...), sched).fit()
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw
+
+from .data import build_pretrain_dataset, build_train_loader, denormalize, eval_transform, image_hw
+from .engine import ConfigError, DistInfo, TrainTask
+from .masking import unit_grid
+from .models import create_pretrain_model, get_spec
+from .models.pretrain import unpatchify
+
+log = logging.getLogger("greenmim")
+
+MODEL_KEYS = ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "shared_mask")
+
+
+def expected_unit(name: str, encoder_args: Mapping[str, Any]) -> int:
+    """The mask unit (total stride) a timm Swin/Twins name will have: ``patch_size * 2 ** (stages - 1)``."""
+    args = {**get_spec(name).args, **dict(encoder_args)}
+    patch = args.get("patch_size", 4)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return int(patch) * 2 ** (len(args.get("depths", (0, 0, 0, 0))) - 1)
+
+
+def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Module:
+    """A :class:`~greenmim.models.MIMPretrainModel` from a ``model`` config node and ``data.img_size``.
+
+    Raises :class:`ConfigError` for an unknown model name or an image size that is not a multiple of
+    the mask unit, naming the fix.
+    """
+    name, method = model_cfg["name"], model_cfg.get("method", "greenmim")
+    try:
+        unit = expected_unit(name, model_cfg.get("encoder_args") or {})
+        unit_grid(image_hw(img_size), unit)
+        kwargs = {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg}
+        enc_args = dict(model_cfg.get("encoder_args") or {})
+        for key in ("depths", "num_heads"):
+            if key in enc_args:
+                enc_args[key] = tuple(enc_args[key])
+        model = create_pretrain_model(name, method=method, img_size=image_hw(img_size), **kwargs, **enc_args)
+    except ValueError as exc:
+        msg = str(exc)
+        if msg.startswith("unknown model"):
+            msg += " (choose a config with model=..., e.g. model=greenmim_swin_base_w7; `greenmim-pretrain --help` lists them)"
+        raise ConfigError(msg) from exc
+    check_windows(model.encoder, img_size)
+    return model
+
+
+def check_windows(encoder: nn.Module, img_size: Any) -> None:
+    """Every Swin stage grid must be a multiple of its (clamped) window; raise :class:`ConfigError` otherwise."""
+    for i, layer in enumerate(getattr(encoder, "layers", [])):
+        for block in getattr(layer, "blocks", []):
+            res, win = getattr(block, "input_resolution", None), getattr(block, "window_size", None)
+            if res is None or win is None:
+                continue
+            if res[0] % win[0] or res[1] % win[1]:
+                raise ConfigError(
+                    f"data.img_size={img_size} gives a {res[0]}x{res[1]} grid at stage {i + 1}, not a multiple of the "
+                    f"{win[0]}x{win[1]} window: use an image size whose stage grids divide by the window "
+                    f"(224 for window 7) or set model.encoder_args.window_size"
+                )
+
+
+def reconstruction_grid(model: nn.Module, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0, min_cell: int = 128) -> np.ndarray:
+    """Render ``original | masked | reconstruction`` rows for ``images`` (normalised ``(B, 3, H, W)``).
+
+    Masks are drawn from a private generator seeded with ``seed`` (the same masks every call).
+    Reconstructions paste the predictions of the masked units, un-normalised with each unit's mean
+    and std when the model regresses normalised pixels, into the visible units of the original.
+    Masked units are shown in grey. Returns an ``(H', W', 3)`` uint8 picture with a header row.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        _, pred, mask = model(images, mask_ratio=mask_ratio, generator=gen)
+        out = model.reconstruct(images, pred, mask)
+    model.train(was_training)
+    grid = unit_grid(images.shape[-2:], model.unit)
+    unit_px = mask.float().unsqueeze(-1).expand(-1, -1, model.unit * model.unit * 3).to(images.device)
+    pix_mask = unpatchify(unit_px, grid) > 0.5
+    original = denormalize(images.float())
+    masked = torch.where(pix_mask, torch.full_like(original, 0.5), original)
+    recon = denormalize(out["reconstruction"].float())
+    cols = [original, masked, recon]
+    b, _, h, w = images.shape
+    scale = max(1, -(-min_cell // max(h, w)))
+    pad, header = 4, 18
+    cell_h, cell_w = h * scale, w * scale
+    canvas = Image.new("RGB", (3 * cell_w + 4 * pad, header + b * (cell_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(("original", f"masked {mask_ratio:.0%}", "reconstruction")):
+        draw.text((pad + j * (cell_w + pad) + 2, 3), title, fill=(0, 0, 0))
+    for i in range(b):
+        for j, col in enumerate(cols):
+            arr = (col[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            tile = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (pad + j * (cell_w + pad), header + i * (cell_h + pad)))
+    return np.array(canvas)
+
+
+def save_png(picture: np.ndarray, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(path)
+    return path
+
+
+class PretrainTask(TrainTask):
+    """Masked image modeling: ``loss, _, _ = model(images, mask_ratio, generator=mask_generator)``.
+
+    Args:
+        model_cfg: a ``model`` config (``name``, ``method``, ``mask_ratio``, decoder keys, ``encoder_args``).
+        data_cfg: a ``data`` config (``name``, ``root``, ``img_size``, ``batch_size``, ``num_workers``, ...).
+        vis_every_epochs: write ``reconstructions/epoch_XXXX.png`` every this many epochs and at the end (0: never).
+        vis_num_images: rows in that grid.
+
+    Masks come from a per-rank generator (seeded with ``seed`` and the rank) whose state is checkpointed.
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], vis_every_epochs: int = 1, vis_num_images: int = 8):
+        self.model_cfg = dict(model_cfg)
+        self.data_cfg = dict(data_cfg)
+        self.mask_ratio = float(self.model_cfg.get("mask_ratio", 0.75))
+        self.vis_every_epochs = int(vis_every_epochs)
+        self.vis_num_images = int(vis_num_images)
+        self.mask_generator = torch.Generator()
+        self.dataset = None
+        self._vis_images: Optional[torch.Tensor] = None
+
+    def build_model(self) -> nn.Module:
+        return build_pretrain_model(self.model_cfg, self.data_cfg["img_size"])
+
+    def build_train_loader(self, dist: DistInfo, seed: int):
+        self.mask_generator.manual_seed(int(seed) * 1_000_003 + 7919 * dist.rank + 1)
+        dataset = self.dataset = build_pretrain_dataset(self.data_cfg)
+        if dist.is_main:
+            log.info("data: %s, %d images of %s px", self.data_cfg["name"], len(dataset), image_hw(self.data_cfg["img_size"]))
+        return build_train_loader(
+            dataset, int(self.data_cfg["batch_size"]), dist, seed, num_workers=int(self.data_cfg.get("num_workers", 4))
+        )
+
+    def training_step(self, model: nn.Module, batch: torch.Tensor, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
+        images = batch.to(trainer.device, non_blocking=True)
+        loss, _, _ = model(images, mask_ratio=self.mask_ratio, generator=self.mask_generator)
+        return loss, {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"mask_generator": self.mask_generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if "mask_generator" in state:
+            self.mask_generator.set_state(state["mask_generator"])
+
+    def visualization_images(self) -> torch.Tensor:
+        """A fixed set of centre-cropped images spread over the dataset."""
+        if self._vis_images is None:
+            dataset = copy.copy(self.dataset)  # the training files, without the random crop
+            dataset.transform = eval_transform(self.data_cfg["img_size"])
+            n = min(self.vis_num_images, len(dataset))
+            idx = np.linspace(0, len(dataset) - 1, n).round().astype(int) if self.data_cfg["name"] != "synthetic" else range(n)
+            self._vis_images = torch.stack([dataset[int(i)] for i in idx])
+        return self._vis_images
+
+    def on_epoch_end(self, model: nn.Module, trainer) -> None:
+        every = self.vis_every_epochs
+        last = trainer.epoch + 1 >= trainer.epochs or trainer.step >= trainer.total_steps
+        if not trainer.dist.is_main or every <= 0 or not ((trainer.epoch + 1) % every == 0 or last):
+            return
+        images = self.visualization_images().to(trainer.device)
+        with trainer.precision.autocast():
+            picture = reconstruction_grid(model, images, self.mask_ratio)
+        path = save_png(picture, trainer.output_dir / "reconstructions" / f"epoch_{trainer.epoch + 1:04d}.png")
+        trainer.writer.add_image("reconstructions", torch.from_numpy(picture).permute(2, 0, 1).float() / 255, trainer.step)
+        log.info("saved reconstructions %s", path)

@@ -1,0 +1,67 @@
+"""Smoke test of ``greenmim-bench`` at a tiny size on CPU (not a timed test: no speed assertions)."""
+import json
+
+import pytest
+import torch
+
+from greenmim.cli.bench import main, parse_override
+from greenmim.models import list_encoders
+
+TINY = ["--embed-dim", "16", "--depths", "1,1,1,1", "--num-heads", "1,1,2,2", "--override", "decoder_dim=32",
+        "--override", "decoder_heads=2", "--img-size", "64", "--batch-size", "2", "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """``--threads`` sets torch's global thread count: give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_cli_reports_both_methods(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(TINY + ["--warmup", "1", "--iters", "1", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "greenmim" in stdout and "simmim" in stdout and "speedup" in stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    for method in ("greenmim", "simmim"):
+        figures = result["methods"][method]
+        assert figures["img_per_s"] > 0
+        assert figures["flops"] > 0
+        assert figures["memory"]["peak_bytes"] >= figures["memory"]["resident_bytes"] > 0
+    assert 0 < result["methods"]["greenmim"]["packing_efficiency"] <= 1
+    assert result["methods"]["greenmim"]["grouping_ms"] >= 0
+    # greenmim runs the encoder on a quarter of the tokens: fewer FLOPs is a property, not a timing
+    assert result["ratios"]["flops_ratio"] < 1
+    assert result["config"]["model_kwargs"]["window_size"] == 2  # 64 px: 2x2 units, window = unit grid
+
+
+def test_bench_solver_only(capsys):
+    assert main(TINY + ["--solver-only", "--iters", "2"]) == 0
+    stdout = capsys.readouterr().out
+    assert "solver per step" in stdout and "packing" in stdout
+
+
+def test_bench_calibrate(capsys):
+    assert main(TINY + ["--calibrate"]) == 0
+    assert "CostModel(a=1.0" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("twins_svt_small" not in list_encoders(), reason="Twins encoder not registered")
+def test_bench_twins_by_name(tmp_path, capsys):
+    twins = ["--model", "twins_svt_small", "--override", "embed_dims=(16,32,32,32)", "--override", "depths=(2,2,2,2)",
+             "--num-heads", "1,1,1,1", "--override", "decoder_dim=32", "--override", "decoder_heads=2",
+             "--img-size", "64", "--batch-size", "2", "--device", "cpu", "--no-flops", "--no-memory"]
+    assert main(twins + ["--warmup", "0", "--iters", "1", "--out", str(tmp_path / "twins")]) == 0
+    result = json.loads((tmp_path / "twins.json").read_text())
+    assert set(result["methods"]) == {"greenmim", "simmim"}
+    assert result["config"]["model_kwargs"]["wss"] == [2, 2, 2, 2]  # 64 px: 2x2 units, windows = unit grid
+
+
+def test_parse_override():
+    assert parse_override("window_size=12") == ("window_size", 12)
+    assert parse_override("depths=(2,2,6,2)") == ("depths", (2, 2, 6, 2))
+    assert parse_override("sparse-backend=native") == ("sparse_backend", "native")
+    with pytest.raises(Exception):
+        parse_override("window_size")

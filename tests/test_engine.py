@@ -1,0 +1,208 @@
+"""The shared training engine: sampler, schedules, optimizer groups, checkpoints, resume, non-finite losses."""
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+from greenmim.engine import (
+    CheckpointManager,
+    NonFiniteLossError,
+    OptimConfig,
+    ResumableDistributedSampler,
+    SeededDataset,
+    Trainer,
+    TrainerConfig,
+    UserError,
+    atomic_save,
+    build_optimizer,
+    build_schedule,
+    find_latest,
+    load_checkpoint,
+    resolve_resume,
+    scaled_lr,
+)
+from greenmim.engine.schedule import apply_lr
+from greenmim.pretraining import PretrainTask, build_pretrain_model
+
+MICRO = dict(
+    name="swin_tiny_patch4_window7_224", method="greenmim", mask_ratio=0.75, decoder_dim=32, decoder_depth=1,
+    decoder_heads=2, norm_pix_loss=True,
+    encoder_args=dict(embed_dim=16, window_size=4, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], drop_path_rate=0.1),
+)
+DATA = dict(name="synthetic", img_size=64, batch_size=4, num_workers=0, num_samples=16, synthetic_size=72)
+
+
+# ----------------------------------------------------------------------------------------- sampler
+def test_sampler_shards_are_disjoint_and_resume_skips_exactly():
+    shards = [list(ResumableDistributedSampler(10, 2, r, seed=3)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert not set(shards[0]) & set(shards[1])
+    s = ResumableDistributedSampler(10, 2, 1, seed=3)
+    s.set_epoch(4)
+    full = list(s)
+    s.set_epoch(4)
+    s.set_start(2)
+    assert list(s) == full[2:] and len(s) == 3
+    s.set_epoch(5)
+    assert list(s) != full  # a new permutation, from the start
+
+
+def test_seeded_dataset_is_reproducible_and_leaves_global_rng_alone():
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3), random.random()
+
+    ds = SeededDataset(Noise())
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a, b = ds[(1, 123)], ds[(1, 123)]
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert not torch.equal(ds[(1, 124)][0], a[0])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ----------------------------------------------------------------------------------------- lr / optimizer
+def test_warmup_cosine_and_step_schedules():
+    s = build_schedule({"name": "cosine", "warmup_epochs": 1, "min_lr_ratio": 0.1}, total_steps=20, steps_per_epoch=5)
+    f = [s.factor(i) for i in range(20)]
+    assert f[0] == pytest.approx(0.2) and f[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[19] > 0.1
+    st = build_schedule({"name": "step", "warmup_steps": 2, "milestones_epochs": [2, 3], "gamma": 0.1}, 20, 5)
+    assert [round(st.factor(i), 6) for i in (0, 1, 5, 9, 10, 15)] == [0.5, 1.0, 1.0, 1.0, 0.1, 0.01]
+    with pytest.raises(UserError, match="sched.name"):
+        build_schedule({"name": "cosin"}, 10, 5)
+
+
+def test_lr_scaling_and_no_decay_groups():
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+    model = build_pretrain_model(MICRO, 64)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert any("relative_position_bias_table" in n for n in no_decay)
+    assert "decoder.mask_token" in no_decay
+    assert any(n.endswith(".bias") for n in no_decay) and any("norm" in n for n in no_decay)
+    assert "encoder.layers.0.blocks.0.attn.qkv.weight" in decay
+    assert not any("relative_position_bias_table" in n or n.endswith(".bias") for n in decay)
+    # layer-decay style groups keep their ratio under the schedule
+    groups = [{"params": [model.decoder.pred.weight], "lr_scale": 0.5}, {"params": [model.decoder.pred.bias]}]
+    opt = build_optimizer(model, lr=1e-3, param_groups=groups)
+    apply_lr(opt, 1e-3, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.5e-4, 5e-4])
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def test_atomic_checkpoints_retention_and_resume_resolution(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2, keep_every_epochs=2)
+    base = {"format": "greenmim-checkpoint", "x": 1}
+    for step, epoch in [(1, None), (2, 1), (3, None), (4, 2), (5, None)]:
+        mgr.save({**base, "step": step}, step, epoch)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["epoch-0002-step-00000004.pt", "step-00000004.pt", "step-00000005.pt"]
+    assert resolve_resume("auto", tmp_path).name == "step-00000005.pt"
+    # a corrupt newer file (e.g. copied in half) is skipped, the latest valid one is used
+    (tmp_path / "checkpoints" / "step-00000009.pt").write_bytes(b"garbage")
+    assert find_latest(tmp_path).name == "step-00000005.pt"
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume("auto", tmp_path / "empty") is None
+    with pytest.raises(UserError, match="no such file"):
+        resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "checkpoints" / "step-00000009.pt")
+    atomic_save({"a": 1}, tmp_path / "plain.pt")
+    with pytest.raises(UserError, match="not a greenmim training checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+# ----------------------------------------------------------------------------------------- trainer
+def make_trainer(out, task=None, **kw):
+    cfg = dict(output_dir=str(out), epochs=2, log_every=1, tensorboard=False, seed=1)
+    cfg.update(kw)
+    task = task or PretrainTask(MICRO, DATA, vis_every_epochs=0)
+    return Trainer(task, TrainerConfig(**cfg), OptimConfig(blr=1e-3), {"name": "cosine", "warmup_steps": 2})
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_resume_mid_epoch_reproduces_losses_exactly(tmp_path):
+    """8 steps uninterrupted == 5 steps (checkpoint at 3, stop at 5) + resume=auto from the step-5 checkpoint;
+    and a resume from the step-3 checkpoint (a crash between checkpoints) reproduces steps 4-8 too."""
+    full = tmp_path / "full"
+    make_trainer(full).fit()
+    ref = losses(full)
+    assert sorted(ref) == list(range(1, 9)) and all(math.isfinite(v) for v in ref.values())
+
+    part = tmp_path / "part"
+    make_trainer(part, ckpt_every_steps=3, stop_at_step=5, keep_last=3).fit()
+    assert (part / "checkpoints" / "step-00000005.pt").is_file()
+    mid = tmp_path / "step3.pt"
+    shutil.copy(part / "checkpoints" / "step-00000003.pt", mid)
+    t = make_trainer(part, resume="auto")
+    t.fit()
+    assert t.step == 8
+    got = losses(part)
+    assert got == ref  # bit-identical on CPU (steps 1-5 from the first run, 6-8 after the resume)
+
+    crash = tmp_path / "crash"
+    make_trainer(crash, resume=str(mid)).fit()
+    assert losses(crash) == {s: ref[s] for s in range(4, 9)}
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path):
+    def params_after(out, batch, accum):
+        t = make_trainer(out, task=PretrainTask({**MICRO, "encoder_args": {**MICRO["encoder_args"], "drop_path_rate": 0.0}},
+                                                {**DATA, "batch_size": batch}, 0), max_steps=1, accum_steps=accum)
+        t.fit()
+        return {k: v.clone() for k, v in t.model.state_dict().items()}, t.effective_batch
+
+    a, ea = params_after(tmp_path / "a", 4, 1)
+    b, eb = params_after(tmp_path / "b", 2, 2)
+    assert ea == eb == 4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+class ExplodingTask(PretrainTask):
+    """Returns a NaN loss at the given optimizer step."""
+
+    def __init__(self, bad_step):
+        super().__init__(MICRO, DATA, vis_every_epochs=0)
+        self.bad_step = bad_step
+
+    def training_step(self, model, batch, trainer):
+        loss, metrics = super().training_step(model, batch, trainer)
+        return (loss * float("nan") if trainer.step + 1 == self.bad_step else loss), metrics
+
+
+def test_nonfinite_loss_stops_keeping_the_last_good_checkpoint(tmp_path):
+    t = make_trainer(tmp_path, task=ExplodingTask(bad_step=4), ckpt_every_steps=2)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* step 4.*step-00000002\.pt.*trainer.nonfinite=skip"):
+        t.fit()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-00000002.pt")["step"] == 2
+
+
+def test_nonfinite_loss_skip_policy(tmp_path):
+    t = make_trainer(tmp_path, task=ExplodingTask(bad_step=3), nonfinite="skip", epochs=1)
+    t.fit()
+    assert t.step == 4 and t.skipped_steps == 1
+    assert all(math.isfinite(p.detach().sum()) for p in t.model.parameters())
+
+
+def test_bf16_and_grad_checkpointing_run(tmp_path):
+    t = make_trainer(tmp_path, precision="bf16", grad_checkpointing=[0, 2], max_steps=1)
+    t.fit()
+    assert t.model.encoder.layers[0].grad_checkpointing and not t.model.encoder.layers[1].grad_checkpointing
+    assert math.isfinite(t.history[-1]["loss"])
