@@ -139,6 +139,7 @@ def run_main(monkeypatch, capsys, *args):
         (("data=imagefolder",), r"data.root is not set: pass data.root="),
         (("trainer.precision=bf61",), r"trainer.precision must be one of bf16, fp16, fp32, got 'bf61'"),
         (("resume=/no/such/ckpt.pt",), r"resume=/no/such/ckpt.pt: no such file"),
+        (("experiment=finetune_quick",), r"a finetune recipe, not a pretrain one: run it with greenmim-finetune"),
     ],
 )
 def test_bad_input_gives_one_line_error(monkeypatch, capsys, tmp_path, args, message):

@@ -22,7 +22,7 @@ from ..engine.errors import ConfigError, NonFiniteLossError, UserError, one_line
 from ..engine.trainer import OptimConfig, TrainerConfig
 
 CONFIG_PATH = "pkg://greenmim.configs"
-_TOP_LEVEL = ("output_dir", "resume", "seed", "config")
+_TOP_LEVEL = ("output_dir", "resume", "seed", "config", "task")
 
 
 def to_dict(node: Any) -> Dict[str, Any]:
@@ -58,6 +58,23 @@ def optim_config(cfg: DictConfig) -> OptimConfig:
 
 def sched_config(cfg: DictConfig) -> Dict[str, Any]:
     return to_dict(cfg.sched)
+
+
+def launch(prog: str, task: str, hydra_app) -> None:
+    """Console entry point of a Hydra CLI: one-line errors for config typos, then the app."""
+    precheck_overrides(prog, task, sys.argv[1:])
+    hydra_app()
+
+
+def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
+    """Run ``run(cfg)`` with one-line errors, after checking the config is a ``task`` recipe (every
+    root config and experiment sets ``task``: an experiment of another entry point is refused)."""
+    with report_errors(prog):
+        if cfg.get("task", task) != task:
+            raise ConfigError(
+                f"this experiment is a {cfg.task} recipe, not a {task} one: run it with greenmim-{cfg.task}"
+            )
+        run(cfg)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from ..engine import Trainer, init_distributed, setup_logging
 from ..engine.checkpoint import find_latest
 from ..engine.distributed import barrier
 from ..engine.errors import ConfigError
-from .common import CONFIG_PATH, optim_config, report_errors, sched_config, to_dict, trainer_config
+from .common import CONFIG_PATH, launch, optim_config, run_app, sched_config, to_dict, trainer_config
 
 PROG = "greenmim-detect"
 log = logging.getLogger("greenmim")
@@ -119,10 +119,13 @@ def run(cfg: DictConfig) -> Dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="detect")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
+    run_app(PROG, "detect", cfg, run)
+
+
+def main() -> None:
     """Console entry point ``greenmim-detect`` (also ``python -m greenmim.cli.detect``)."""
-    with report_errors(PROG):
-        run(cfg)
+    launch(PROG, "detect", hydra_main)
 
 
 if __name__ == "__main__":

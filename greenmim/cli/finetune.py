@@ -35,7 +35,7 @@ from ..finetune.data import build_classification_data
 from ..finetune.evaluate import build_eval_loader, evaluate
 from ..finetune.model import create_classifier
 from ..finetune.task import BEST_NAME, FinetuneTask, model_kwargs
-from .common import CONFIG_PATH, optim_config, report_errors, sched_config, to_dict, trainer_config
+from .common import CONFIG_PATH, launch, optim_config, run_app, sched_config, to_dict, trainer_config
 
 PROG = "greenmim-finetune"
 log = logging.getLogger("greenmim")
@@ -122,9 +122,13 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="finetune")
-def main(cfg: DictConfig) -> None:
-    with report_errors(PROG):
-        run(cfg)
+def hydra_main(cfg: DictConfig) -> None:
+    run_app(PROG, "finetune", cfg, run)
+
+
+def main() -> None:
+    """Console entry point ``greenmim-finetune`` (also ``python -m greenmim.cli.finetune``)."""
+    launch(PROG, "finetune", hydra_main)
 
 
 if __name__ == "__main__":

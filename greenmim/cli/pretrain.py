@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from ..engine import Trainer
 from ..pretraining import PretrainTask
-from .common import CONFIG_PATH, optim_config, precheck_overrides, report_errors, sched_config, to_dict, trainer_config
+from .common import CONFIG_PATH, launch, optim_config, run_app, sched_config, to_dict, trainer_config
 
 PROG = "greenmim-pretrain"
 
@@ -40,14 +40,12 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="pretrain")
 def hydra_main(cfg: DictConfig) -> None:
-    with report_errors(PROG):
-        run(cfg)
+    run_app(PROG, "pretrain", cfg, run)
 
 
 def main() -> None:
-    """Console entry point: one-line errors for config typos, then the Hydra app."""
-    precheck_overrides(PROG, "pretrain", sys.argv[1:])
-    hydra_main()
+    """Console entry point ``greenmim-pretrain`` (also ``python -m greenmim.cli.pretrain``)."""
+    launch(PROG, "pretrain", hydra_main)
 
 
 if __name__ == "__main__":
