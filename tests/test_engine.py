@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn as nn
 
 from greenmim.engine import (
     CheckpointManager,

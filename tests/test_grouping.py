@@ -1,5 +1,4 @@
 """The grouping solver: valid plans, optimal against brute force, sensible on real mask statistics."""
-import itertools
 import math
 
 import numpy as np

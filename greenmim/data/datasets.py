@@ -65,7 +65,7 @@ class ImageFiles(Dataset):
             path = self.paths[i]
             try:
                 img = load_rgb(path)
-            except CorruptImageError as exc:
+            except CorruptImageError:
                 if self.on_corrupt == "error":
                     raise
                 self.skipped += 1

@@ -27,7 +27,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch.utils.checkpoint import checkpoint
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel
-from ..masking import UnitGrid, check_mask, unit_grid
+from ..masking import UnitGrid, check_mask, unit_grid, visible_indices
 from ..ops.group_attention import GroupLayout, build_group_layout, group_window_attention
 from ..ops.sparse_conv import SPARSE_BACKENDS
 from ..ops.windows import stage_windows
@@ -68,7 +68,7 @@ class EncoderGeometryMixin:
         grid = self.check_images(images)
         mask = check_mask(mask, images.shape[0], grid.num_units)
         mask_np = mask.detach().cpu().numpy()  # a host mask (the default) costs no device sync
-        vis_idx = torch.from_numpy(np.nonzero(~mask_np)[1].reshape(mask_np.shape[0], -1))
+        vis_idx = visible_indices(torch.from_numpy(mask_np))
         t0 = time.perf_counter()
         layouts: List[Dict[Hashable, GroupLayout]] = [{} for _ in range(self.num_stages)]
         slots = tokens = 0

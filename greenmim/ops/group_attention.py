@@ -46,15 +46,6 @@ class GroupLayout:
     num_rel: int
     plan: GroupingPlan
 
-    @property
-    def allowed(self) -> torch.Tensor:
-        """``(n_g, g, g)`` bool: query slot i may attend to key slot j."""
-        return self.rel_index != self.num_rel
-
-    @property
-    def efficiency(self) -> float:
-        return self.plan.efficiency
-
 
 def build_group_layout(
     windows: StageWindows,

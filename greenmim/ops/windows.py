@@ -20,6 +20,8 @@ from typing import Tuple
 
 import numpy as np
 
+from ..masking import visible_indices
+
 
 @dataclass
 class StageWindows:
@@ -112,8 +114,6 @@ def stage_windows(
 def tokens_to_grid(tokens, mask, grid: Tuple[int, int], tokens_per_unit: int):
     """Scatter unit-major visible tokens ``(B, N_vis * t * t, C)`` to a dense ``(B, C, H, W)`` map,
     zeros at masked units (``H = grid[0] * t``). ``mask``: ``(B, num_units)`` bool torch tensor."""
-    from ..masking import visible_indices
-
     t = tokens_per_unit
     b, n, c = tokens.shape
     n_vis = n // (t * t)
