@@ -107,6 +107,7 @@ def solve_grouping(
     cost_model: CostModel = DEFAULT_COST_MODEL,
     node_limit: int = 300,
     exact_max_windows: int = 64,
+    group_multiple: int = 1,
 ) -> GroupingPlan:
     """Find the group size and packing of windows that minimise ``attention_cost``.
 
@@ -118,11 +119,15 @@ def solve_grouping(
         node_limit: budget of the exact search per group size.
         exact_max_windows: run the exact search (when best-fit decreasing does not meet the lower
             bound) only on instances with at most this many windows.
+        group_multiple: consider only group sizes that are multiples of this (fused GPU attention
+            kernels want the key length aligned to 8); optimality is over those sizes.
     """
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)
     if counts.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return GroupingPlan(0, 0, empty, empty, 0.0, 0.0, counts)
+    if group_multiple < 1:
+        raise ValueError(f"group_multiple must be >= 1, got {group_multiple}")
     if counts.min() < 1 or counts.max() > capacity:
         raise ValueError(f"window counts must lie in [1, capacity={capacity}], got [{counts.min()}, {counts.max()}]")
     hist = np.bincount(counts, minlength=capacity + 1)
@@ -131,7 +136,7 @@ def solve_grouping(
 
     best: Optional[Tuple[float, int, Dict[Pattern, int]]] = None  # (cost, g, patterns)
     proven_floor = float("inf")  # min over searched g of f(g) * (proven minimal groups for g)
-    g = max_count
+    g = -(-max_count // group_multiple) * group_multiple
     while True:
         volume_floor = total * (cost_model.a * g + cost_model.b)  # n >= total/g for this and every larger g
         if best is not None and volume_floor >= best[0]:
@@ -150,7 +155,7 @@ def solve_grouping(
         proven_floor = min(proven_floor, f_g * lb)
         if g >= total:  # one group holds everything: larger groups only cost more
             break
-        g += 1
+        g += group_multiple
 
     cost, g, patterns = best
     window_group, window_offset = _assign_windows(counts, patterns)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 IntOrPair = Union[int, Sequence[int]]
@@ -91,6 +92,19 @@ def random_mask(
     if shared:
         mask = mask.expand(batch_size, -1)
     return mask.contiguous().to(device) if device is not None else mask.contiguous()
+
+
+def seeded_masks(seeds: Sequence[int], num_units: int, mask_ratio: float, *, shared: bool = False) -> torch.Tensor:
+    """Masks ``(B, num_units)`` bool drawn from per-sample seeds (True = masked): row ``i`` depends on
+    ``seeds[i]`` only, so a batch's masks do not depend on worker count, batch composition or
+    resumption. ``shared=True`` gives every row the mask of ``seeds[0]``."""
+    keep = num_visible_units(num_units, mask_ratio)
+    rows = seeds[:1] if shared else seeds
+    # a separate stream from the sample's augmentation, which uses the same seed
+    noise = np.stack([np.random.default_rng([int(s), 0x6D61736B]).random(num_units) for s in rows])
+    ranks = noise.argsort(axis=1, kind="stable").argsort(axis=1, kind="stable")
+    mask = torch.from_numpy(ranks >= keep)
+    return mask.expand(len(seeds), -1).contiguous() if shared else mask
 
 
 def check_mask(mask: torch.Tensor, batch_size: int, num_units: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 
 from .data import build_pretrain_dataset, build_train_loader, denormalize, eval_transform, image_hw
+from .data.mim_batches import MaskCollator, MIMBatch
 from .engine import ConfigError, DistInfo, TrainTask
 from .masking import unit_grid
 from .models import create_pretrain_model, get_spec
@@ -123,7 +124,7 @@ def save_png(picture: np.ndarray, path: Path) -> Path:
 
 
 class PretrainTask(TrainTask):
-    """Masked image modeling: ``loss, _, _ = model(images, mask_ratio, generator=mask_generator)``.
+    """Masked image modeling: ``loss, _, _ = model(images, plan=batch.plan)``.
 
     Args:
         model_cfg: a ``model`` config (``name``, ``method``, ``mask_ratio``, decoder keys, ``encoder_args``).
@@ -131,7 +132,9 @@ class PretrainTask(TrainTask):
         vis_every_epochs: write ``reconstructions/epoch_XXXX.png`` every this many epochs and at the end (0: never).
         vis_num_images: rows in that grid.
 
-    Masks come from a per-rank generator (seeded with ``seed`` and the rank) whose state is checkpointed.
+    Masks are drawn and planned in the loader workers (:class:`~greenmim.data.mim_batches.MaskCollator`)
+    from each sample's seed, a function of ``(seed, epoch, index)``: nothing to checkpoint, and a
+    resumed run sees the same masks.
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], vis_every_epochs: int = 1, vis_num_images: int = 8):
@@ -140,33 +143,42 @@ class PretrainTask(TrainTask):
         self.mask_ratio = float(self.model_cfg.get("mask_ratio", 0.75))
         self.vis_every_epochs = int(vis_every_epochs)
         self.vis_num_images = int(vis_num_images)
-        self.mask_generator = torch.Generator()
         self.dataset = None
+        self.model: Optional[nn.Module] = None
         self._vis_images: Optional[torch.Tensor] = None
 
     def build_model(self) -> nn.Module:
-        return build_pretrain_model(self.model_cfg, self.data_cfg["img_size"])
+        self.model = build_pretrain_model(self.model_cfg, self.data_cfg["img_size"])
+        return self.model
+
+    def mask_collator(self, device: torch.device) -> MaskCollator:
+        """Draws and plans the masks in the loader workers; on CUDA groups are sized in multiples of
+        8 (aligned keys for the fused attention kernels)."""
+        encoder = self.model.encoder
+        grid = unit_grid(tuple(encoder.patch_embed.img_size), encoder.unit)
+        planner = encoder.planner(group_multiple=8 if device.type == "cuda" else 1) if encoder.visible_only else None
+        return MaskCollator(grid, self.mask_ratio, planner, shared=self.model.shared_mask)
 
     def build_train_loader(self, dist: DistInfo, seed: int):
-        self.mask_generator.manual_seed(int(seed) * 1_000_003 + 7919 * dist.rank + 1)
         dataset = self.dataset = build_pretrain_dataset(self.data_cfg)
         if dist.is_main:
             log.info("data: %s, %d images of %s px", self.data_cfg["name"], len(dataset), image_hw(self.data_cfg["img_size"]))
         return build_train_loader(
-            dataset, int(self.data_cfg["batch_size"]), dist, seed, num_workers=int(self.data_cfg.get("num_workers", 4))
+            dataset,
+            int(self.data_cfg["batch_size"]),
+            dist,
+            seed,
+            num_workers=int(self.data_cfg.get("num_workers", 4)),
+            collate_fn=self.mask_collator(dist.device),
         )
 
-    def training_step(self, model: nn.Module, batch: torch.Tensor, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
-        images = batch.to(trainer.device, non_blocking=True)
-        loss, _, _ = model(images, mask_ratio=self.mask_ratio, generator=self.mask_generator)
+    def training_step(self, model: nn.Module, batch: MIMBatch, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
+        images = batch.images.to(trainer.device, non_blocking=True)
+        loss, _, _ = model(images, plan=batch.plan)
         return loss, {}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"mask_generator": self.mask_generator.get_state()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if "mask_generator" in state:
-            self.mask_generator.set_state(state["mask_generator"])
+    def batch_size(self, batch: MIMBatch) -> int:
+        return len(batch)
 
     def visualization_images(self) -> torch.Tensor:
         """A fixed set of centre-cropped images spread over the dataset."""

@@ -28,6 +28,4 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     ckpt = load_checkpoint(out / "checkpoints" / "step-00000004.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rank_states"]) == 2
-    g0, g1 = (s["task"]["mask_generator"] for s in ckpt["rank_states"])
-    assert not torch.equal(g0, g1)  # per-rank mask streams
     assert (out / "reconstructions" / "epoch_0001.png").is_file()

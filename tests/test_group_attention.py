@@ -5,7 +5,8 @@ import torch
 
 from greenmim.grouping import CostModel
 from greenmim.masking import random_mask
-from greenmim.ops.group_attention import build_group_layout, group_window_attention
+from greenmim.ops.group_attention import GroupLayout, group_window_attention, plan_group_slots
+from greenmim.grouping import solve_grouping
 from greenmim.ops.windows import stage_windows
 
 
@@ -30,11 +31,12 @@ def test_matches_naive_per_window_attention(shift, fused):
     mask = random_mask(3, 49, 0.5, generator=torch.Generator().manual_seed(2)).numpy()
     win = stage_windows(mask, (7, 7), tokens_per_unit=2, window=7, shift=shift)  # 14x14 stage grid
     # a slot-dominated cost model makes the solver pack several windows per group
-    layout = build_group_layout(win, torch.device("cpu"), CostModel(a=1.0, b=500.0))
+    cost = CostModel(a=1.0, b=500.0)
+    layout = GroupLayout.from_slots(plan_group_slots(win, cost), torch.device("cpu"))
     # windows of different samples share groups (per-sample masks pack tighter)
     sample_of_window = np.zeros(win.counts.size, dtype=int)
     sample_of_window[win.token_window] = np.repeat(np.arange(3), win.ys.size // 3)
-    groups = layout.plan.groups
+    groups = solve_grouping(win.counts, win.capacity, cost).groups
     assert any(len({sample_of_window[w] for w in grp}) > 1 for grp in groups)
     heads, dim = 2, 16
     qkv, proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)

@@ -30,11 +30,11 @@ def build(cfg, backend="native", seed=0):
     return ref, enc
 
 
-def inputs(enc, batch=2, ratio=0.75, seed=0):
+def inputs(enc, batch=2, ratio=0.75, seed=0, shared=False):
     gen = torch.Generator().manual_seed(seed)
     h, w = enc.patch_embed.img_size
     images = torch.randn(batch, 3, h, w, generator=gen)
-    mask = random_mask(batch, (h // enc.unit) * (w // enc.unit), ratio, generator=gen)
+    mask = random_mask(batch, (h // enc.unit) * (w // enc.unit), ratio, generator=gen, shared=shared)
     return images, mask
 
 
@@ -157,10 +157,10 @@ def test_equals_timm_at_ratio_0(kind, backend):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["svt", "pcpvt"])
-def test_equals_dense_masked_reference(kind):
+@pytest.mark.parametrize("kind,shared", [("svt", False), ("pcpvt", False), ("svt", True)])
+def test_equals_dense_masked_reference(kind, shared):
     ref, enc = build(CONFIGS[kind])
-    images, mask = inputs(enc, ratio=0.75, seed=3)
+    images, mask = inputs(enc, ratio=0.75, seed=3, shared=shared)
     grid = (images.shape[2] // enc.unit, images.shape[3] // enc.unit)
     with torch.no_grad():
         ref_stages, ref_final = dense_masked_reference(ref, images, mask)
@@ -182,7 +182,7 @@ def test_fused_and_plain_attention_agree():
         enc.fused_attn = False
         plain = enc(images, mask)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
-    assert set(enc.last_grouping) == {"ms", "efficiency"} and 0 < enc.last_grouping["efficiency"] <= 1
+    assert set(enc.last_grouping) == {"ms", "efficiency", "inline"} and enc.last_grouping["inline"] == 1.0 and 0 < enc.last_grouping["efficiency"] <= 1
 
 
 @pytest.mark.parametrize("kind", ["svt", "pcpvt"])

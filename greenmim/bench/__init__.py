@@ -17,10 +17,10 @@ from .flops import count_step_flops
 from .memory import MemoryStats, measure_step_memory
 from .profile import profile_steps
 from .solver import solver_benchmark
-from .step import BatchSource, TrainStep, build_models, time_interleaved
+from .step import PlannedBatches, TrainStep, build_models, time_interleaved
 
 __all__ = [
     "BenchConfig", "run_comparison", "run_sweep", "solver_benchmark", "calibrate_cost_model",
-    "TrainStep", "BatchSource", "build_models", "time_interleaved", "measure_step_memory", "MemoryStats",
+    "TrainStep", "PlannedBatches", "build_models", "time_interleaved", "measure_step_memory", "MemoryStats",
     "count_step_flops", "profile_steps",
 ]

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..grouping import CostModel
-from ..ops.group_attention import build_group_layout, group_window_attention
+from ..ops.group_attention import GroupLayout, group_window_attention, plan_group_slots
 from ..ops.windows import StageWindows
 from .step import DTYPES, synchronize
 
@@ -46,7 +46,7 @@ def time_group_attention(
 ) -> float:
     """Median seconds of one forward + backward of group attention on ``num_groups x group_size`` slots."""
     windows = uniform_windows(num_groups, group_size)
-    layout = build_group_layout(windows, device, CostModel())
+    layout = GroupLayout.from_slots(plan_group_slots(windows, CostModel()), device)
     if layout.group_size != group_size:  # pragma: no cover - guards against solver changes
         raise RuntimeError(f"calibration layout has group size {layout.group_size}, wanted {group_size}")
     wh, ww = windows.window
@@ -126,3 +126,15 @@ def _nonneg_lstsq(features: np.ndarray, y: np.ndarray) -> np.ndarray:
         if not negative:
             return coef
         active.remove(min(negative, key=lambda i: coef[i]))
+
+
+def first_window_attention(encoder: nn.Module) -> nn.Module:
+    """The first windowed attention module of a Swin (``WindowAttention``) or Twins
+    (``LocallyGroupedAttn``) encoder: its width and heads size the calibration."""
+    from timm.models.swin_transformer import WindowAttention
+    from timm.models.twins import LocallyGroupedAttn
+
+    for module in encoder.modules():
+        if isinstance(module, (WindowAttention, LocallyGroupedAttn)):
+            return module
+    raise ValueError(f"{type(encoder).__name__} has no window attention to calibrate (Swin or Twins)")

@@ -16,7 +16,7 @@ from ..models import get_spec
 from .flops import count_step_flops
 from .memory import measure_step_memory
 from .profile import profile_steps
-from .step import METHODS, BatchSource, TrainStep, build_models, time_interleaved
+from .step import METHODS, PlannedBatches, TrainStep, build_models, time_interleaved
 
 Log = Callable[[str], None]
 
@@ -44,6 +44,9 @@ class BenchConfig:
     memory: bool = True
     flops: bool = True
     profile: int = 0  # profiled steps per method (0: no profile)
+    planning: str = "workers"  # where masks are planned: "workers" (ahead, as in training) or "inline"
+    plan_workers: int = 2  # DataLoader worker processes planning ahead (0: the main thread, between steps)
+    shared_mask: bool = False  # one mask per batch instead of one per sample
 
     def model_kwargs(self) -> Dict[str, Any]:
         """Constructor arguments: the overrides, the image size, and for a Swin whose window does
@@ -110,24 +113,31 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
     if key and tuple(np.atleast_1d(kwargs.get(key, configured))) != tuple(np.atleast_1d(configured)):
         log(f"[bench] window {configured} does not tile {cfg.img_size} px: using {key}={kwargs[key]}")
     models = build_models(cfg.model, device, cfg.seed, METHODS, **kwargs)
-    steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.mask_ratio) for m in METHODS}
+    steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.planning) for m in METHODS}
     unit = models["greenmim"].unit
-    batches = BatchSource(cfg.batch_size, cfg.resolved_img_size(), unit, cfg.mask_ratio, device, cfg.seed)
+    extra = 2 + cfg.profile + 2 * (cfg.warmup + cfg.iters + 1) * cfg.compile
+    batches = PlannedBatches(
+        cfg.batch_size, cfg.resolved_img_size(), unit, cfg.mask_ratio, device,
+        {m: steps[m].planner for m in METHODS}, steps=cfg.warmup + cfg.iters + extra, seed=cfg.seed,
+        shared=cfg.shared_mask, workers=cfg.plan_workers,
+    )
     log(f"[bench] {cfg.model} img {cfg.resolved_img_size()} batch {cfg.batch_size} mask {cfg.mask_ratio} "
-        f"{cfg.dtype} {device}: {cfg.warmup} warm-up + {cfg.iters} timed steps per method, interleaved")
+        f"({'shared' if cfg.shared_mask else 'per-sample'}) {cfg.dtype} {device}, planning {cfg.planning}"
+        f"{f' ({cfg.plan_workers} workers)' if cfg.planning == 'workers' else ''}: "
+        f"{cfg.warmup} warm-up + {cfg.iters} timed steps per method, interleaved")
     times = time_interleaved(steps, batches, cfg.warmup, cfg.iters, on_step=_progress(log))
     methods: Dict[str, Dict[str, Any]] = {m: times[m].summary(cfg.batch_size) for m in METHODS}
     for m in METHODS:
         methods[m]["params"] = sum(p.numel() for p in models[m].parameters())
     if cfg.memory:
-        mask = batches.next_mask()
+        plans = batches.next_plans()
         for m in METHODS:
-            stats = measure_step_memory(lambda: steps[m](batches.images, mask), models[m], steps[m].optimizer, device)
+            stats = measure_step_memory(lambda: steps[m](batches.images, plans[m]), models[m], steps[m].optimizer, device)
             methods[m]["memory"] = stats.as_dict()
     if cfg.flops:
-        mask = batches.next_mask()
+        plans = batches.next_plans()
         for m in METHODS:
-            methods[m]["flops"] = count_step_flops(steps[m], batches.images, mask)
+            methods[m]["flops"] = count_step_flops(steps[m], batches.images, plans[m])
     result: Dict[str, Any] = {
         "config": {**asdict(cfg), "model_kwargs": kwargs},
         "environment": env,
@@ -135,8 +145,8 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
         "ratios": ratios(methods),
     }
     if cfg.profile:
-        masks = [batches.next_mask() for _ in range(cfg.profile)]
-        result["profile"] = {m: profile_steps(steps[m], batches.images, masks) for m in METHODS}
+        plans = [batches.next_plans() for _ in range(cfg.profile)]
+        result["profile"] = {m: profile_steps(steps[m], batches.images, [p[m] for p in plans]) for m in METHODS}
     if cfg.compile:
         result["compile"] = compiled_comparison(steps, batches, cfg, methods, log)
     return result
@@ -155,7 +165,7 @@ def ratios(methods: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
     return out
 
 
-def compiled_comparison(steps: Dict[str, TrainStep], batches: BatchSource, cfg: BenchConfig, eager: Dict[str, Dict[str, Any]], log: Log) -> Dict[str, Any]:
+def compiled_comparison(steps: Dict[str, TrainStep], batches: PlannedBatches, cfg: BenchConfig, eager: Dict[str, Dict[str, Any]], log: Log) -> Dict[str, Any]:
     """``torch.compile`` each encoder, time the steps again and report the gain over eager.
 
     A method whose compiled encoder fails (graph capture or code generation) gets its error
@@ -168,7 +178,7 @@ def compiled_comparison(steps: Dict[str, TrainStep], batches: BatchSource, cfg: 
         step.model.encoder = torch.compile(encoder)
         t0 = time.perf_counter()
         try:
-            step(batches.images, batches.next_mask())  # compiles
+            step(batches.images, batches.next_plans()[m])  # compiles
         except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report
             step.model.encoder = encoder
             step.optimizer.zero_grad(set_to_none=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..planning import HostPlan
 from .step import TrainStep
 
 
-def count_step_flops(step: TrainStep, images: torch.Tensor, mask: torch.Tensor) -> int:
+def count_step_flops(step: TrainStep, images: torch.Tensor, plan: HostPlan) -> int:
     """FLOPs of ``step``'s forward + backward on one batch (gradients are cleared afterwards)."""
     with FlopCounterMode(display=False) as counter:
-        step.forward_backward(images, mask)
+        step.forward_backward(images, plan)
     step.optimizer.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

@@ -6,13 +6,14 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..planning import HostPlan
 from .step import TrainStep, synchronize
 
 PHASES = ("forward", "backward", "optimizer")
 
 
-def profile_steps(step: TrainStep, images: torch.Tensor, masks: Sequence[torch.Tensor], rows: int = 15) -> Dict[str, Any]:
-    """Profile one full step per mask and return, per step, its phases' time and the top ``rows``
+def profile_steps(step: TrainStep, images: torch.Tensor, plans: Sequence[HostPlan], rows: int = 15) -> Dict[str, Any]:
+    """Profile one full step per plan and return, per step, its phases' time and the top ``rows``
     operators by self time (CPU self time on CPU; CUDA self time when the step runs on a GPU),
     plus the encoder's grouping time (host) of those steps.
 
@@ -25,11 +26,11 @@ def profile_steps(step: TrainStep, images: torch.Tensor, masks: Sequence[torch.T
     synchronize(device)
     grouping_ms = 0.0
     with profile(activities=activities) as prof:
-        for mask in masks:
-            step(images, mask)
+        for plan in plans:
+            step(images, plan)
             synchronize(device)
             grouping_ms += float(step.grouping.get("ms", 0.0))
-    n = len(masks)
+    n = len(plans)
     cuda = device.type == "cuda"
     events = prof.key_averages()
     total_self = sum(_self_time(e, cuda) for e in events)

@@ -50,12 +50,16 @@ def comparison_table(result: Dict[str, Any]) -> str:
         f"greenmim-bench  {cfg['model']}  img {size}  batch {cfg['batch_size']}  mask {cfg['mask_ratio']}  "
         f"{cfg['dtype']}  {device} ({env['threads']} threads, load {env.get('load_avg_1m', '?')})  torch {env['torch']}  {env['date_utc']}",
         f"full step = forward + backward + AdamW step + zero_grad; {cfg['warmup']} warm-up, median of "
-        f"{cfg['iters']} interleaved steps",
+        f"{cfg['iters']} interleaved steps; masks {'shared per batch' if cfg.get('shared_mask') else 'per sample'}, "
+        f"planned {_planning(cfg)}",
+        "host ms: training thread until the step's last kernel is queued; gpu ms: CUDA events around the step; "
+        "plan ms: planning (where it ran); thread: training-thread time on the plan",
     ]
     if cfg["overrides"]:
         lines.append(f"overrides: {cfg['overrides']}")
-    columns = (("method", 9), ("step ms", 9), ("(p25-p75)", 13), ("img/s", 8), ("peak MiB", 9), ("step MiB", 9),
-               ("GFLOP", 8), ("group ms med/max", 16), ("share", 6), ("packing", 7))
+    columns = (("method", 9), ("step ms", 9), ("(p25-p75)", 13), ("host ms", 8), ("gpu ms", 8), ("img/s", 8),
+               ("peak MiB", 9), ("step MiB", 9), ("GFLOP", 8), ("plan ms med/max", 16), ("on path", 7),
+               ("thread", 7), ("packing", 7))
     header = " ".join(f"{name:>{width}s}" if i else f"{name:{width}s}" for i, (name, width) in enumerate(columns))
     lines += [header, "-" * len(header)]
     for name, m in methods.items():
@@ -64,12 +68,15 @@ def comparison_table(result: Dict[str, Any]) -> str:
             name,
             _fmt(m["step_ms"], ".1f"),
             f"({m['step_ms_p25']:.0f}-{m['step_ms_p75']:.0f})",
+            _fmt(m.get("host_ms"), ".1f"),
+            _fmt(m.get("gpu_ms"), ".1f"),
             _fmt(m["img_per_s"], ".2f"),
             _fmt(_scaled(mem.get("peak_bytes"), MiB), ".0f"),
             _fmt(_scaled(mem.get("step_peak_bytes"), MiB), ".0f"),
             _fmt(_scaled(m.get("flops"), 1e9), ".1f"),
             f"{m['grouping_ms']:.1f}/{m['grouping_ms_max']:.0f}" if "grouping_ms" in m else "-",
-            _fmt(_scaled(m.get("grouping_share"), 0.01), ".1f") + ("%" if "grouping_share" in m else ""),
+            ("yes" if m["grouping_on_critical_path"] else "no") if "grouping_ms" in m else "-",
+            _fmt(m.get("plan_thread_ms"), ".2f"),
             _fmt(m.get("packing_efficiency"), ".3f"),
         ]
         lines.append(" ".join(f"{c:>{w}s}" if i else f"{c:{w}s}" for i, (c, (_, w)) in enumerate(zip(cells, columns))))
@@ -88,6 +95,13 @@ def comparison_table(result: Dict[str, Any]) -> str:
     if "compile" in result:
         lines.append(compile_line(result["compile"]))
     return "\n".join(lines)
+
+
+def _planning(cfg: Dict[str, Any]) -> str:
+    if cfg.get("planning", "workers") == "inline":
+        return "inline (on the training thread, inside the step)"
+    workers = cfg.get("plan_workers", 0)
+    return f"ahead in {workers} loader worker(s)" if workers else "ahead, between steps (main process)"
 
 
 def compile_line(c: Dict[str, Any]) -> str:
@@ -133,12 +147,11 @@ def solver_table(result: Dict[str, Any]) -> str:
         )
     s = result["solve_ms_per_step"]
     lines.append(f"solver per step (all partitions): median {s['median']:.1f} ms, p90 {s['p90']:.1f} ms, max {s['max']:.1f} ms")
-    if "build_layouts_ms" in result:
-        b = result["build_layouts_ms"]
-        lines.append(
-            f"encoder.build_layouts per step (solver + layouts): median {b['median']:.1f} ms, p90 {b['p90']:.1f} ms, "
-            f"max {b['max']:.1f} ms; packing efficiency {result['build_layouts_efficiency']:.3f}"
-        )
+    b = result["plan_ms"]
+    lines.append(
+        f"whole plan per batch (one loader worker: windows, solver, slots, neighbours): median {b['median']:.1f} ms, "
+        f"p90 {b['p90']:.1f} ms, max {b['max']:.1f} ms; packing efficiency {result['plan_efficiency']:.3f}"
+    )
     return "\n".join(lines)
 
 

@@ -5,6 +5,16 @@ A :class:`TrainStep` is one optimisation step of a pretraining model (forward, b
 greenmim and simmim models of one backbone with the same weights, and :func:`time_interleaved`
 times their steps alternately in one process, so that slow drifts of a shared machine (other
 jobs, thermal state, allocator warm-up) hit both methods alike.
+
+Masks are planned as in training: by :class:`PlannedBatches`, in DataLoader worker processes ahead
+of the step (``planning="workers"``), so the timed step pays only the copy of the plan to the
+device. ``planning="inline"`` plans inside the timed step instead, on the training thread (what
+greenmim did before planning moved to the loader), to show what that costs.
+
+Per step the benchmark records the wall time (bracketed by device synchronisation), the training
+thread's *host* time until the step's last kernel is queued, the GPU time between CUDA events
+around the step, the planning time (and where it ran) and the time the training thread spent on
+the plan. A step whose host time is close to its wall time is host-bound.
 """
 from __future__ import annotations
 
@@ -12,18 +22,22 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch.profiler import record_function
+from torch.utils.data import DataLoader, Dataset
 
+from ..data.mim_batches import plan_masks
 from ..engine.optim import build_optimizer
-from ..masking import random_mask, unit_grid
+from ..masking import seeded_masks, unit_grid
 from ..models import create_pretrain_model
+from ..planning import HostPlan, VisiblePlanner
 
 METHODS = ("greenmim", "simmim")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PLANNING = ("workers", "inline")
 
 
 def synchronize(device: torch.device) -> None:
@@ -64,26 +78,39 @@ def build_models(
 
 def make_optimizer(model: nn.Module, lr: float = 1.5e-4, weight_decay: float = 0.05) -> torch.optim.Optimizer:
     """GreenMIM's pretraining optimizer, exactly as the trainer builds it: AdamW (0.9, 0.95), wd 0.05
-    with the usual no-decay groups (DESIGN.md section 8)."""
+    with the usual no-decay groups (docs/design.md, recipes)."""
     return build_optimizer(model, lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+
+def model_planner(model: nn.Module, device: torch.device) -> Optional[VisiblePlanner]:
+    """The planner the trainer's loader would use for ``model`` on ``device`` (None: all-token)."""
+    encoder = model.encoder
+    if not encoder.visible_only:
+        return None
+    return encoder.planner(group_multiple=8 if device.type == "cuda" else 1)
 
 
 class TrainStep:
     """One full pretraining step of ``model``: forward, backward, ``optimizer.step``, ``zero_grad``.
 
     ``dtype`` fp32 runs in full precision; bf16 and fp16 run under autocast (weights and optimizer
-    stay fp32, as in mixed-precision training), fp16 with a gradient scaler.
+    stay fp32, as in mixed-precision training), fp16 with a gradient scaler. ``planning="inline"``
+    re-plans the batch's mask inside the step, on the calling thread.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: str = "fp32", mask_ratio: float = 0.75):
+    def __init__(self, model: nn.Module, device: torch.device, dtype: str = "fp32", planning: str = "workers"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        if planning not in PLANNING:
+            raise ValueError(f"planning must be one of {', '.join(PLANNING)}, got '{planning}'")
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.mask_ratio = mask_ratio
+        self.planning = planning
+        self.planner = model_planner(model, device)
         self.optimizer = make_optimizer(model)
         self.scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+        self.plan_thread_ms = 0.0  # training-thread time spent on the last step's plan
 
     def autocast(self):
         """The forward's precision context (a no-op for fp32)."""
@@ -91,16 +118,29 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
 
-    def forward_backward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def device_plan(self, plan: HostPlan):
+        """What the training thread does with a loader's plan: copy it (re-plan it when inline)."""
+        t0 = time.perf_counter()
+        if self.planner is not None:
+            if self.planning == "inline":
+                plan = self.planner.plan(plan.mask)
+                plan.inline = True
+            plan = plan.to(self.device)
+        self.plan_thread_ms = (time.perf_counter() - t0) * 1e3
+        return plan
+
+    def forward_backward(self, images: torch.Tensor, plan: HostPlan) -> torch.Tensor:
+        with record_function("plan"):
+            plan = self.device_plan(plan)
         with record_function("forward"), self.autocast():
-            loss, _, _ = self.model(images, mask_ratio=self.mask_ratio, mask=mask)
+            loss, _, _ = self.model(images, plan=plan)
         with record_function("backward"):
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss.detach()
 
-    def __call__(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One step; its phases are profiler ranges ``forward``, ``backward`` and ``optimizer``."""
-        loss = self.forward_backward(images, mask)
+    def __call__(self, images: torch.Tensor, plan: HostPlan) -> torch.Tensor:
+        """One step; its phases are profiler ranges ``plan``, ``forward``, ``backward`` and ``optimizer``."""
+        loss = self.forward_backward(images, plan)
         with record_function("optimizer"):
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -116,21 +156,58 @@ class TrainStep:
         return dict(getattr(self.model.encoder, "last_grouping", {}) or {})
 
 
-class BatchSource:
-    """Fixed random images on the device and a fresh seeded mask per step, shared by both methods
-    (so each compared pair of steps sees the same mask)."""
+class _PlanDataset(Dataset):
+    """Item ``i``: the masks of step ``i`` (from seeds ``(seed, i, sample)``), planned for every method."""
 
-    def __init__(self, batch_size: int, img_size, unit: int, mask_ratio: float, device: torch.device, seed: int = 0):
+    def __init__(self, planners: Mapping[str, Optional[VisiblePlanner]], grid, batch_size: int, mask_ratio: float,
+                 shared: bool, seed: int, length: int):
+        self.planners, self.grid, self.batch_size = dict(planners), grid, batch_size
+        self.mask_ratio, self.shared, self.seed, self.length = mask_ratio, shared, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Dict[str, HostPlan]:
+        seeds = [hash((self.seed, i, b)) & (2**63 - 1) for b in range(self.batch_size)]
+        mask = seeded_masks(seeds, self.grid.num_units, self.mask_ratio, shared=self.shared)
+        return {m: plan_masks(mask, self.grid, planner) for m, planner in self.planners.items()}
+
+
+class PlannedBatches:
+    """Fixed random images on the device and, per step, one mask batch planned for every method
+    (each compared pair of steps sees the same masks), planned ahead in ``workers`` DataLoader
+    worker processes (0: in the calling thread, before the step) and pinned on CUDA."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        img_size,
+        unit: int,
+        mask_ratio: float,
+        device: torch.device,
+        planners: Mapping[str, Optional[VisiblePlanner]],
+        steps: int,
+        seed: int = 0,
+        shared: bool = False,
+        workers: int = 2,
+    ):
         grid = unit_grid(img_size, unit)
         gen = torch.Generator().manual_seed(seed)
         self.images = torch.randn(batch_size, 3, *grid.img_size, generator=gen).to(device)
-        self.num_units = grid.num_units
-        self.mask_ratio = mask_ratio
-        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.workers = workers
+        dataset = _PlanDataset(planners, grid, batch_size, mask_ratio, shared, seed, steps)
+        self._loader = DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+        self._it: Iterator[Dict[str, HostPlan]] = iter(self._loader)
 
-    def next_mask(self) -> torch.Tensor:
-        # drawn on the host, as the training loop does: the grouping solver plans there
-        return random_mask(self.images.shape[0], self.num_units, self.mask_ratio, generator=self.generator)
+    def next_plans(self) -> Dict[str, HostPlan]:
+        try:
+            return next(self._it)
+        except StopIteration:  # more steps than planned (extra measurements): start over
+            self._it = iter(self._loader)
+            return next(self._it)
 
 
 @dataclass
@@ -138,7 +215,11 @@ class StepTimes:
     """Per-step measurements of one method."""
 
     seconds: List[float] = field(default_factory=list)
+    host_ms: List[float] = field(default_factory=list)
+    gpu_ms: List[float] = field(default_factory=list)
+    plan_thread_ms: List[float] = field(default_factory=list)
     grouping_ms: List[float] = field(default_factory=list)
+    grouping_inline: List[float] = field(default_factory=list)
     efficiency: List[float] = field(default_factory=list)
 
     def summary(self, batch_size: int) -> Dict[str, Any]:
@@ -152,14 +233,20 @@ class StepTimes:
             "img_per_s": batch_size / med,
             "img_per_s_mean": batch_size / statistics.fmean(s),
             "steps": len(s),
+            "host_ms": statistics.median(self.host_ms),
+            "plan_thread_ms": statistics.median(self.plan_thread_ms),
         }
+        if self.gpu_ms:
+            out["gpu_ms"] = statistics.median(self.gpu_ms)
         if self.grouping_ms:
             g = statistics.median(self.grouping_ms)
+            inline = bool(statistics.fmean(self.grouping_inline) > 0.5)
             out.update(
                 grouping_ms=g,
                 grouping_ms_mean=statistics.fmean(self.grouping_ms),
                 grouping_ms_max=max(self.grouping_ms),
-                grouping_share=g / (med * 1e3),
+                grouping_on_critical_path=inline,
+                grouping_share=(g / (med * 1e3)) if inline else 0.0,
                 packing_efficiency=statistics.fmean(self.efficiency),
             )
         return out
@@ -173,43 +260,57 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def timed_step(step: TrainStep, images: torch.Tensor, plan: HostPlan, rec: Optional[StepTimes]) -> float:
+    """Run one step bracketed by device synchronisation; record wall, host and GPU time into ``rec``."""
+    device = images.device
+    cuda = device.type == "cuda"
+    synchronize(device)
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    step(images, plan)
+    host = time.perf_counter() - t0  # the last kernel is queued: the host's part of the step
+    if cuda:
+        end.record()
+    synchronize(device)
+    wall = time.perf_counter() - t0
+    if rec is not None:
+        rec.seconds.append(wall)
+        rec.host_ms.append(host * 1e3)
+        rec.plan_thread_ms.append(step.plan_thread_ms)
+        if cuda:
+            rec.gpu_ms.append(start.elapsed_time(end))
+        grouping = step.grouping
+        if "ms" in grouping:
+            rec.grouping_ms.append(float(grouping["ms"]))
+            rec.grouping_inline.append(float(step.planning == "inline"))
+            rec.efficiency.append(float(grouping.get("efficiency", float("nan"))))
+    return wall
+
+
 def time_interleaved(
     steps: Mapping[str, TrainStep],
-    batches: BatchSource,
+    batches: PlannedBatches,
     warmup: int,
     iters: int,
     on_step: Optional[Callable[[str, int, float], None]] = None,
 ) -> Dict[str, StepTimes]:
     """Time ``iters`` steps of every method after ``warmup`` untimed ones, interleaved.
 
-    Iteration ``i`` draws one mask and runs every method on it; the order of the methods is
-    reversed on odd iterations (A B, B A, A B, ...) so neither method always runs right after the
-    other. Each step is bracketed by device synchronisation. ``on_step(method, i, seconds)`` is
-    called after each timed step (progress output).
+    Iteration ``i`` takes one planned mask batch and runs every method on it; the order of the
+    methods is reversed on odd iterations (A B, B A, A B, ...) so neither method always runs right
+    after the other. ``on_step(method, i, seconds)`` is called after each timed step (progress).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     names = list(steps)
     times = {name: StepTimes() for name in names}
-    device = batches.images.device
     for i in range(warmup + iters):
-        mask = batches.next_mask()
+        plans = batches.next_plans()
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
-            step = steps[name]
-            synchronize(device)
-            t0 = time.perf_counter()
-            step(batches.images, mask)
-            synchronize(device)
-            dt = time.perf_counter() - t0
-            if i < warmup:
-                continue
-            rec = times[name]
-            rec.seconds.append(dt)
-            grouping = step.grouping
-            if "ms" in grouping:
-                rec.grouping_ms.append(float(grouping["ms"]))
-                rec.efficiency.append(float(grouping.get("efficiency", float("nan"))))
-            if on_step is not None:
+            dt = timed_step(steps[name], batches.images, plans[name], times[name] if i >= warmup else None)
+            if i >= warmup and on_step is not None:
                 on_step(name, i - warmup, dt)
     return times

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=int, default=2, help="untimed steps per method (default: %(default)s)")
     r.add_argument("--iters", type=int, default=5, help="timed steps per method; random masks with --solver-only (default: %(default)s)")
     r.add_argument("--seed", type=int, default=0, help="weights, images and masks (default: %(default)s)")
+    r.add_argument("--planning", choices=("workers", "inline"), default="workers",
+                   help="plan masks ahead in loader workers, as training does, or inline in the timed step (default: %(default)s)")
+    r.add_argument("--plan-workers", type=int, default=2, help="loader worker processes that plan ahead (default: %(default)s)")
+    r.add_argument("--shared-mask", action="store_true", help="one mask per batch (the reference GreenMIM's) instead of per sample")
     r.add_argument("--compile", action="store_true", help="also time with torch.compile'd encoders and report the gain")
     r.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     r.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
@@ -141,13 +145,12 @@ def run_solver_only(cfg: BenchConfig) -> Dict[str, Any]:
 
 
 def run_calibration(cfg: BenchConfig) -> Dict[str, Any]:
-    from ..bench.calibrate import calibrate_cost_model
-    from ..bench.solver import window_attention_blocks
+    from ..bench.calibrate import calibrate_cost_model, first_window_attention
     from ..masking import num_visible_units, unit_grid
 
     device = torch.device(cfg.device)
     encoder = greenmim_encoder(cfg)
-    attn = next(window_attention_blocks(encoder))[2]
+    attn = first_window_attention(encoder)
     grid = unit_grid(tuple(encoder.patch_embed.img_size), encoder.unit)
     tokens_per_unit = (encoder.unit // encoder.patch_stride) ** 2
     slots = cfg.batch_size * num_visible_units(grid.num_units, cfg.mask_ratio) * tokens_per_unit
@@ -186,6 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         memory=not args.no_memory,
         flops=not args.no_flops,
         profile=args.profile,
+        planning=args.planning,
+        plan_workers=max(0, args.plan_workers),
+        shared_mask=args.shared_mask,
     )
     if args.solver_only:
         result = run_solver_only(cfg)

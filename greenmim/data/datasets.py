@@ -183,11 +183,14 @@ def build_train_loader(
     num_workers: int = 4,
     pin_memory: bool = True,
     shuffle: bool = True,
+    collate_fn: Optional[Callable] = None,
 ) -> DataLoader:
     """A loader of ``batch_size`` images per process over this rank's shard (last partial batch dropped).
 
     Uses :class:`ResumableDistributedSampler` with per-sample augmentation seeds, so runs are
-    reproducible for any ``num_workers`` and resume exactly mid-epoch.
+    reproducible for any ``num_workers`` and resume exactly mid-epoch. A ``collate_fn`` receives
+    ``(image, seed)`` samples (e.g. :class:`~greenmim.data.mim_batches.MaskCollator`, which draws
+    and plans the masks in the workers).
     """
     n = len(dataset)
     if n < batch_size * dist.world_size:
@@ -197,8 +200,9 @@ def build_train_loader(
         )
     sampler = ResumableDistributedSampler(n, dist.world_size, dist.rank, shuffle=shuffle, seed=seed, drop_last=True, seeded=True)
     return DataLoader(
-        SeededDataset(dataset),
+        SeededDataset(dataset, with_seed=collate_fn is not None),
         batch_size=batch_size,
+        collate_fn=collate_fn,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory and dist.device.type == "cuda",

@@ -67,6 +67,9 @@ def build_optimizer(
         g.setdefault("lr_scale", 1.0)
         g["lr"] = g["initial_lr"] = lr * g["lr_scale"]
     kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+    if device.type == "meta":  # no fused kernel there (the sync-free step test runs on meta)
+        return torch.optim.AdamW(groups, foreach=False, **kwargs)
     try:  # the fused kernel is ~4x faster than the foreach one (66 -> 17 ms per Swin-T step on 2 CPU cores)
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # an older torch or a device without the fused kernel

@@ -104,10 +104,13 @@ class SeededDataset(Dataset):
     The wrapped ``__getitem__`` runs with torch's CPU RNG and python's ``random`` seeded by ``seed``;
     the caller's RNG states are restored afterwards, so the training process' own streams (dropout,
     masks) are untouched even with ``num_workers=0``. A plain integer key is passed through.
+    With ``with_seed=True`` a seeded sample comes as ``(sample, seed)``, for a collate function that
+    draws more per-sample randomness from the seed (the pretraining masks).
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, with_seed: bool = False):
         self.dataset = dataset
+        self.with_seed = with_seed
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -121,7 +124,8 @@ class SeededDataset(Dataset):
             torch.manual_seed(seed)
             random.seed(seed)
             try:
-                return self.dataset[index]
+                sample = self.dataset[index]
+                return (sample, seed) if self.with_seed else sample
             finally:
                 random.setstate(py_state)
 

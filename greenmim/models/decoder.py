@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ class MIMDecoder(nn.Module):
     """Linear to decoder width -> mask tokens at masked units -> sin-cos positions -> transformer
     blocks -> linear to ``unit * unit * 3`` pixels per unit.
 
+    ``grid_size``: the unit grid ``(height, width)`` of the images.
+
     ``forward(latent, mask, grid, vis_idx)``: ``latent`` is ``(B, N_vis, C)`` (visible units in the
     ascending raster order of ``vis_idx``) or, with ``visible_only=False``, ``(B, num_units, C)``
     (the all-token baseline, whose encoder already filled the masked units); returns
@@ -46,6 +48,7 @@ class MIMDecoder(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         visible_only: bool = True,
+        grid_size: Tuple[int, int] = (7, 7),
     ):
         super().__init__()
         self.dim = dim
@@ -56,6 +59,10 @@ class MIMDecoder(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, unit * unit * 3)
+        # a non-persistent buffer: it moves with the module, so a step copies nothing to the device,
+        # and checkpoints stay as they were
+        self.grid_size = tuple(grid_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, *self.grid_size), persistent=False)
 
     def forward(self, latent: torch.Tensor, mask: torch.Tensor, grid, vis_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, num_units = mask.shape
@@ -64,6 +71,7 @@ class MIMDecoder(nn.Module):
             # visible units only: scatter them between mask tokens at their own positions
             full = self.mask_token.to(x.dtype).expand(b, num_units, -1).clone()
             x = full.scatter(1, vis_idx.unsqueeze(-1).expand(-1, -1, self.dim), x)
-        pos = sincos_pos_embed_2d(self.dim, grid.height, grid.width).to(device=x.device, dtype=x.dtype)
-        x = self.blocks(x + pos)
+        if (grid.height, grid.width) != self.grid_size:
+            raise ValueError(f"decoder built for a {self.grid_size} unit grid, got {grid.height}x{grid.width}")
+        x = self.blocks(x + self.pos_embed.to(x.dtype))
         return self.pred(self.norm(x))

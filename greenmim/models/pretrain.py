@@ -3,13 +3,18 @@
 ``loss, pred, mask = model(images, mask_ratio=0.75)``:
 
 * ``images``: ``(B, 3, H, W)`` normalised images, ``H`` and ``W`` multiples of the mask unit;
-* ``mask``: ``(B, num_units)`` bool, True = masked (drawn per sample unless given or ``shared_mask``);
+* ``mask``: ``(B, num_units)`` bool, True = masked (drawn per sample unless given or ``shared_mask``),
+  returned on the images' device;
 * ``pred``: ``(B, num_units, unit*unit*3)`` predicted pixels of every unit (in the per-unit
   normalised space when ``norm_pix_loss``), pixel order ``(row, col, channel)`` as in MAE;
 * ``loss``: MSE over the masked units only.
 
 The two methods share the decoder; they differ only in the encoder: greenmim's sees the visible
 units only, simmim's sees every token with a learned mask token in place of hidden patches.
+
+Training passes ``plan=`` instead of a mask: the mask and its grouping planned ahead of the step
+in the DataLoader workers (:mod:`greenmim.data.mim_batches`), so that a step never waits on the
+host planning and never reads a device value back (no device-host synchronisation).
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..masking import check_mask, random_mask, unit_grid, visible_indices
+from ..masking import check_mask, random_mask, unit_grid
+from ..planning import DevicePlan, HostPlan, planned_mask
 from .decoder import MIMDecoder
 from .registry import create_encoder
 
@@ -74,8 +80,15 @@ class MIMPretrainModel(nn.Module):
             width = encoder.embed_dim if isinstance(encoder.embed_dim, int) else encoder.embed_dim[0]
             self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, width))
             nn.init.normal_(self.enc_mask_token, std=0.02)
+        grid = unit_grid(tuple(encoder.patch_embed.img_size), self.unit)
         self.decoder = MIMDecoder(
-            encoder.num_features, self.unit, decoder_dim, decoder_depth, decoder_heads, visible_only=encoder.visible_only
+            encoder.num_features,
+            self.unit,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            visible_only=encoder.visible_only,
+            grid_size=(grid.height, grid.width),
         )
 
     def forward(
@@ -84,19 +97,25 @@ class MIMPretrainModel(nn.Module):
         mask_ratio: float = 0.75,
         mask: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        plan: Optional["HostPlan | DevicePlan"] = None,
     ):
+        """``plan``: the mask's plan (it carries the mask; ``mask_ratio`` and ``mask`` are then
+        ignored). Without a plan or a mask one is drawn on the host from ``generator``."""
         grid = unit_grid(images.shape[-2:], self.unit)
-        if mask is None:
+        if plan is not None:
+            mask = planned_mask(plan)
+        elif mask is None:
             # drawn on the host: the visible-only encoder plans its groups there without a device sync
             mask = random_mask(images.shape[0], grid.num_units, mask_ratio, shared=self.shared_mask, generator=generator)
-        mask = check_mask(mask, images.shape[0], grid.num_units)
+        else:
+            mask = check_mask(mask, images.shape[0], grid.num_units)
         if self.encoder.visible_only:
-            latent = self.encoder(images, mask)
-            vis_idx = visible_indices(mask.cpu()).to(images.device, non_blocking=True)
+            plan = self.encoder.device_plan(images, mask, plan)
+            latent = self.encoder(images, plan=plan)
+            vis_idx, mask = plan.vis_idx, plan.mask
         else:
             latent = self.encoder(images, mask, self.enc_mask_token)
-            vis_idx = None
-        mask = mask.to(images.device, non_blocking=True)
+            vis_idx, mask = None, mask.to(images.device, non_blocking=True)
         pred = self.decoder(latent, mask, grid, vis_idx)
         loss = self.loss(images, pred, mask)
         return loss, pred, mask

@@ -16,101 +16,28 @@ whose attention ignores masked keys.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Dict, Hashable, Iterator, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformer
 from torch.utils.checkpoint import checkpoint
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel
-from ..masking import UnitGrid, check_mask, unit_grid, visible_indices
-from ..ops.group_attention import GroupLayout, build_group_layout, group_window_attention
+from ..masking import check_mask
+from ..ops.group_attention import GroupLayout, group_window_attention
 from ..ops.sparse_conv import SPARSE_BACKENDS
-from ..ops.windows import stage_windows
+from ..planning import WindowPartition
+from .geometry import EncoderGeometryMixin, Plan, visible_unit_pixels
 from .registry import EncoderSpec, register_encoder
-
-class EncoderGeometryMixin:
-    """Shared geometry checks of the pretraining encoders (needs ``patch_embed`` and ``num_layers``)."""
-
-    @property
-    def unit(self) -> int:
-        """Mask unit in pixels: the encoder's total stride."""
-        return self.patch_stride * 2 ** (self.num_stages - 1)
-
-    def check_images(self, images: torch.Tensor):
-        expected = tuple(self.patch_embed.img_size)
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        grid = unit_grid(images.shape[-2:], self.unit)
-        if tuple(images.shape[-2:]) != expected:
-            raise ValueError(
-                f"this encoder was built for {expected[0]}x{expected[1]} images, got "
-                f"{images.shape[-2]}x{images.shape[-1]}: build it with img_size={images.shape[-2]} "
-                f"(or set data.img_size to {expected[0]})"
-            )
-        return grid
-
-    def window_partitions(self) -> Iterator[Tuple[int, Hashable, Tuple[int, int], Tuple[int, int]]]:
-        """The windowed attentions to plan: ``(stage, key, window, shift)``, possibly repeated."""
-        raise NotImplementedError
-
-    def tokens_per_unit(self, stage: int) -> int:
-        return self.unit // (self.patch_stride * 2 ** stage)
-
-    @torch.compiler.disable
-    def plan(self, images: torch.Tensor, mask: torch.Tensor) -> VisiblePlan:
-        """Host-side planning of a forward: input checks, visible units, one group layout per stage
-        and window partition (shared by all blocks using it). Runs eagerly under torch.compile."""
-        grid = self.check_images(images)
-        mask = check_mask(mask, images.shape[0], grid.num_units)
-        mask_np = mask.detach().cpu().numpy()  # a host mask (the default) costs no device sync
-        vis_idx = visible_indices(torch.from_numpy(mask_np))
-        t0 = time.perf_counter()
-        layouts: List[Dict[Hashable, GroupLayout]] = [{} for _ in range(self.num_stages)]
-        slots = tokens = 0
-        for stage, key, window, shift in self.window_partitions():
-            if key in layouts[stage]:
-                continue
-            win = stage_windows(mask_np, (grid.height, grid.width), self.tokens_per_unit(stage), window, shift)
-            layout = layouts[stage][key] = build_group_layout(win, images.device, self.cost_model)
-            slots += layout.num_groups * layout.group_size
-            tokens += int(win.counts.sum())
-        # efficiency: visible tokens per allocated attention slot over all windowed attentions
-        self.last_grouping = {"ms": (time.perf_counter() - t0) * 1e3, "efficiency": tokens / slots if slots else 1.0}
-        return VisiblePlan(grid, mask_np, vis_idx.to(images.device, non_blocking=True), layouts)
-
-
-@dataclass
-class VisiblePlan:
-    """What a visible-only forward needs from the host: the unit grid, the mask as numpy, the
-    visible unit indices ``(B, N_vis)`` (ascending) and the group layouts of every stage."""
-
-    grid: UnitGrid
-    mask_np: np.ndarray
-    vis_idx: torch.Tensor
-    layouts: List[Dict[Hashable, GroupLayout]]
-
-
-def visible_unit_pixels(images: torch.Tensor, vis_idx: torch.Tensor, grid: UnitGrid) -> torch.Tensor:
-    """The pixel blocks of the visible units: ``(B, 3, H, W)`` -> ``(B, N_vis, 3, unit, unit)``,
-    in the order of ``vis_idx`` ``(B, N_vis)``."""
-    b, c = images.shape[:2]
-    u = grid.unit
-    units = images.reshape(b, c, grid.height, u, grid.width, u).permute(0, 2, 4, 1, 3, 5)
-    units = units.reshape(b, grid.num_units, c, u, u)
-    return torch.gather(units, 1, vis_idx.view(b, -1, 1, 1, 1).expand(-1, -1, c, u, u))
-
 
 class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
     """Swin encoder that computes on visible mask units only.
 
     ``forward(images, mask)``: images ``(B, 3, H, W)``, mask ``(B, num_units)`` bool (True = masked,
     equal visible count per sample) -> ``(B, N_vis, C)`` final-stage features of the visible units
-    in ascending raster order, final norm applied.
+    in ascending raster order, final norm applied. ``forward(images, plan=plan)`` takes the mask's
+    plan instead (planned ahead, e.g. in the DataLoader workers: see :mod:`greenmim.planning`).
     """
 
     visible_only = True
@@ -138,7 +65,7 @@ class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
         for i, layer in enumerate(self.layers):
             for block in layer.blocks:
                 key = (tuple(block.window_size), tuple(block.shift_size))
-                yield i, key, key[0], key[1]
+                yield WindowPartition(i, key, key[0], key[1])
 
     # -- forward ----------------------------------------------------------------------------------
     def embed_visible(self, images: torch.Tensor, vis_idx: torch.Tensor, grid) -> torch.Tensor:
@@ -177,10 +104,13 @@ class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
                 x = self.block_forward(block, x, layout)
         return x
 
-    def forward_stages(self, images: torch.Tensor, mask: torch.Tensor) -> List[torch.Tensor]:
+    def forward_stages(
+        self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None
+    ) -> List[torch.Tensor]:
         """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
-        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`)."""
-        plan = self.plan(images, mask)
+        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`).
+        Give the ``mask`` or its ``plan`` (see :meth:`device_plan`)."""
+        plan = self.device_plan(images, mask, plan)
         x = self.embed_visible(images, plan.vis_idx, plan.grid)
         outs = []
         for i in range(self.num_stages):
@@ -188,8 +118,8 @@ class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
             outs.append(x)
         return outs
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.forward_stages(images, mask)[-1])
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None) -> torch.Tensor:
+        return self.norm(self.forward_stages(images, mask, plan)[-1])
 
 
 def merge_patches(x: torch.Tensor, t: int, downsample: nn.Module) -> torch.Tensor:
@@ -218,8 +148,12 @@ class AllTokenSwin(EncoderGeometryMixin, SwinTransformer):
         self.num_stages = self.num_layers
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """``mask`` is checked where it lives: give a host mask (or one already checked) to keep the
+        step free of device syncs."""
         grid = self.check_images(images)
-        mask = check_mask(mask, images.shape[0], grid.num_units).to(images.device)
+        if mask.device.type == "cpu":
+            mask = check_mask(mask, images.shape[0], grid.num_units)
+        mask = mask.to(images.device, non_blocking=True)
         x = self.patch_embed(images)  # (B, H, W, C)
         b, h, w, c = x.shape
         t = h // grid.height

@@ -22,7 +22,7 @@ attention ignores masked keys and whose convolutions see zeros at masked positio
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -34,8 +34,9 @@ from ..grouping import DEFAULT_COST_MODEL, CostModel
 from ..masking import check_mask, to_pair
 from ..ops.group_attention import GroupLayout, group_window_attention
 from ..ops.sparse_conv import VisibleGeometry, get_sparse_backend
+from ..planning import DevicePlan, WindowPartition
+from .geometry import EncoderGeometryMixin, Plan, visible_unit_pixels
 from .registry import EncoderSpec, register_encoder
-from .swin import EncoderGeometryMixin, visible_unit_pixels
 
 
 class TwinsEncoderMixin(EncoderGeometryMixin):
@@ -92,6 +93,7 @@ class VisibleTwins(TwinsEncoderMixin, Twins):
     ):
         super().__init__(*args, **kwargs)
         self._init_geometry()
+        self.peg_stages = tuple(range(self.num_stages))  # a PEG after the first block of every stage
         self.sparse = get_sparse_backend(sparse_backend)
         self.cost_model = cost_model
         self.fused_attn = fused_attn
@@ -131,11 +133,13 @@ class VisibleTwins(TwinsEncoderMixin, Twins):
         for i, blocks in enumerate(self.blocks):
             for blk in blocks:
                 if isinstance(blk.attn, LocallyGroupedAttn):
-                    yield i, blk.attn.ws, blk.attn.ws, 0
+                    ws = (blk.attn.ws, blk.attn.ws)
+                    yield WindowPartition(i, blk.attn.ws, ws, (0, 0))
 
     @torch.compiler.disable
-    def sparse_geometry(self, plan) -> VisibleGeometry:
-        return VisibleGeometry(plan.mask_np, (plan.grid.height, plan.grid.width), plan.vis_idx.device)
+    def sparse_geometry(self, plan: DevicePlan) -> VisibleGeometry:
+        grid = (plan.grid.height, plan.grid.width)
+        return VisibleGeometry(plan.host.mask.numpy(), grid, plan.vis_idx.device, neighbours=plan.neighbours)
 
     # -- layers -----------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
@@ -182,10 +186,13 @@ class VisibleTwins(TwinsEncoderMixin, Twins):
         return self.sparse.depthwise3x3(x, pos_blk.proj[0], geometry, t) + x
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward_stages(self, images: torch.Tensor, mask: torch.Tensor) -> List[torch.Tensor]:
+    def forward_stages(
+        self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None
+    ) -> List[torch.Tensor]:
         """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
-        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`)."""
-        plan = self.plan(images, mask)
+        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`).
+        Give the ``mask`` or its ``plan`` (see :meth:`device_plan`)."""
+        plan = self.device_plan(images, mask, plan)
         geometry, layouts, grid, vis_idx = self.sparse_geometry(plan), plan.layouts, plan.grid, plan.vis_idx
         b = images.shape[0]
         units = visible_unit_pixels(images, vis_idx, grid)
@@ -202,8 +209,8 @@ class VisibleTwins(TwinsEncoderMixin, Twins):
             outs.append(x)
         return outs
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.forward_stages(images, mask)[-1])
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None) -> torch.Tensor:
+        return self.norm(self.forward_stages(images, mask, plan)[-1])
 
 
 class AllTokenTwins(TwinsEncoderMixin, Twins):
@@ -221,7 +228,9 @@ class AllTokenTwins(TwinsEncoderMixin, Twins):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         grid = self.check_images(images)
-        mask = check_mask(mask, images.shape[0], grid.num_units).to(images.device)
+        if mask.device.type == "cpu":  # checked where it lives: a device mask is not read back
+            mask = check_mask(mask, images.shape[0], grid.num_units)
+        mask = mask.to(images.device, non_blocking=True)
         b = images.shape[0]
         x = images
         last = len(self.blocks) - 1

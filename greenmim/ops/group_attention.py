@@ -1,106 +1,236 @@
 """Group window attention: windows of visible tokens packed into equal-size groups.
 
-A :class:`GroupLayout` says where each visible token sits in the ``(num_groups, group_size)`` slot
-grid chosen by the grouping solver, and which slot pairs may attend (same window; padding slots
-attend only to themselves, so no softmax row is empty). It is built once per stage and window
-partition and shared by every block of that stage.
+Two halves, split where the host/device boundary is:
+
+* :func:`plan_group_slots` (host, numpy, runs in DataLoader workers): solve the grouping for one
+  stage and window partition and say where each visible token sits in the ``(num_groups,
+  group_size)`` slot grid. Its result, :class:`GroupSlots`, holds only O(N) int vectors.
+* :class:`GroupLayout` (device): the same vectors on the device plus what the attention derives
+  from them there (the ``(n_g, g, g)`` relative-position index and the window mask), built once per
+  step and shared by every block of the stage. Nothing quadratic crosses the bus.
 
 :func:`group_window_attention` then runs one attention layer: q, k, v are projected on the
 ``N_vis`` tokens (never on padding), gathered into groups, attended with the relative position bias
-of each pair's true coordinate difference plus ``-inf`` between windows, and scattered back.
+of each pair's true coordinate difference plus ``-inf`` between windows, and gathered back.
+
+The relative-position bias is gathered by :class:`RelativeBiasGather`, whose backward sums the
+gradient of every pair into the small bias table in fp32 with one ``index_add_`` (the default
+backward of ``table[index]`` is a sort-based bf16 accumulate that took 95% of an H200 step).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..grouping import DEFAULT_COST_MODEL, CostModel, GroupingPlan, solve_grouping
+from ..grouping import DEFAULT_COST_MODEL, CostModel, solve_grouping
 from .windows import StageWindows
 
 
 @dataclass
-class GroupLayout:
-    """Device tensors describing one packing of visible tokens into attention groups.
+class GroupSlots:
+    """Host-side packing of one stage's visible tokens into attention groups (CPU tensors).
 
     Attributes:
         num_groups, group_size: the slot grid ``(n_g, g)``.
-        slot_token: ``(n_g * g,)`` long, the token gathered into each slot (padding slots repeat
-            token 0; they are masked as keys and their outputs are dropped).
-        token_slot: ``(N,)`` long, the slot of each token (inverse of ``slot_token``).
-        rel_index: ``(n_g, g, g)`` long into the ``((2wh-1)*(2ww-1), heads)`` relative position
-            table extended by one ``-inf`` row (index ``num_rel``), which marks the pairs that may
-            not attend (different windows, padding).
-        num_rel: ``(2wh-1)*(2ww-1)``, the size of the relative position table.
-        plan: the solver's plan (for statistics).
+        window: the window size ``(wh, ww)``.
+        slot_token: ``(n_g * g,)`` long, the token gathered into each slot. Padding slots take
+            distinct tokens (masked as keys, their outputs dropped) so that the gather's backward
+            never piles all padding onto one row.
+        token_slot: ``(N,)`` long, the slot of each token (inverse of ``slot_token`` on real slots).
+        slot_window: ``(n_g * g,)`` long, the window of each slot; padding slots get unique negative
+            ids, so they attend only to themselves and no softmax row is empty.
+        slot_pos: ``(n_g * g,)`` long, ``y * (2ww - 1) + x`` of the slot's token on the stage grid:
+            the difference of two slots' values indexes Swin's relative position table.
+        tokens: visible tokens planned (for statistics).
+        optimal: whether the solver proved its plan optimal.
     """
 
     num_groups: int
     group_size: int
+    window: Tuple[int, int]
     slot_token: torch.Tensor
     token_slot: torch.Tensor
-    rel_index: torch.Tensor
-    num_rel: int
-    plan: GroupingPlan
+    slot_window: torch.Tensor
+    slot_pos: torch.Tensor
+    tokens: int = 0
+    optimal: bool = True
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_groups * self.group_size
+
+    @property
+    def num_rel(self) -> int:
+        """Rows of Swin's relative position table: ``(2wh - 1) * (2ww - 1)``."""
+        return (2 * self.window[0] - 1) * (2 * self.window[1] - 1)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("slot_token", "token_slot", "slot_window", "slot_pos")}
 
 
-def build_group_layout(
+def plan_group_slots(
     windows: StageWindows,
-    device: torch.device,
     cost_model: CostModel = DEFAULT_COST_MODEL,
-) -> GroupLayout:
-    """Solve the grouping for ``windows`` and build its device tensors.
+    group_multiple: int = 1,
+    pad_groups_to: int = 0,
+) -> GroupSlots:
+    """Solve the grouping of ``windows`` and lay its tokens out in slots (host only, O(N)).
 
-    Host work is O(N) on small integer arrays; the O(n_g * g^2) pair tensors are built on
-    ``device`` from per-slot vectors, so nothing quadratic crosses the bus.
+    Args:
+        windows: the stage's visible tokens and their windows.
+        cost_model: the attention cost the solver minimises.
+        group_multiple: only group sizes that are multiples of this (8 suits fused GPU kernels).
+        pad_groups_to: if > 0, append all-padding groups up to a multiple of this count (bucketed
+            shapes for CUDA graphs / ``torch.compile``); they cost attention work only.
     """
-    plan = solve_grouping(windows.counts, windows.capacity, cost_model)
-    g, n_g = plan.group_size, plan.num_groups
+    plan = solve_grouping(windows.counts, windows.capacity, cost_model, group_multiple=group_multiple)
+    g = plan.group_size
+    n_g = plan.num_groups
+    if pad_groups_to > 0:
+        n_g = -(-n_g // pad_groups_to) * pad_groups_to
     n_slots = n_g * g
     tw = windows.token_window
+    n_tok = tw.size
     token_slot = plan.window_group[tw] * g + plan.window_offset[tw] + windows.token_rank
 
-    slot_token = np.zeros(n_slots, dtype=np.int64)
-    slot_token[token_slot] = np.arange(tw.size)
-    # padding slots get unique negative window ids so they only attend to themselves
+    padding = np.ones(n_slots, dtype=bool)
+    padding[token_slot] = False
+    slot_token = np.empty(n_slots, dtype=np.int64)
+    slot_token[token_slot] = np.arange(n_tok)
+    slot_token[padding] = np.arange(int(padding.sum())) % max(n_tok, 1)
     slot_window = -1 - np.arange(n_slots, dtype=np.int64)
     slot_window[token_slot] = tw
-    slot_y = np.zeros(n_slots, dtype=np.int64)
-    slot_x = np.zeros(n_slots, dtype=np.int64)
-    slot_y[token_slot] = windows.ys
-    slot_x[token_slot] = windows.xs
-
-    def to_dev(a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        if device.type == "cuda":  # pinned memory makes the copy asynchronous: no wait on the GPU
-            t = t.pin_memory()
-        return t.to(device, non_blocking=True)
-
     wh, ww = windows.window
-    num_rel = (2 * wh - 1) * (2 * ww - 1)
-    # the slot's relative-position "coordinate" y*(2ww-1)+x: pair index = own - other + centre
-    slot_pos = slot_y * (2 * ww - 1) + slot_x
-    sw, sp = (to_dev(a).view(n_g, g) for a in (slot_window, slot_pos))
-    rel = sp[:, :, None] - sp[:, None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)
-    rel_index = rel.masked_fill_(sw[:, :, None] != sw[:, None, :], num_rel)
-    return GroupLayout(n_g, g, to_dev(slot_token), to_dev(token_slot), rel_index, num_rel, plan)
+    slot_pos = np.zeros(n_slots, dtype=np.int64)
+    slot_pos[token_slot] = windows.ys * (2 * ww - 1) + windows.xs
+    return GroupSlots(
+        num_groups=n_g,
+        group_size=g,
+        window=(wh, ww),
+        slot_token=torch.from_numpy(slot_token),
+        token_slot=torch.from_numpy(token_slot.astype(np.int64)),
+        slot_window=torch.from_numpy(slot_window),
+        slot_pos=torch.from_numpy(slot_pos),
+        tokens=int(n_tok),
+        optimal=plan.optimal,
+    )
 
 
-def group_attention_bias(layout: GroupLayout, table: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias: relative position bias where allowed, ``-inf`` elsewhere.
+@dataclass
+class GroupLayout:
+    """:class:`GroupSlots` on the device, plus the pair tensors derived from it there (lazily, once
+    per step; every block of the stage reuses them).
 
-    ``table`` is Swin's ``((2wh-1)*(2ww-1), heads)`` relative position table: the result is
-    ``(n_g, heads, g, g)``. With ``table=None`` (Twins: no bias) it is ``(n_g, 1, g, g)``, which
-    broadcasts over heads.
+    Attributes:
+        slots: the host plan (its tensors may be pinned CPU tensors).
+        slot_token, token_slot, slot_window, slot_pos: the plan's vectors on the device.
     """
-    if table is None:
-        table = torch.zeros(layout.num_rel, 1, dtype=dtype, device=layout.rel_index.device)
-    blocked = torch.full((1, table.shape[1]), float("-inf"), dtype=dtype, device=table.device)
-    table = torch.cat([table.to(dtype), blocked])
-    return table[layout.rel_index].permute(0, 3, 1, 2)
+
+    slots: GroupSlots
+    slot_token: torch.Tensor
+    token_slot: torch.Tensor
+    slot_window: torch.Tensor
+    slot_pos: torch.Tensor
+    _cache: Dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_slots(cls, slots: GroupSlots, device: torch.device) -> "GroupLayout":
+        """Copy the slot vectors to ``device`` (asynchronous from pinned memory)."""
+        moved = {k: v.to(device, non_blocking=True) for k, v in slots.tensors().items()}
+        return cls(slots, **moved)
+
+    @property
+    def num_groups(self) -> int:
+        return self.slots.num_groups
+
+    @property
+    def group_size(self) -> int:
+        return self.slots.group_size
+
+    @property
+    def num_rel(self) -> int:
+        return self.slots.num_rel
+
+    def rel_index(self) -> torch.Tensor:
+        """``(n_g * g * g,)`` long into Swin's table extended by one ``-inf`` row (index ``num_rel``)
+        that marks the pairs that may not attend (different windows, padding)."""
+        if "rel" not in self._cache:
+            n_g, g = self.num_groups, self.group_size
+            wh, ww = self.slots.window
+            sp = self.slot_pos.view(n_g, g)
+            rel = sp[:, :, None] - sp[:, None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)
+            self._cache["rel"] = rel.masked_fill_(~self.same_window(), self.num_rel).view(-1)
+        return self._cache["rel"]
+
+    def rel_index_for_backward(self) -> torch.Tensor:
+        """:meth:`rel_index` with the blocked pairs spread over :data:`SPREAD_ROWS` scratch rows past
+        the table. Their gradient is zero (softmax weight 0), but accumulating it into the single
+        ``-inf`` row made every blocked pair (about half of all pairs) an atomic add on the same
+        address: the hottest spot of the bias backward on a GPU."""
+        if "rel_bw" not in self._cache:
+            rel = self.rel_index()
+            spread = torch.arange(rel.numel(), device=rel.device) % SPREAD_ROWS + self.num_rel
+            self._cache["rel_bw"] = torch.where(rel == self.num_rel, spread, rel)
+        return self._cache["rel_bw"]
+
+    def same_window(self) -> torch.Tensor:
+        """``(n_g, g, g)`` bool: slot pairs of the same window (the pairs that may attend)."""
+        sw = self.slot_window.view(self.num_groups, self.group_size)
+        return sw[:, :, None] == sw[:, None, :]
+
+    def window_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(n_g, 1, g, g)`` additive mask: 0 inside a window, ``-inf`` elsewhere (no position bias)."""
+        key = ("mask", dtype)
+        if key not in self._cache:
+            blocked = torch.zeros(self.same_window().shape, dtype=dtype, device=self.slot_window.device)
+            self._cache[key] = blocked.masked_fill_(~self.same_window(), float("-inf")).unsqueeze(1)
+        return self._cache[key]
+
+
+SPREAD_ROWS = 1024  # scratch rows that absorb the (zero) gradients of blocked pairs
+
+
+class RelativeBiasGather(torch.autograd.Function):
+    """``table[:, index]`` for a ``(heads, rows)`` table, with an fp32 segment-sum backward.
+
+    Thousands of pairs share each of the table's ~170 rows. The default backward of an index is a
+    sort-based accumulate in the gradient's dtype (bf16 under autocast); this one adds the pair
+    gradients into an fp32 ``(heads, rows + SPREAD_ROWS)`` buffer with ``index_add_`` following
+    ``backward_index`` (``index`` with the pairs whose gradient is known to be zero moved to
+    scratch rows) and casts once at the end. Under deterministic algorithms
+    (``torch.use_deterministic_algorithms``) it uses the deterministic ``index_put_`` accumulate,
+    still in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, backward_index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(backward_index)
+        ctx.rows, ctx.table_dtype = table.shape[1], table.dtype
+        return table.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        acc = torch.zeros(grad.shape[0], ctx.rows + SPREAD_ROWS, dtype=torch.float32, device=grad.device)
+        if torch.are_deterministic_algorithms_enabled():
+            acc.index_put_((slice(None), index), grad.float(), accumulate=True)
+        else:
+            acc.index_add_(1, index, grad.float())
+        return acc[:, : ctx.rows].to(ctx.table_dtype), None, None
+
+
+def relative_position_bias(layout: GroupLayout, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(n_g, heads, g, g)`` additive bias: Swin's relative position bias of each slot pair's true
+    coordinate difference, ``-inf`` between windows and padding. ``table``: ``(num_rel, heads)``."""
+    blocked = table.new_full((1, table.shape[1]), float("-inf"))
+    extended = torch.cat([table, blocked]).t()  # (heads, num_rel + 1), fp32 like the parameter
+    bias = RelativeBiasGather.apply(extended, layout.rel_index(), layout.rel_index_for_backward())
+    n_g, g = layout.num_groups, layout.group_size
+    return bias.view(-1, n_g, g, g).transpose(0, 1).to(dtype)
 
 
 def group_window_attention(
@@ -120,7 +250,7 @@ def group_window_attention(
         layout: where each token sits in the group slots.
         qkv, proj: the attention's projections (timm's ``attn.qkv`` / ``attn.proj``).
         num_heads: attention heads.
-        rel_pos_table: relative position bias table or None.
+        rel_pos_table: Swin's ``(num_rel, heads)`` relative position bias table, or None (Twins).
         attn_drop: attention dropout probability (training only; the caller passes 0 in eval).
         fused: use ``scaled_dot_product_attention``; False runs the plain reference path.
 
@@ -132,7 +262,10 @@ def group_window_attention(
     head_dim = qkv_tok.shape[1] // (3 * num_heads)
     slots = qkv_tok.index_select(0, layout.slot_token)
     q, k, v = slots.view(n_g, g, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    bias = group_attention_bias(layout, rel_pos_table, q.dtype)
+    if rel_pos_table is None:
+        bias = layout.window_mask(q.dtype)
+    else:
+        bias = relative_position_bias(layout, rel_pos_table, q.dtype)
     if fused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn_drop)
     else:

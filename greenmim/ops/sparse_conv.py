@@ -16,14 +16,15 @@ Backends (:func:`get_sparse_backend`):
 
 * ``native``: PyTorch only. kernel == stride convs are a reshape of the unit-major tokens into
   ``s x s`` blocks plus one matrix product; the depthwise conv gathers each token's 9 neighbours
-  through an index built host-side once per stage (:class:`VisibleGeometry`).
+  through an index planned on the host ahead of the step (:func:`neighbour_index`).
 * ``spconv``: kernel == stride convs through ``spconv.pytorch.SparseConv2d`` (CPU build ``pip install
   spconv``, GPU builds ``spconv-cuXXX``). spconv has no grouped/depthwise convolution, so the PEG
   uses the native gather on this backend too.
-* ``auto``: ``spconv`` where it runs on the GPU (a ``spconv-cuXXX`` build and CUDA available), else
-  ``native``. On CPU the native path measured faster for every conv of Twins-L (e.g. the 4x4 patch
-  embedding 7.7 ms vs 67 ms) and spconv's CPU kernels need the single-thread guard described on
-  :class:`SpconvBackend`, so ``auto`` does not pick the CPU build; ask for ``spconv`` explicitly to use it.
+* ``auto``: ``native``, on every device. A kernel == stride conv on unit-aligned tokens is a reshape
+  plus one matrix product, which needs no index building, no host work and no extra package; on CPU
+  it measured faster than spconv for every conv of Twins-L (e.g. the 4x4 patch embedding 7.7 ms vs
+  67 ms), and spconv's GPU wheels (``spconv-cuXXX``) stop at CUDA 12.6 and build their index
+  tensors with host synchronisation. Ask for ``spconv`` explicitly to use it.
 
 Weights always stay in the ``nn.Conv2d`` modules of the model (timm's names and layout); the
 spconv backend converts them to its own layout on every call, so gradients flow to the
@@ -32,7 +33,7 @@ spconv backend converts them to its own layout on every call, so gradients flow 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,22 +48,47 @@ SPARSE_BACKENDS = ("auto", "spconv", "native")
 _OFFSETS_3X3 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
 
+def neighbour_index(mask: np.ndarray, grid: Tuple[int, int], t: int) -> np.ndarray:
+    """``(B * N, 9)`` int64: for each visible token of a stage with ``t`` tokens per unit side
+    (flattened over the batch, unit-major) the index of its 3x3 neighbours in nn.Conv2d kernel
+    order; ``B * N`` (one past the end) where the neighbour is masked or outside the image.
+
+    ``mask``: ``(B, num_units)`` numpy bool, True = masked; ``grid``: the unit grid ``(H, W)``."""
+    batch = mask.shape[0]
+    h, w = grid[0] * t, grid[1] * t
+    ys, xs = visible_token_coords(mask, grid, t)
+    n = ys.size
+    b = np.repeat(np.arange(batch), n // max(batch, 1))
+    # a one-token border of "missing" around each sample's map handles the image edges
+    table = np.full((batch, h + 2, w + 2), n, dtype=np.int64)
+    table[b, ys + 1, xs + 1] = np.arange(n)
+    return np.stack([table[b, ys + 1 + dy, xs + 1 + dx] for dy, dx in _OFFSETS_3X3], axis=1)
+
+
 class VisibleGeometry:
-    """Coordinates and neighbour indices of the visible tokens of every stage, built lazily from the
-    host-side mask and cached per ``t`` (tokens per unit side), so every block of a stage reuses them.
+    """Coordinates and neighbour indices of the visible tokens of every stage, cached per ``t``
+    (tokens per unit side), so every block of a stage reuses them.
 
     Args:
         mask: ``(B, num_units)`` numpy bool, True = masked, equal visible count per sample.
         grid: the unit grid ``(height, width)``.
         device: where the index tensors live.
+        neighbours: ``{t: neighbour index}`` already on ``device`` (planned ahead, see
+            :mod:`greenmim.planning`); missing ones are built here from the host mask.
     """
 
-    def __init__(self, mask: np.ndarray, grid: Tuple[int, int], device: torch.device):
+    def __init__(
+        self,
+        mask: np.ndarray,
+        grid: Tuple[int, int],
+        device: torch.device,
+        neighbours: Optional[Dict[int, torch.Tensor]] = None,
+    ):
         self.mask = mask
         self.grid = (int(grid[0]), int(grid[1]))
         self.device = torch.device(device)
         self.batch_size = mask.shape[0]
-        self._cache: Dict[Tuple[str, int], torch.Tensor] = {}
+        self._cache: Dict[Tuple[str, int], torch.Tensor] = {("neighbours", t): v for t, v in (neighbours or {}).items()}
 
     def shape(self, t: int) -> Tuple[int, int]:
         """Stage grid ``(H, W)`` at ``t`` tokens per unit side."""
@@ -96,19 +122,8 @@ class VisibleGeometry:
         return ((b * h + ys) * w + xs).astype(np.int64)
 
     def neighbours(self, t: int) -> torch.Tensor:
-        """``(B * N, 9)`` long: for each visible token (flattened over the batch, unit-major) the index
-        of its 3x3 neighbours in nn.Conv2d kernel order; ``B * N`` (one past the end) where the
-        neighbour is masked or outside the image."""
-        return self._cached("neighbours", t, lambda: self._neighbours(t))
-
-    def _neighbours(self, t: int) -> np.ndarray:
-        h, w = self.shape(t)
-        b, ys, xs = self._coords(t)
-        n = ys.size
-        # a one-token border of "missing" around each sample's map handles the image edges
-        table = np.full((self.batch_size, h + 2, w + 2), n, dtype=np.int64)
-        table[b, ys + 1, xs + 1] = np.arange(n)
-        return np.stack([table[b, ys + 1 + dy, xs + 1 + dx] for dy, dx in _OFFSETS_3X3], axis=1)
+        """:func:`neighbour_index` of the stage with ``t`` tokens per unit side, on the device."""
+        return self._cached("neighbours", t, lambda: neighbour_index(self.mask, self.grid, t))
 
 
 def check_stride_conv(conv: nn.Conv2d, t: int) -> int:
@@ -165,12 +180,16 @@ class _SubmanifoldDepthwise(torch.autograd.Function):
         grad_x = grad_w = None
         padded = torch.cat([x, x.new_zeros(1, x.shape[1])])
         if ctx.needs_input_grad[0]:
-            grad_padded = torch.zeros_like(padded)
+            # the transpose of a 3x3 submanifold conv is the same conv with the kernel flipped:
+            # token i's gradient gathers grad_out at neighbour 8-k with weight k (no atomics)
+            grad_out_padded = torch.cat([grad_out, grad_out.new_zeros(1, grad_out.shape[1])])
+            grad_x = torch.zeros_like(x)
             for k in range(9):
-                grad_padded.index_add_(0, neighbours[:, k], grad_out * weight[k])
-            grad_x = grad_padded[:-1]
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.stack([(padded.index_select(0, neighbours[:, k]) * grad_out).sum(0) for k in range(9)])
+                grad_x.addcmul_(grad_out_padded.index_select(0, neighbours[:, 8 - k]), weight[k])
+        if ctx.needs_input_grad[1]:  # reduced over all tokens: accumulate in fp32
+            grad_w = torch.stack(
+                [(padded.index_select(0, neighbours[:, k]) * grad_out).sum(0, dtype=torch.float32) for k in range(9)]
+            ).to(weight.dtype)
         return grad_x, grad_w, None
 
 
@@ -341,12 +360,6 @@ def spconv_available() -> bool:
     return True
 
 
-def _spconv_cpu_only_build() -> bool:
-    from spconv.cppconstants import CPU_ONLY_BUILD
-
-    return bool(CPU_ONLY_BUILD)
-
-
 def import_spconv():
     """``spconv.pytorch``, or an ImportError naming the package to install."""
     try:
@@ -360,9 +373,7 @@ def import_spconv():
 
 
 def get_sparse_backend(name: str = "auto") -> SparseConvBackend:
-    """The sparse-conv backend ``name``: ``'auto'`` (spconv on CUDA, else native), ``'spconv'`` or ``'native'``."""
+    """The sparse-conv backend ``name``: ``'auto'`` (= native), ``'spconv'`` or ``'native'``."""
     if name not in SPARSE_BACKENDS:
         raise ValueError(f"sparse_backend must be one of {', '.join(SPARSE_BACKENDS)}, got '{name}'")
-    if name == "auto":
-        name = "spconv" if torch.cuda.is_available() and spconv_available() and not _spconv_cpu_only_build() else "native"
     return SpconvBackend() if name == "spconv" else NativeBackend()

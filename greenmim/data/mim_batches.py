@@ -1,0 +1,74 @@
+"""Pretraining batches whose masks are drawn and planned in the DataLoader workers.
+
+A visible-only step needs, besides the images, the mask and its plan (windows, groups, slot and
+neighbour indices: :mod:`greenmim.planning`). Both are host work on small integer arrays that
+depend on nothing but the mask, so :class:`MaskCollator` does them where the images are decoded,
+ahead of the step and off the training thread. The training thread receives a :class:`MIMBatch`
+whose tensors the loader has already pinned, and only issues asynchronous copies.
+
+Masks are drawn from each sample's seed (the sampler's ``(index, seed)`` pairs, see
+:class:`~greenmim.engine.sampler.ResumableDistributedSampler`), so they depend on
+``(seed, epoch, index)`` only: the same for any ``num_workers`` and after a mid-epoch resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import default_collate
+
+from ..masking import UnitGrid, seeded_masks, visible_indices
+from ..planning import HostPlan, VisiblePlanner
+
+
+@dataclass
+class MIMBatch:
+    """Images ``(B, 3, H, W)`` and the plan of their masks (``plan.mask``: ``(B, num_units)`` bool,
+    True = masked). For the all-token baseline the plan holds the mask and visible indices only."""
+
+    images: torch.Tensor
+    plan: HostPlan
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.plan.mask
+
+    def pin_memory(self) -> "MIMBatch":
+        """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
+        return MIMBatch(self.images.pin_memory(), self.plan.pin_memory())
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class MaskCollator:
+    """``collate_fn`` for ``(image, seed)`` samples: stacks the images, draws each sample's mask from
+    its seed and plans the batch (picklable; runs in the loader workers).
+
+    Args:
+        grid: the unit grid of the images.
+        mask_ratio: fraction of masked units.
+        planner: the visible-only encoder's planner, or None for the all-token baseline (mask only).
+        shared: one mask per batch (the first sample's) instead of one per sample.
+    """
+
+    def __init__(self, grid: UnitGrid, mask_ratio: float, planner: Optional[VisiblePlanner] = None, shared: bool = False):
+        self.grid = grid
+        self.mask_ratio = float(mask_ratio)
+        self.planner = planner
+        self.shared = bool(shared)
+
+    def __call__(self, samples: Sequence[Tuple[torch.Tensor, int]]) -> MIMBatch:
+        images = default_collate([image for image, _ in samples])
+        seeds: List[int] = [int(seed) for _, seed in samples]
+        mask = seeded_masks(seeds, self.grid.num_units, self.mask_ratio, shared=self.shared)
+        return MIMBatch(images, plan_masks(mask, self.grid, self.planner))
+
+
+def plan_masks(mask: torch.Tensor, grid: UnitGrid, planner: Optional[VisiblePlanner]) -> HostPlan:
+    """The plan of host masks ``(B, num_units)``: the full plan with a planner, else (all-token
+    baseline) just the mask and its visible indices."""
+    if planner is not None:
+        return planner.plan(mask)
+    return HostPlan(grid=grid, mask=mask, vis_idx=visible_indices(mask), layouts=[])

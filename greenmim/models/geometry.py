@@ -1,0 +1,99 @@
+"""What every pretraining encoder shares: the mask unit, input checks, and (for the visible-only
+encoders) how a forward is planned.
+
+:class:`EncoderGeometryMixin` needs ``patch_embed``, ``patch_stride`` and ``num_stages`` from the
+encoder. A visible-only encoder also lists its windowed attentions (:meth:`window_partitions`) and
+the stages with a submanifold conv (:attr:`peg_stages`); :meth:`planner` turns those into a
+picklable :class:`~greenmim.planning.VisiblePlanner` for the DataLoader workers, and
+:meth:`device_plan` resolves what a forward was given (a mask, a host plan or a device plan).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Tuple, Union
+
+import torch
+
+from ..masking import UnitGrid, unit_grid
+from ..planning import DevicePlan, HostPlan, VisiblePlanner, WindowPartition
+
+Plan = Union[HostPlan, DevicePlan]
+
+
+class EncoderGeometryMixin:
+    """Mask-unit geometry, input checks and planning of the pretraining encoders."""
+
+    peg_stages: Tuple[int, ...] = ()
+    last_grouping: Dict[str, float]
+
+    @property
+    def unit(self) -> int:
+        """Mask unit in pixels: the encoder's total stride."""
+        return self.patch_stride * 2 ** (self.num_stages - 1)
+
+    def tokens_per_unit(self, stage: int) -> int:
+        return self.unit // (self.patch_stride * 2 ** stage)
+
+    def check_images(self, images: torch.Tensor) -> UnitGrid:
+        """The unit grid of ``images`` ``(B, 3, H, W)``; a ValueError naming the fix if it does not fit
+        (shape checks only: no device value is read)."""
+        expected = tuple(self.patch_embed.img_size)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        grid = unit_grid(images.shape[-2:], self.unit)
+        if tuple(images.shape[-2:]) != expected:
+            raise ValueError(
+                f"this encoder was built for {expected[0]}x{expected[1]} images, got "
+                f"{images.shape[-2]}x{images.shape[-1]}: build it with img_size={images.shape[-2]} "
+                f"(or set data.img_size to {expected[0]})"
+            )
+        return grid
+
+    def window_partitions(self) -> Iterator[WindowPartition]:
+        """The windowed attentions to plan (possibly repeated keys)."""
+        raise NotImplementedError
+
+    def planner(self, group_multiple: int = 1, pad_groups_to: int = 0) -> VisiblePlanner:
+        """A picklable planner for this encoder's geometry (see :class:`~greenmim.planning.VisiblePlanner`)."""
+        return VisiblePlanner(
+            grid=unit_grid(tuple(self.patch_embed.img_size), self.unit),
+            tokens_per_unit=tuple(self.tokens_per_unit(i) for i in range(self.num_stages)),
+            partitions=tuple(self.window_partitions()),
+            peg_stages=tuple(self.peg_stages),
+            cost_model=self.cost_model,
+            group_multiple=group_multiple,
+            pad_groups_to=pad_groups_to,
+        )
+
+    @torch.compiler.disable
+    def device_plan(self, images: torch.Tensor, mask: Optional[torch.Tensor], plan: Optional[Plan]) -> DevicePlan:
+        """The plan of this forward on the images' device.
+
+        ``plan`` (from a loader, see :mod:`greenmim.data.mim_batches`) is used as given; without one
+        the mask is planned here, on the training thread (fine for inference and tests; a mask
+        on an accelerator then costs a device sync). Runs eagerly under ``torch.compile``.
+        """
+        grid = self.check_images(images)
+        if plan is None:
+            if mask is None:
+                raise ValueError("pass a mask (B, num_units) or a plan")
+            plan = self.planner().plan(mask)
+            plan.inline = True
+        host = plan.host if isinstance(plan, DevicePlan) else plan
+        if host.grid != grid:
+            raise ValueError(f"the plan is for a {host.grid} unit grid, the images give {grid}: plan with this encoder")
+        if len(host.layouts) != self.num_stages:
+            raise ValueError("the plan has no group layouts for this encoder: plan it with encoder.planner()")
+        if host.mask.shape[0] != images.shape[0]:
+            raise ValueError(f"the plan has {host.mask.shape[0]} masks for a batch of {images.shape[0]} images")
+        self.last_grouping = host.stats()
+        return plan if isinstance(plan, DevicePlan) else plan.to(images.device)
+
+
+def visible_unit_pixels(images: torch.Tensor, vis_idx: torch.Tensor, grid: UnitGrid) -> torch.Tensor:
+    """The pixel blocks of the visible units: ``(B, 3, H, W)`` -> ``(B, N_vis, 3, unit, unit)``,
+    in the order of ``vis_idx`` ``(B, N_vis)``."""
+    b, c = images.shape[:2]
+    u = grid.unit
+    units = images.reshape(b, c, grid.height, u, grid.width, u).permute(0, 2, 4, 1, 3, 5)
+    units = units.reshape(b, grid.num_units, c, u, u)
+    return torch.gather(units, 1, vis_idx.view(b, -1, 1, 1, 1).expand(-1, -1, c, u, u))
