@@ -47,10 +47,11 @@ class HostPlan:
         mask: ``(B, num_units)`` bool, True = masked.
         vis_idx: ``(B, N_vis)`` long, the visible units in ascending raster order.
         layouts: per stage, ``{partition key: GroupSlots}``.
-        neighbours: ``{t: (B * N_vis * t * t, 9) long}`` 3x3 neighbour indices of the stages with a
+        neighbours: ``{t: (B * N_vis * t * t, 9) int32}`` 3x3 neighbour indices of the stages with a
             submanifold conv (Twins' PEG), keyed by tokens per unit side.
         plan_ms: host time spent planning (wherever it ran).
         inline: True when planned on the training thread (not ahead of the step in a worker).
+        relative_bias: the attention adds Swin's relative position bias (else a window mask: Twins).
     """
 
     grid: UnitGrid
@@ -60,6 +61,7 @@ class HostPlan:
     neighbours: Dict[int, torch.Tensor] = field(default_factory=dict)
     plan_ms: float = 0.0
     inline: bool = False
+    relative_bias: bool = True
 
     def _map(self, fn) -> "HostPlan":
         layouts = [
@@ -85,7 +87,9 @@ class HostPlan:
             host=self,
             mask=self.mask.to(device, non_blocking=True),
             vis_idx=self.vis_idx.to(device, non_blocking=True),
-            layouts=[{k: GroupLayout.from_slots(s, device) for k, s in stage.items()} for stage in self.layouts],
+            layouts=[
+                {k: GroupLayout.from_slots(s, device, self.relative_bias) for k, s in stage.items()} for stage in self.layouts
+            ],
             neighbours={t: v.to(device, non_blocking=True) for t, v in self.neighbours.items()},
         )
 
@@ -129,6 +133,7 @@ class VisiblePlanner:
         group_multiple: group sizes restricted to multiples of this (8 on CUDA: aligned keys for
             the fused attention kernels; 1 on CPU).
         pad_groups_to: pad the group count to a multiple of this (bucketed shapes), 0 = off.
+        relative_bias: the windowed attentions add Swin's relative position bias (Twins': none).
     """
 
     grid: UnitGrid
@@ -138,6 +143,7 @@ class VisiblePlanner:
     cost_model: CostModel = DEFAULT_COST_MODEL
     group_multiple: int = 1
     pad_groups_to: int = 0
+    relative_bias: bool = True
 
     def plan(self, mask: torch.Tensor) -> HostPlan:
         """Plan a batch from its host mask ``(B, num_units)`` bool (True = masked).
@@ -160,7 +166,7 @@ class VisiblePlanner:
         neighbours = {}
         for stage in self.peg_stages:
             t = self.tokens_per_unit[stage]
-            neighbours[t] = torch.from_numpy(neighbour_index(mask_np, hw, t))
+            neighbours[t] = torch.from_numpy(neighbour_index(mask_np, hw, t).astype(np.int32))
         return HostPlan(
             grid=self.grid,
             mask=mask,
@@ -168,6 +174,7 @@ class VisiblePlanner:
             layouts=layouts,
             neighbours=neighbours,
             plan_ms=(time.perf_counter() - t0) * 1e3,
+            relative_bias=self.relative_bias,
         )
 
 

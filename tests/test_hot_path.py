@@ -44,7 +44,7 @@ def test_bias_gradient_equals_float64_reference():
 
     table64 = table.detach().double().requires_grad_()
     ext = torch.cat([table64, torch.zeros(1, 3, dtype=torch.float64)])
-    ref = ext[layout.rel_index()].view(layout.num_groups, layout.group_size, layout.group_size, 3).permute(0, 3, 1, 2)
+    ref = ext[layout.rel_index.long()].view(layout.num_groups, layout.group_size, layout.group_size, 3).permute(0, 3, 1, 2)
     (ref * upstream.double()).sum().backward()
     assert table.grad.dtype == torch.float32
     torch.testing.assert_close(table.grad.double(), table64.grad, rtol=1e-5, atol=1e-4)
@@ -58,7 +58,7 @@ def test_bias_gradient_accumulates_in_fp32_under_bf16_autocast():
         bias = relative_position_bias(layout, table, torch.bfloat16)
     assert bias.dtype == torch.bfloat16
     bias.float().masked_fill(torch.isinf(bias), 0).sum().backward()
-    pairs = torch.bincount(layout.rel_index(), minlength=170)[:169].float()
+    pairs = torch.bincount(layout.rel_index.long(), minlength=170)[:169].float()
     assert pairs.max() > 2000, "the test needs rows with many pairs"
     assert table.grad.dtype == torch.float32
     torch.testing.assert_close(table.grad, pairs[:, None].expand(-1, 2).contiguous(), rtol=0, atol=0)

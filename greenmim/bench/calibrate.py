@@ -46,7 +46,7 @@ def time_group_attention(
 ) -> float:
     """Median seconds of one forward + backward of group attention on ``num_groups x group_size`` slots."""
     windows = uniform_windows(num_groups, group_size)
-    layout = GroupLayout.from_slots(plan_group_slots(windows, CostModel()), device)
+    layout = GroupLayout.from_slots(plan_group_slots(windows, CostModel()), device, relative_bias=rel_bias)
     if layout.group_size != group_size:  # pragma: no cover - guards against solver changes
         raise RuntimeError(f"calibration layout has group size {layout.group_size}, wanted {group_size}")
     wh, ww = windows.window

@@ -23,6 +23,7 @@ class EncoderGeometryMixin:
     """Mask-unit geometry, input checks and planning of the pretraining encoders."""
 
     peg_stages: Tuple[int, ...] = ()
+    relative_bias = True  # windowed attention with Swin's relative position bias (Twins: False)
     last_grouping: Dict[str, float]
 
     @property
@@ -62,6 +63,7 @@ class EncoderGeometryMixin:
             cost_model=self.cost_model,
             group_multiple=group_multiple,
             pad_groups_to=pad_groups_to,
+            relative_bias=self.relative_bias,
         )
 
     @torch.compiler.disable

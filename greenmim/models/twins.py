@@ -82,6 +82,7 @@ class VisibleTwins(TwinsEncoderMixin, Twins):
     """
 
     visible_only = True
+    relative_bias = False  # LSA has no relative position bias
 
     def __init__(
         self,

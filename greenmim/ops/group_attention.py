@@ -19,7 +19,7 @@ backward of ``table[index]`` is a sort-based bf16 accumulate that took 95% of an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -37,13 +37,13 @@ class GroupSlots:
     Attributes:
         num_groups, group_size: the slot grid ``(n_g, g)``.
         window: the window size ``(wh, ww)``.
-        slot_token: ``(n_g * g,)`` long, the token gathered into each slot. Padding slots take
+        slot_token: ``(n_g * g,)`` int32, the token gathered into each slot. Padding slots take
             distinct tokens (masked as keys, their outputs dropped) so that the gather's backward
             never piles all padding onto one row.
-        token_slot: ``(N,)`` long, the slot of each token (inverse of ``slot_token`` on real slots).
-        slot_window: ``(n_g * g,)`` long, the window of each slot; padding slots get unique negative
+        token_slot: ``(N,)`` int32, the slot of each token (inverse of ``slot_token`` on real slots).
+        slot_window: ``(n_g * g,)`` int32, the window of each slot; padding slots get unique negative
             ids, so they attend only to themselves and no softmax row is empty.
-        slot_pos: ``(n_g * g,)`` long, ``y * (2ww - 1) + x`` of the slot's token on the stage grid:
+        slot_pos: ``(n_g * g,)`` int32, ``y * (2ww - 1) + x`` of the slot's token on the stage grid:
             the difference of two slots' values indexes Swin's relative position table.
         tokens: visible tokens planned (for statistics).
         optimal: whether the solver proved its plan optimal.
@@ -99,20 +99,20 @@ def plan_group_slots(
 
     padding = np.ones(n_slots, dtype=bool)
     padding[token_slot] = False
-    slot_token = np.empty(n_slots, dtype=np.int64)
+    slot_token = np.empty(n_slots, dtype=np.int32)
     slot_token[token_slot] = np.arange(n_tok)
     slot_token[padding] = np.arange(int(padding.sum())) % max(n_tok, 1)
-    slot_window = -1 - np.arange(n_slots, dtype=np.int64)
+    slot_window = -1 - np.arange(n_slots, dtype=np.int32)
     slot_window[token_slot] = tw
     wh, ww = windows.window
-    slot_pos = np.zeros(n_slots, dtype=np.int64)
+    slot_pos = np.zeros(n_slots, dtype=np.int32)
     slot_pos[token_slot] = windows.ys * (2 * ww - 1) + windows.xs
     return GroupSlots(
         num_groups=n_g,
         group_size=g,
         window=(wh, ww),
         slot_token=torch.from_numpy(slot_token),
-        token_slot=torch.from_numpy(token_slot.astype(np.int64)),
+        token_slot=torch.from_numpy(token_slot.astype(np.int32)),
         slot_window=torch.from_numpy(slot_window),
         slot_pos=torch.from_numpy(slot_pos),
         tokens=int(n_tok),
@@ -122,26 +122,51 @@ def plan_group_slots(
 
 @dataclass
 class GroupLayout:
-    """:class:`GroupSlots` on the device, plus the pair tensors derived from it there (lazily, once
-    per step; every block of the stage reuses them).
+    """:class:`GroupSlots` on the device, plus the pair tensors derived from it there, built once per
+    step when the plan is copied (outside any compiled region) and shared by every block of the stage.
 
     Attributes:
         slots: the host plan (its tensors may be pinned CPU tensors).
-        slot_token, token_slot, slot_window, slot_pos: the plan's vectors on the device.
+        slot_token, token_slot: the plan's gather indices on the device.
+        rel_index: ``(n_g * g * g,)`` int32 into Swin's table extended by one ``-inf`` row (index
+            ``num_rel``), which marks the pairs that may not attend (different windows, padding);
+            None without relative bias (Twins).
+        rel_index_backward: ``rel_index`` with the blocked pairs spread over :data:`SPREAD_ROWS`
+            scratch rows past the table. Their gradient is zero (softmax weight 0), but accumulating
+            it into the single ``-inf`` row made every blocked pair (about half of all pairs) an
+            atomic add on the same address: the hottest spot of the bias backward on a GPU.
+        window_mask: ``(n_g, 1, g, g)`` fp32 additive mask, 0 inside a window and ``-inf`` elsewhere;
+            None with relative bias (the ``-inf`` row does that job).
     """
 
     slots: GroupSlots
     slot_token: torch.Tensor
     token_slot: torch.Tensor
-    slot_window: torch.Tensor
-    slot_pos: torch.Tensor
-    _cache: Dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
+    rel_index: Optional[torch.Tensor] = None
+    rel_index_backward: Optional[torch.Tensor] = None
+    window_mask: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_slots(cls, slots: GroupSlots, device: torch.device) -> "GroupLayout":
-        """Copy the slot vectors to ``device`` (asynchronous from pinned memory)."""
-        moved = {k: v.to(device, non_blocking=True) for k, v in slots.tensors().items()}
-        return cls(slots, **moved)
+    def from_slots(cls, slots: GroupSlots, device: torch.device, relative_bias: bool = True) -> "GroupLayout":
+        """Copy the slot vectors to ``device`` (asynchronous from pinned memory) and derive the pair
+        tensors there: Swin's relative-position indices (``relative_bias``) or Twins' window mask."""
+        dev = {k: v.to(device, non_blocking=True) for k, v in slots.tensors().items()}
+        n_g, g = slots.num_groups, slots.group_size
+        sw = dev["slot_window"].view(n_g, g)
+        same_window = sw[:, :, None] == sw[:, None, :]
+        layout = cls(slots, dev["slot_token"], dev["token_slot"])
+        if relative_bias:
+            wh, ww = slots.window
+            sp = dev["slot_pos"].view(n_g, g)
+            rel = (sp[:, :, None] - sp[:, None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)).to(torch.int32)
+            rel = rel.masked_fill_(~same_window, slots.num_rel).view(-1)
+            spread = torch.arange(rel.numel(), device=rel.device, dtype=torch.int32) % SPREAD_ROWS + slots.num_rel
+            layout.rel_index = rel
+            layout.rel_index_backward = torch.where(rel == slots.num_rel, spread, rel)
+        else:
+            blocked = torch.zeros(same_window.shape, dtype=torch.float32, device=sw.device)
+            layout.window_mask = blocked.masked_fill_(~same_window, float("-inf")).unsqueeze(1)
+        return layout
 
     @property
     def num_groups(self) -> int:
@@ -154,41 +179,6 @@ class GroupLayout:
     @property
     def num_rel(self) -> int:
         return self.slots.num_rel
-
-    def rel_index(self) -> torch.Tensor:
-        """``(n_g * g * g,)`` long into Swin's table extended by one ``-inf`` row (index ``num_rel``)
-        that marks the pairs that may not attend (different windows, padding)."""
-        if "rel" not in self._cache:
-            n_g, g = self.num_groups, self.group_size
-            wh, ww = self.slots.window
-            sp = self.slot_pos.view(n_g, g)
-            rel = sp[:, :, None] - sp[:, None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)
-            self._cache["rel"] = rel.masked_fill_(~self.same_window(), self.num_rel).view(-1)
-        return self._cache["rel"]
-
-    def rel_index_for_backward(self) -> torch.Tensor:
-        """:meth:`rel_index` with the blocked pairs spread over :data:`SPREAD_ROWS` scratch rows past
-        the table. Their gradient is zero (softmax weight 0), but accumulating it into the single
-        ``-inf`` row made every blocked pair (about half of all pairs) an atomic add on the same
-        address: the hottest spot of the bias backward on a GPU."""
-        if "rel_bw" not in self._cache:
-            rel = self.rel_index()
-            spread = torch.arange(rel.numel(), device=rel.device) % SPREAD_ROWS + self.num_rel
-            self._cache["rel_bw"] = torch.where(rel == self.num_rel, spread, rel)
-        return self._cache["rel_bw"]
-
-    def same_window(self) -> torch.Tensor:
-        """``(n_g, g, g)`` bool: slot pairs of the same window (the pairs that may attend)."""
-        sw = self.slot_window.view(self.num_groups, self.group_size)
-        return sw[:, :, None] == sw[:, None, :]
-
-    def window_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """``(n_g, 1, g, g)`` additive mask: 0 inside a window, ``-inf`` elsewhere (no position bias)."""
-        key = ("mask", dtype)
-        if key not in self._cache:
-            blocked = torch.zeros(self.same_window().shape, dtype=dtype, device=self.slot_window.device)
-            self._cache[key] = blocked.masked_fill_(~self.same_window(), float("-inf")).unsqueeze(1)
-        return self._cache[key]
 
 
 SPREAD_ROWS = 1024  # scratch rows that absorb the (zero) gradients of blocked pairs
@@ -228,7 +218,7 @@ def relative_position_bias(layout: GroupLayout, table: torch.Tensor, dtype: torc
     coordinate difference, ``-inf`` between windows and padding. ``table``: ``(num_rel, heads)``."""
     blocked = table.new_full((1, table.shape[1]), float("-inf"))
     extended = torch.cat([table, blocked]).t()  # (heads, num_rel + 1), fp32 like the parameter
-    bias = RelativeBiasGather.apply(extended, layout.rel_index(), layout.rel_index_for_backward())
+    bias = RelativeBiasGather.apply(extended, layout.rel_index, layout.rel_index_backward)
     n_g, g = layout.num_groups, layout.group_size
     return bias.view(-1, n_g, g, g).transpose(0, 1).to(dtype)
 
@@ -263,7 +253,7 @@ def group_window_attention(
     slots = qkv_tok.index_select(0, layout.slot_token)
     q, k, v = slots.view(n_g, g, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if rel_pos_table is None:
-        bias = layout.window_mask(q.dtype)
+        bias = layout.window_mask.to(q.dtype)
     else:
         bias = relative_position_bias(layout, rel_pos_table, q.dtype)
     if fused:
