@@ -155,14 +155,13 @@ class GroupLayout:
         sw = dev["slot_window"].view(n_g, g)
         same_window = sw[:, :, None] == sw[:, None, :]
         layout = cls(slots, dev["slot_token"], dev["token_slot"])
-        if relative_bias:
+        if relative_bias:  # a handful of kernels per layout: this runs on the training thread
             wh, ww = slots.window
             sp = dev["slot_pos"].view(n_g, g)
-            rel = (sp[:, :, None] - sp[:, None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)).to(torch.int32)
-            rel = rel.masked_fill_(~same_window, slots.num_rel).view(-1)
-            spread = torch.arange(rel.numel(), device=rel.device, dtype=torch.int32) % SPREAD_ROWS + slots.num_rel
-            layout.rel_index = rel
-            layout.rel_index_backward = torch.where(rel == slots.num_rel, spread, rel)
+            rel = (sp[:, :, None] - sp[:, None, :]).add_((wh - 1) * (2 * ww - 1) + ww - 1)
+            same = same_window.view(-1)
+            layout.rel_index = torch.where(same, rel.view(-1), slots.num_rel)
+            layout.rel_index_backward = torch.where(same, layout.rel_index, _spread_rows(same.numel(), sw.device, slots.num_rel))
         else:
             blocked = torch.zeros(same_window.shape, dtype=torch.float32, device=sw.device)
             layout.window_mask = blocked.masked_fill_(~same_window, float("-inf")).unsqueeze(1)
@@ -182,6 +181,18 @@ class GroupLayout:
 
 
 SPREAD_ROWS = 1024  # scratch rows that absorb the (zero) gradients of blocked pairs
+_SPREAD: Dict[Tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _spread_rows(n: int, device: torch.device, first_row: int) -> torch.Tensor:
+    """``first_row + arange(n) % SPREAD_ROWS`` (int32), sliced from a cached tensor grown by doubling,
+    so a step launches nothing for it."""
+    key = (torch.device(device), first_row)
+    cached = _SPREAD.get(key)
+    if cached is None or cached.numel() < n:
+        size = max(n, 2 * (cached.numel() if cached is not None else 0), SPREAD_ROWS)
+        cached = _SPREAD[key] = (torch.arange(size, device=device, dtype=torch.int32) % SPREAD_ROWS).add_(first_row)
+    return cached[:n]
 
 
 class RelativeBiasGather(torch.autograd.Function):
