@@ -10,12 +10,21 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4))
 SWIN_NAME = "swin_tiny_patch4_window7_224"
 
+# Real photos used where present (the shared folder next to the checkout); tests that need them skip otherwise.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HYMENOPTERA = SHARED_DATA / "hymenoptera"
+
+# greenmim-pretrain overrides for a micro Swin at 64 px: 4 units of 32 px, one visible at mask ratio 0.75.
+TINY_PRETRAIN_ARGS = [
+    "model=greenmim_swin_micro", "model.encoder_args.embed_dim=16", "model.encoder_args.depths=[1,1,1,1]",
+    "model.encoder_args.num_heads=[1,1,2,2]", "model.decoder_dim=32", "model.decoder_heads=2",
+    "data.img_size=64", "data.batch_size=4", "trainer.log_every=1", "vis.every_epochs=1", "vis.num_images=3",
+]
 
 
 @pytest.fixture
-def hymenoptera():
-    root = SHARED_DATA / "hymenoptera"
-    if not root.is_dir():
+def hymenoptera() -> Path:
+    """``../shared/data/hymenoptera`` (ImageNet layout: train/ and val/ with ants/ and bees/), or skip."""
+    if not HYMENOPTERA.is_dir():
         pytest.skip("../shared/data/hymenoptera is absent")
-    return root
+    return HYMENOPTERA

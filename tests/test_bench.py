@@ -1,4 +1,5 @@
 """Smoke test of ``greenmim-bench`` at a tiny size on CPU (not a timed test: no speed assertions)."""
+import argparse
 import json
 
 import pytest
@@ -63,5 +64,5 @@ def test_parse_override():
     assert parse_override("window_size=12") == ("window_size", 12)
     assert parse_override("depths=(2,2,6,2)") == ("depths", (2, 2, 6, 2))
     assert parse_override("sparse-backend=native") == ("sparse_backend", "native")
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"override 'window_size' is not of the form key=value"):
         parse_override("window_size")

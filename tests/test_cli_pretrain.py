@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import TINY_PRETRAIN_ARGS as TINY
 from greenmim.engine import load_checkpoint
-
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
-# a micro Swin at 64 px: 4 units of 32 px, one visible at mask ratio 0.75
-TINY = [
-    "model=greenmim_swin_micro", "model.encoder_args.embed_dim=16", "model.encoder_args.depths=[1,1,1,1]",
-    "model.encoder_args.num_heads=[1,1,2,2]", "model.decoder_dim=32", "model.decoder_heads=2",
-    "data.img_size=64", "data.batch_size=4", "trainer.log_every=1", "vis.every_epochs=1", "vis.num_images=3",
-]
 
 
 def pretrain(*args, timeout=240):
@@ -107,9 +100,8 @@ def test_visualize_renders_given_images(folder_run, image_tree, tmp_path, capsys
     assert img.size[1] > 3 * 128  # three rows of (upscaled) 64 px cells
 
 
-@pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="../shared/data/hymenoptera not present")
-def test_end_to_end_on_real_photos(tmp_path):
-    proc = pretrain("data=imagefolder", f"data.root={HYMENOPTERA}", "data.num_workers=2", "trainer.max_steps=3", f"output_dir={tmp_path}")
+def test_end_to_end_on_real_photos(hymenoptera, tmp_path):
+    proc = pretrain("data=imagefolder", f"data.root={hymenoptera}", "data.num_workers=2", "trainer.max_steps=3", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "245 images" in proc.stdout
     assert (tmp_path / "checkpoints" / "step-00000003.pt").is_file()

@@ -22,7 +22,6 @@ from greenmim.data import (
 from greenmim.engine import ConfigError, DistInfo
 from greenmim.pretraining import build_pretrain_model
 
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
 MICRO = dict(name="swin_tiny_patch4_window7_224", method="greenmim", decoder_dim=32, decoder_heads=2,
              encoder_args=dict(embed_dim=16, window_size=4, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2]))
 
@@ -112,7 +111,7 @@ def test_synthetic_images_are_deterministic_and_loader_is_sharded():
     ds = SyntheticImages(8, pretrain_transform(64), size=80)
     assert np.array_equal(np.asarray(ds.image(3)), np.asarray(SyntheticImages(8, None, size=80).image(3)))
     loaders = [build_train_loader(ds, 2, DistInfo(rank=r, world_size=2), seed=0, num_workers=0) for r in range(2)]
-    assert all(len(l) == 2 for l in loaders)
+    assert all(len(loader) == 2 for loader in loaders)
     assert next(iter(loaders[0])).shape == (2, 3, 64, 64)
     with pytest.raises(DataError, match="fewer than one batch"):
         build_train_loader(ds, 8, DistInfo(rank=0, world_size=2))
@@ -127,11 +126,10 @@ def test_bad_sizes_and_model_names_have_clear_messages():
         build_pretrain_model({**MICRO, "name": "swin_bse_patch4_window7_224"}, 64)
 
 
-@pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="../shared/data/hymenoptera not present")
-def test_hymenoptera_imagefolder_reads_every_file_including_the_palette_gif():
-    paths = list_imagefolder(str(HYMENOPTERA), "train")
+def test_hymenoptera_imagefolder_reads_every_file_including_the_palette_gif(hymenoptera):
+    paths = list_imagefolder(str(hymenoptera), "train")
     assert len(paths) > 200 and any(p.endswith(".gif") for p in paths)
     gif = next(p for p in paths if p.endswith(".gif"))
     assert load_rgb(gif).mode == "RGB"
-    ds = build_pretrain_dataset({"name": "imagefolder", "root": str(HYMENOPTERA), "split": "train", "img_size": 64})
+    ds = build_pretrain_dataset({"name": "imagefolder", "root": str(hymenoptera), "split": "train", "img_size": 64})
     assert ds[paths.index(gif)].shape == (3, 64, 64) and torch.isfinite(ds[0]).all()

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
+from conftest import TINY_PRETRAIN_ARGS as TINY
 from greenmim.engine import load_checkpoint
-from test_cli_pretrain import TINY
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
@@ -24,7 +24,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     # 32 images / 2 ranks / batch 4 = 4 steps; effective batch 8
     assert "micro-batch 4 x accum 1 x world 2 = 8" in proc.stdout
     assert proc.stdout.count("epoch 1/1 step 4/4") == 1  # progress lines from rank 0 only
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     ckpt = load_checkpoint(out / "checkpoints" / "step-00000004.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rank_states"]) == 2

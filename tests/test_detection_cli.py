@@ -39,7 +39,7 @@ def test_configs_compose():
         assert list(cfg.sched.milestones_epochs) == steps and cfg.sched.name == "step"
         assert cfg.optim.blr == 1e-4 and cfg.optim.base_batch == 16 and cfg.optim.weight_decay == 0.05
         assert cfg.model.name == "swin_base_patch4_window7_224" and cfg.model.drop_path_rate == 0.3
-    quick = compose_cfg([])  # the default experiment
+    quick = compose_cfg(["experiment=detect_quick"])  # the demo runs only when named
     assert quick.data.name == "coco_synthetic" and quick.model.encoder_args.embed_dim == 32
 
 

@@ -155,5 +155,23 @@ def precheck_overrides(prog: str, config_name: str, argv: list) -> None:
         try:
             compose(config_name=config_name, overrides=overrides)
         except Exception as exc:
-            print(f"{prog}: error: {_friendly_composition_error(exc, config_name, overrides)}", file=sys.stderr, flush=True)
+            other = _experiment_task(overrides)
+            if other and other != config_name:  # e.g. its data= option is another task's: name the real cause
+                message = f"this experiment is a {other} recipe, not a {config_name} one: run it with greenmim-{other}"
+            else:
+                message = _friendly_composition_error(exc, config_name, overrides)
+            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
             sys.exit(2)
+
+
+def _experiment_task(overrides: list):
+    """The ``task:`` of the ``experiment=NAME`` given on the command line, if that file exists."""
+    from importlib import resources
+
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    if not names:
+        return None
+    path = resources.files(CONFIG_PATH.replace("pkg://", "")) / "experiment" / f"{names[-1]}.yaml"
+    if not path.is_file():
+        return None
+    return OmegaConf.create(path.read_text()).get("task")

@@ -1,0 +1,1 @@
+"""Hydra configs (data only); a package so that pkg:// search paths can name it."""
