@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import torch
 
 from conftest import TINY_PRETRAIN_ARGS as TINY
 from greenmim.engine import load_checkpoint
