@@ -4,22 +4,27 @@
   it works from a checkout (editable install) and from a plain ``pip install .`` alike.
 * :func:`trainer_config`, :func:`optim_config`, :func:`sched_config`: the ``trainer``/``optim``/``sched``
   config nodes as engine objects (unknown keys are errors that list the valid ones).
-* :func:`report_errors`: turns :class:`~greenmim.engine.errors.UserError` (bad data, bad config)
-  and non-finite losses into one ``<prog>: error: ...`` line on stderr and exit code 2/3.
+* :func:`report_errors`: turns :class:`~greenmim.engine.errors.UserError` (bad data, bad config),
+  non-finite losses and handled stop signals into one ``<prog>: ...`` line on stderr and the
+  documented exit code (2, 3, 128 + signal number).
+* :func:`run_app`: :mod:`.validate`'s range checks of every numeric key, then the task.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import difflib
+import errno
+import os
 import sys
 from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine.distributed import cleanup_distributed
-from ..engine.errors import ConfigError, NonFiniteLossError, UserError, one_line
+from ..engine.errors import EXIT_NONFINITE, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, Preempted, UserError, one_line
 from ..engine.trainer import OptimConfig, TrainerConfig
+from .validate import check_config
 
 CONFIG_PATH = "pkg://greenmim.configs"
 _TOP_LEVEL = ("output_dir", "resume", "seed", "config", "task")
@@ -74,22 +79,35 @@ def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
             raise ConfigError(
                 f"this experiment is a {cfg.task} recipe, not a {task} one: run it with greenmim-{cfg.task}"
             )
+        check_config(cfg, task)
         run(cfg)
 
 
 @contextlib.contextmanager
 def report_errors(prog: str):
-    """Print user errors as one line and exit (2: bad input, 3: non-finite loss); always leave the process group."""
+    """Print user errors as one line and exit with the documented code (README, "Exit codes"):
+    2 bad input (config, data, paths, a full disk), 3 non-finite loss, 128 + signal number after a
+    stop signal was handled (143 SIGTERM, 130 SIGINT, 138 SIGUSR1). Always leave the process group."""
     try:
         yield
     except UserError as exc:
-        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit(prog, f"error: {one_line(exc)}", EXIT_USER_ERROR)
     except NonFiniteLossError as exc:
-        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        _exit(prog, f"error: {one_line(exc)}", EXIT_NONFINITE)
+    except Preempted as exc:
+        _exit(prog, one_line(exc), exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = os.path.dirname(exc.filename) if exc.filename else "the output file system"
+        _exit(prog, f"error: no space left on {where}: free some space, then continue with resume=auto", EXIT_USER_ERROR)
     finally:
         cleanup_distributed()
+
+
+def _exit(prog: str, line: str, code: int) -> None:
+    print(f"{prog}: {line}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 _SKIP_PRECHECK = ("-m", "--multirun", "-h", "--help", "--hydra-help", "--info", "-cn", "--config-name", "-cp",
