@@ -17,10 +17,12 @@ import difflib
 import errno
 import os
 import sys
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..engine.checkpoint import load_checkpoint
 from ..engine.distributed import cleanup_distributed
 from ..engine.errors import EXIT_NONFINITE, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, Preempted, UserError, one_line
 from ..engine.trainer import OptimConfig, TrainerConfig
@@ -63,6 +65,40 @@ def optim_config(cfg: DictConfig) -> OptimConfig:
 
 def sched_config(cfg: DictConfig) -> Dict[str, Any]:
     return to_dict(cfg.sched)
+
+
+def load_pretrain_checkpoint(path: str) -> Dict[str, Any]:
+    """A ``greenmim-pretrain`` checkpoint (with its resolved config); a fine-tune or detection
+    checkpoint, or one without a config, is a :class:`UserError` naming what was given."""
+    ckpt = load_checkpoint(path)
+    config = ckpt.get("config") or {}
+    task = config.get("task")
+    if task not in (None, "pretrain"):
+        raise UserError(f"{path} is a greenmim-{task} checkpoint: pass a greenmim-pretrain checkpoint (checkpoints/step-*.pt of a pretraining run)")
+    if "model" not in config or "data" not in config:
+        raise UserError(f"{path} has no resolved config; it was not written by greenmim-pretrain")
+    return ckpt
+
+
+def output_file(output: str, default_name: str, suffixes: Sequence[str], inputs: Sequence[str]) -> Path:
+    """The file an ``-o`` option names: ``default_name`` inside it when it is a folder; it must end in
+    one of ``suffixes`` and must not be one of the ``inputs`` (a checkpoint would be replaced). Its
+    folder is created; failures are :class:`UserError`."""
+    out = Path(output).expanduser()
+    if out.is_dir():
+        out = out / default_name
+    if out.suffix.lower() not in suffixes:
+        raise UserError(f"-o {output}: the output file must end in {' or '.join(suffixes)}")
+    for src in inputs:
+        if out.exists() and Path(src).exists() and os.path.samefile(out, src):
+            raise UserError(f"-o {output} is the input {src}, which would be replaced: choose another output file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"-o {output}: cannot create {out.parent} ({exc.strerror or exc}): choose another output file") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"-o {output}: {out.parent} is not writable: choose another output file")
+    return out
 
 
 def launch(prog: str, task: str, hydra_app) -> None:
