@@ -47,7 +47,10 @@ def check_mask_ratio(mask_ratio: Any, img_size: Any, unit: int, key: str = "mode
         raise ConfigError(f"{key}={mask_ratio!r} is not a number: use a ratio in (0, 1), e.g. 0.75") from None
     if not 0.0 < ratio < 1.0:
         raise ConfigError(f"{key}={mask_ratio!r} is outside (0, 1): use a ratio in (0, 1), e.g. 0.75")
-    grid = unit_grid(image_hw(img_size), unit)
+    try:
+        grid = unit_grid(image_hw(img_size), unit)
+    except ValueError as exc:  # an image size that is not a multiple of the unit; the message names the fix
+        raise ConfigError(str(exc)) from None
     visible = num_visible_units(grid.num_units, ratio)
     if grid.num_units - visible < 1:
         raise ConfigError(
