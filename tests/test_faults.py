@@ -1,6 +1,5 @@
 """Faults and safety (issue 11): nothing lost, nothing written where it should not be, every bad value
 one line naming the fix with a non-zero exit. One test (or group) per numbered item of the issue."""
-import copy
 import errno
 import hashlib
 import json

@@ -25,6 +25,10 @@ Conventions:
   (any sampler with ``set_epoch`` works, but then a mid-epoch resume replays the epoch's batches
   from the start of the epoch instead of skipping exactly the consumed ones).
 * Only rank 0 writes; every rank calls every hook (they may contain collectives).
+* Nothing is lost: ``output_dir`` is checked (writable, no other run's checkpoints unless resuming)
+  before anything is written; an epoch's checkpoint is written before its evaluation; a stop signal
+  (SIGTERM, SIGINT, SIGUSR1) during :meth:`Trainer.fit` ends it after the current step with a
+  checkpoint and :class:`~greenmim.engine.errors.Preempted` (see :mod:`greenmim.engine.signals`).
 """
 from __future__ import annotations
 
@@ -59,7 +63,6 @@ from .distributed import (
     all_reduce_any,
     all_reduce_max,
     all_reduce_mean,
-    barrier,
     broadcast_object,
     get_rng_state,
     init_distributed,
