@@ -251,6 +251,41 @@ def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(baselin
     assert train_losses(out) == train_losses(baseline)
 
 
+class SignalledTask(ToyTask):
+    """Rank 1 alone receives SIGUSR1 after step 1 (of 2 per epoch)."""
+
+    def on_step_end(self, model, trainer):
+        if trainer.dist.rank == 1 and trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _preempted_rank(rank, init_file, out, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from greenmim.engine.errors import Preempted
+
+    trainer = toy_trainer(out, SignalledTask())
+    try:
+        trainer.fit()
+        results[rank] = "finished"
+    except Preempted as exc:
+        results[rank] = (trainer.step, exc.exit_code)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_all_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_preempted_rank, args=(str(tmp_path / "init"), str(tmp_path / "out"), results), nprocs=2)
+        results = dict(results)
+    assert results == {0: (1, 128 + signal.SIGUSR1), 1: (1, 128 + signal.SIGUSR1)}
+    ckpt = torch.load(tmp_path / "out" / "checkpoints" / "step-00000001.pt", weights_only=False)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], len(ckpt["rank_states"])) == (1, 0, 1, 2)
+
+
 def test_a_second_signal_exits_at_once(tmp_path):
     # the module alone (it imports nothing of greenmim), so that the subprocess starts in milliseconds
     module = Path(__file__).resolve().parents[1] / "greenmim" / "engine" / "signals.py"
