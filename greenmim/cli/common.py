@@ -136,7 +136,7 @@ def report_errors(prog: str):
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = os.path.dirname(exc.filename) if exc.filename else "the output file system"
-        _exit(prog, f"error: no space left on {where}: free some space, then continue with resume=auto", EXIT_USER_ERROR)
+        _exit(prog, f"error: no space left on {where}: free some space, then run again (a training run: with resume=auto)", EXIT_USER_ERROR)
     finally:
         cleanup_distributed()
 

@@ -86,7 +86,7 @@ def export_encoder(checkpoint: str, output: Optional[str] = None, verify: bool =
         save_file(state, str(out), metadata={"format": "pt", "greenmim": json.dumps(info)})
         out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     except OSError as exc:
-        raise write_error(exc, out) from exc
+        raise write_error(exc, out, then="then run the command again", elsewhere="-o") from exc
     return out, info
 
 

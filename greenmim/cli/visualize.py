@@ -59,7 +59,7 @@ def visualize(checkpoint: str, inputs: Sequence[str], output: str, mask_ratio: O
     try:
         return save_png(reconstruction_grid(model, images, ratio, seed=seed), out)
     except OSError as exc:
-        raise write_error(exc, out) from exc
+        raise write_error(exc, out, then="then run the command again", elsewhere="-o") from exc
 
 
 def main(argv=None) -> None:

@@ -59,13 +59,15 @@ def atomic_save(obj: Any, path: os.PathLike) -> Path:
     return path
 
 
-def write_error(exc: OSError, path: os.PathLike) -> UserError:
-    """The one-line error for a failed write of ``path`` (the file that was being replaced is intact)."""
+def write_error(exc: OSError, path: os.PathLike, then: str = "then continue with resume=auto",
+                elsewhere: str = "output_dir=") -> UserError:
+    """The one-line error for a failed write of ``path`` (the file that was being replaced is intact).
+    ``then``: how to carry on once there is space; ``elsewhere``: the option that picks another place."""
     folder = Path(path).parent
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return UserError(f"no space left on {folder} while writing {Path(path).name}; the previous files are kept: "
-                         "free some space (or lower trainer.keep_last), then continue with resume=auto")
-    return UserError(f"cannot write {path} ({exc.strerror or exc}): check the permissions of {folder} or choose another output_dir=")
+                         f"free some space, {then}")
+    return UserError(f"cannot write {path} ({exc.strerror or exc}): check the permissions of {folder} or choose another {elsewhere}")
 
 
 def load_checkpoint(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:

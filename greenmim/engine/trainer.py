@@ -279,6 +279,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.skipped_steps = 0
         self.last_checkpoint: Optional[Path] = None
+        self.signals: Optional[StopSignals] = None  # installed while fit() runs
         self.history: List[Dict[str, float]] = []  # per-epoch summaries
 
     # ------------------------------------------------------------------ setup
@@ -478,8 +479,8 @@ class Trainer:
     def _stop_if_signalled(self) -> None:
         """After a step or an epoch: if a stop signal reached any rank, checkpoint (all ranks) and raise
         :class:`Preempted`. The flag is all-reduced so that every rank stops at the same step."""
-        signals = getattr(self, "signals", None)
-        signum = all_reduce_max(signals.requested or 0 if signals is not None else 0, self.device)
+        pending = (self.signals.requested or 0) if self.signals is not None else 0
+        signum = all_reduce_max(pending, self.device)
         if not signum:
             return
         if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
