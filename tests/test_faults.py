@@ -94,6 +94,7 @@ DETECT_TINY = [
 
 
 def test_detect_leaves_a_given_data_root_byte_identical(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # data=coco's default data.root is the relative data/coco
     root = make_coco_root(tmp_path / "coco")
     before = snapshot(root)
     # the default experiment's data.synthetic leaking into a real data root: refused, nothing generated
@@ -104,7 +105,11 @@ def test_detect_leaves_a_given_data_root_byte_identical(tmp_path, monkeypatch, c
     code, err = run_cli(monkeypatch, capsys, "detect", "greenmim-detect", "data=coco_synthetic", f"data.root={root}",
                         f"output_dir={tmp_path / 'gen'}", *DETECT_TINY)
     assert_one_line(code, err, "greenmim-detect", r"writes generated files only under output_dir")
-    assert snapshot(root) == before
+    # explicit paths with the leaked data.synthetic: refused instead of generating into ./data/coco
+    code, err = run_cli(monkeypatch, capsys, "detect", "greenmim-detect", f"data.train_images={root / 'train2017'}",
+                        f"output_dir={tmp_path / 'paths'}", *DETECT_TINY)
+    assert_one_line(code, err, "greenmim-detect", r"data.synthetic generates a dataset but data.train_images names your own files")
+    assert snapshot(root) == before and not (tmp_path / "data").exists()
 
     from greenmim.cli.detect import run
 
