@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from .data import build_pretrain_dataset, build_train_loader, denormalize, eval_transform, image_hw
 from .data.mim_batches import MaskCollator, MIMBatch
 from .engine import ConfigError, DistInfo, TrainTask
-from .masking import unit_grid
+from .masking import num_visible_units, unit_grid
 from .models import create_pretrain_model, get_spec
 from .models.pretrain import unpatchify
 
@@ -36,6 +36,29 @@ def expected_unit(name: str, encoder_args: Mapping[str, Any]) -> int:
     patch = args.get("patch_size", 4)
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     return int(patch) * 2 ** (len(args.get("depths", (0, 0, 0, 0))) - 1)
+
+
+def check_mask_ratio(mask_ratio: Any, img_size: Any, unit: int, key: str = "model.mask_ratio") -> float:
+    """``mask_ratio`` as a float in (0, 1) that masks at least one unit and leaves at least one visible
+    in every sample of ``img_size`` images (``unit`` px units); raises :class:`ConfigError` naming ``key``.
+    The loss is a mean over masked units: with none masked it would be 0/0."""
+    try:
+        ratio = float(mask_ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={mask_ratio!r} is not a number: use a ratio in (0, 1), e.g. 0.75") from None
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"{key}={mask_ratio!r} is outside (0, 1): use a ratio in (0, 1), e.g. 0.75")
+    try:
+        grid = unit_grid(image_hw(img_size), unit)
+    except ValueError as exc:  # an image size that is not a multiple of the unit; the message names the fix
+        raise ConfigError(str(exc)) from None
+    visible = num_visible_units(grid.num_units, ratio)
+    if grid.num_units - visible < 1:
+        raise ConfigError(
+            f"{key}={ratio:g} masks none of the {grid.num_units} unit(s) of a {image_hw(img_size)} image ({unit} px units): "
+            f"raise the mask ratio or the image size so that at least one unit is masked and one visible"
+        )
+    return ratio
 
 
 def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Module:
@@ -60,6 +83,7 @@ def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Modu
             msg += " (choose a config with model=..., e.g. model=greenmim_swin_base_w7; `greenmim-pretrain --help` lists them)"
         raise ConfigError(msg) from exc
     check_windows(model.encoder, img_size)
+    check_mask_ratio(model_cfg.get("mask_ratio", 0.75), img_size, model.unit)
     return model
 
 

@@ -60,8 +60,10 @@ def test_every_mode_becomes_rgb_and_corrupt_files_raise(tmp_path, caplog):
             img = load_rgb(str(files[kind]))
             assert img.mode == "RGB" and img.size == (50, 40), kind
     assert "converting P (palette)" in caplog.text and "each mode is reported once" in caplog.text
+    with pytest.raises(CorruptImageError, match=r"cannot read image .*corrupt\.jpg .*remove or replace the file$"):
+        load_rgb(str(files["corrupt"]))  # no data.* hint: load_rgb also serves greenmim-visualize
     with pytest.raises(CorruptImageError, match=r"cannot read image .*corrupt\.jpg .*data\.on_corrupt=skip"):
-        load_rgb(str(files["corrupt"]))
+        ImageFiles([str(files["corrupt"])], pretrain_transform(64), on_corrupt="error")[0]
 
 
 def test_folder_lists_recursively_and_skips_corrupt_images(tmp_path, caplog):

@@ -78,7 +78,8 @@ def test_cli_reports_a_missing_annotation_file_in_one_line(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and "image folder not found" in err[0] and "data.root=" in err[0]
+    assert len(err) == 1 and "lacks the expected COCO files" in err[0] and "data.root=" in err[0]
+    assert "train2017" in err[0] and "instances_val2017.json" in err[0]  # every missing file is named
 
 
 def _gather_worker(rank, world, init_file, img_dir, ann, queue):

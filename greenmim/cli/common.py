@@ -4,22 +4,29 @@
   it works from a checkout (editable install) and from a plain ``pip install .`` alike.
 * :func:`trainer_config`, :func:`optim_config`, :func:`sched_config`: the ``trainer``/``optim``/``sched``
   config nodes as engine objects (unknown keys are errors that list the valid ones).
-* :func:`report_errors`: turns :class:`~greenmim.engine.errors.UserError` (bad data, bad config)
-  and non-finite losses into one ``<prog>: error: ...`` line on stderr and exit code 2/3.
+* :func:`report_errors`: turns :class:`~greenmim.engine.errors.UserError` (bad data, bad config),
+  non-finite losses and handled stop signals into one ``<prog>: ...`` line on stderr and the
+  documented exit code (2, 3, 128 + signal number).
+* :func:`run_app`: :mod:`.validate`'s range checks of every numeric key, then the task.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import difflib
+import errno
+import os
 import sys
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..engine.checkpoint import load_checkpoint
 from ..engine.distributed import cleanup_distributed
-from ..engine.errors import ConfigError, NonFiniteLossError, UserError, one_line
+from ..engine.errors import EXIT_NONFINITE, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, Preempted, UserError, one_line
 from ..engine.trainer import OptimConfig, TrainerConfig
+from .validate import check_config
 
 CONFIG_PATH = "pkg://greenmim.configs"
 _TOP_LEVEL = ("output_dir", "resume", "seed", "config", "task")
@@ -60,6 +67,40 @@ def sched_config(cfg: DictConfig) -> Dict[str, Any]:
     return to_dict(cfg.sched)
 
 
+def load_pretrain_checkpoint(path: str) -> Dict[str, Any]:
+    """A ``greenmim-pretrain`` checkpoint (with its resolved config); a fine-tune or detection
+    checkpoint, or one without a config, is a :class:`UserError` naming what was given."""
+    ckpt = load_checkpoint(path)
+    config = ckpt.get("config") or {}
+    task = config.get("task")
+    if task not in (None, "pretrain"):
+        raise UserError(f"{path} is a greenmim-{task} checkpoint: pass a greenmim-pretrain checkpoint (checkpoints/step-*.pt of a pretraining run)")
+    if "model" not in config or "data" not in config:
+        raise UserError(f"{path} has no resolved config; it was not written by greenmim-pretrain")
+    return ckpt
+
+
+def output_file(output: str, default_name: str, suffixes: Sequence[str], inputs: Sequence[str]) -> Path:
+    """The file an ``-o`` option names: ``default_name`` inside it when it is a folder; it must end in
+    one of ``suffixes`` and must not be one of the ``inputs`` (a checkpoint would be replaced). Its
+    folder is created; failures are :class:`UserError`."""
+    out = Path(output).expanduser()
+    if out.is_dir():
+        out = out / default_name
+    if out.suffix.lower() not in suffixes:
+        raise UserError(f"-o {output}: the output file must end in {' or '.join(suffixes)}")
+    for src in inputs:
+        if out.exists() and Path(src).exists() and os.path.samefile(out, src):
+            raise UserError(f"-o {output} is the input {src}, which would be replaced: choose another output file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"-o {output}: cannot create {out.parent} ({exc.strerror or exc}): choose another output file") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"-o {output}: {out.parent} is not writable: choose another output file")
+    return out
+
+
 def launch(prog: str, task: str, hydra_app) -> None:
     """Console entry point of a Hydra CLI: one-line errors for config typos, then the app."""
     precheck_overrides(prog, task, sys.argv[1:])
@@ -74,22 +115,35 @@ def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
             raise ConfigError(
                 f"this experiment is a {cfg.task} recipe, not a {task} one: run it with greenmim-{cfg.task}"
             )
+        check_config(cfg, task)
         run(cfg)
 
 
 @contextlib.contextmanager
 def report_errors(prog: str):
-    """Print user errors as one line and exit (2: bad input, 3: non-finite loss); always leave the process group."""
+    """Print user errors as one line and exit with the documented code (README, "Exit codes"):
+    2 bad input (config, data, paths, a full disk), 3 non-finite loss, 128 + signal number after a
+    stop signal was handled (143 SIGTERM, 130 SIGINT, 138 SIGUSR1). Always leave the process group."""
     try:
         yield
     except UserError as exc:
-        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit(prog, f"error: {one_line(exc)}", EXIT_USER_ERROR)
     except NonFiniteLossError as exc:
-        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        _exit(prog, f"error: {one_line(exc)}", EXIT_NONFINITE)
+    except Preempted as exc:
+        _exit(prog, one_line(exc), exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = os.path.dirname(exc.filename) if exc.filename else "the output file system"
+        _exit(prog, f"error: no space left on {where}: free some space, then run again (a training run: with resume=auto)", EXIT_USER_ERROR)
     finally:
         cleanup_distributed()
+
+
+def _exit(prog: str, line: str, code: int) -> None:
+    print(f"{prog}: {line}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 _SKIP_PRECHECK = ("-m", "--multirun", "-h", "--help", "--hydra-help", "--info", "-cn", "--config-name", "-cp",

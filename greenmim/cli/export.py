@@ -22,9 +22,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from ..engine.checkpoint import load_checkpoint
+from ..engine.checkpoint import write_error
 from ..engine.errors import UserError
-from .common import report_errors
+from .common import load_pretrain_checkpoint, output_file, report_errors
 
 PROG = "greenmim-export"
 ENCODER_PREFIX = "encoder."
@@ -72,20 +72,21 @@ def export_encoder(checkpoint: str, output: Optional[str] = None, verify: bool =
     Returns the path and a description ``{"timm_name", "model_args", "step", "checkpoint"}`` (also
     written to ``<output>.json`` and into the safetensors metadata).
     """
-    ckpt = load_checkpoint(checkpoint)
-    config = ckpt.get("config") or {}
-    if "model" not in config:
-        raise UserError(f"{checkpoint} has no resolved config; it was not written by greenmim-pretrain")
+    ckpt = load_pretrain_checkpoint(checkpoint)
+    config = ckpt["config"]
     name = config["model"]["name"]
     args = timm_model_args(config)
     state = encoder_state_dict(ckpt)
     if verify:
         check_against_timm(name, args, state)
-    out = Path(output) if output else Path(checkpoint).with_name(f"{Path(checkpoint).stem}-encoder.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    default_name = f"{Path(checkpoint).stem}-encoder.safetensors"
+    out = output_file(output or str(Path(checkpoint).with_name(default_name)), default_name, (".safetensors",), [checkpoint])
     info = {"timm_name": name, "model_args": args, "step": int(ckpt.get("step", 0)), "method": config["model"].get("method"), "checkpoint": str(checkpoint)}
-    save_file(state, str(out), metadata={"format": "pt", "greenmim": json.dumps(info)})
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        save_file(state, str(out), metadata={"format": "pt", "greenmim": json.dumps(info)})
+        out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    except OSError as exc:
+        raise write_error(exc, out, then="then run the command again", elsewhere="-o") from exc
     return out, info
 
 

@@ -34,7 +34,7 @@ from ..finetune.checkpoint_loading import load_pretrained, read_checkpoint
 from ..finetune.data import build_classification_data
 from ..finetune.evaluate import build_eval_loader, evaluate
 from ..finetune.model import create_classifier
-from ..finetune.task import BEST_NAME, FinetuneTask, model_kwargs
+from ..finetune.task import BEST_NAME, FinetuneTask, check_validation_images, model_kwargs
 from .common import CONFIG_PATH, launch, optim_config, run_app, sched_config, to_dict, trainer_config
 
 PROG = "greenmim-finetune"
@@ -93,6 +93,7 @@ def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     setup_logging(output_dir, dist.rank)
     data = build_classification_data(cfg.data, cfg.aug, need_train=False)
+    check_validation_images(data)
     path = eval_checkpoint(cfg, output_dir)
     raw = read_checkpoint(path)
     classes = raw.get("classes")

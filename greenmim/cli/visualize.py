@@ -17,10 +17,10 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..data import eval_transform, list_folder, load_rgb
-from ..engine.checkpoint import load_checkpoint
-from ..engine.errors import UserError
-from ..pretraining import build_pretrain_model, reconstruction_grid, save_png
-from .common import report_errors
+from ..engine.checkpoint import write_error
+from ..engine.errors import ConfigError, UserError
+from ..pretraining import build_pretrain_model, check_mask_ratio, reconstruction_grid, save_png
+from .common import load_pretrain_checkpoint, output_file, report_errors
 
 PROG = "greenmim-visualize"
 
@@ -29,7 +29,7 @@ def collect_images(inputs: Sequence[str], max_images: int) -> List[str]:
     paths: List[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += list_folder(item)
+            paths += list_folder(item, what="the folder argument")
         elif os.path.isfile(item):
             paths.append(item)
         else:
@@ -40,20 +40,26 @@ def collect_images(inputs: Sequence[str], max_images: int) -> List[str]:
 def visualize(checkpoint: str, inputs: Sequence[str], output: str, mask_ratio: Optional[float] = None,
               seed: int = 0, img_size: Optional[int] = None, max_images: int = 8) -> Path:
     """Render the reconstruction grid of ``inputs`` with the model of ``checkpoint`` into ``output``."""
-    ckpt = load_checkpoint(checkpoint)
-    config = ckpt.get("config") or {}
-    if "model" not in config:
-        raise UserError(f"{checkpoint} has no resolved config; it was not written by greenmim-pretrain")
+    ckpt = load_pretrain_checkpoint(checkpoint)
+    config = ckpt["config"]
+    out = output_file(output, "reconstructions.png", (".png", ".jpg", ".jpeg"), [checkpoint, *inputs])
     size = img_size or config["data"]["img_size"]
-    model = build_pretrain_model(config["model"], size)
+    try:
+        model = build_pretrain_model(config["model"], size)
+    except ConfigError as exc:  # name this command's option, not the training config key
+        raise UserError(str(exc).replace("data.img_size", "--img-size")) from None
+    ratio = config["model"].get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
+    check_mask_ratio(ratio, size, model.unit, key="--mask-ratio")
     model.load_state_dict(ckpt["model"])
     transform = eval_transform(size)
     paths = collect_images(inputs, max_images)
     if not paths:
         raise UserError("no images given: pass image files or folders after the checkpoint")
     images = torch.stack([transform(load_rgb(p)) for p in paths])
-    ratio = config["model"].get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
-    return save_png(reconstruction_grid(model, images, ratio, seed=seed), Path(output))
+    try:
+        return save_png(reconstruction_grid(model, images, ratio, seed=seed), out)
+    except OSError as exc:
+        raise write_error(exc, out, then="then run the command again", elsewhere="-o") from exc
 
 
 def main(argv=None) -> None:

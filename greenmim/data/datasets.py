@@ -41,10 +41,12 @@ class ImageFiles(Dataset):
         max_consecutive_skips: give up after this many unreadable files in a row.
         targets: optional labels, one per path; then an item is ``(image, label)`` of the file
             actually read (a skipped file's replacement keeps its own label). Used by fine-tuning.
+        corrupt_hint: appended to the error for an unreadable file under ``on_corrupt="error"``
+            (the default names ``data.on_corrupt=skip``; validation sets, which never skip, say so).
     """
 
     def __init__(self, paths: Sequence[str], transform: Callable, on_corrupt: str = "skip", max_consecutive_skips: int = 50,
-                 targets: Optional[Sequence[int]] = None):
+                 targets: Optional[Sequence[int]] = None, corrupt_hint: str = "or set data.on_corrupt=skip to skip such files"):
         if on_corrupt not in CORRUPT_POLICIES:
             raise DataError(f"data.on_corrupt must be one of {', '.join(CORRUPT_POLICIES)}, got '{on_corrupt}'")
         if targets is not None and len(targets) != len(paths):
@@ -53,6 +55,7 @@ class ImageFiles(Dataset):
         self.targets = None if targets is None else list(targets)
         self.transform = transform
         self.on_corrupt = on_corrupt
+        self.corrupt_hint = corrupt_hint
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped = 0  # per process (each DataLoader worker counts its own)
 
@@ -65,9 +68,9 @@ class ImageFiles(Dataset):
             path = self.paths[i]
             try:
                 img = load_rgb(path)
-            except CorruptImageError:
+            except CorruptImageError as exc:
                 if self.on_corrupt == "error":
-                    raise
+                    raise CorruptImageError(f"{exc}, {self.corrupt_hint}") from None
                 self.skipped += 1
                 log.warning("skipping unreadable image %s (%d skipped in this process); set data.on_corrupt=error to stop instead",
                             path, self.skipped)
@@ -98,15 +101,16 @@ def list_imagefolder(root: str, split: Optional[str] = "train") -> List[str]:
     return [path for path, _ in samples]
 
 
-def list_folder(root: str) -> List[str]:
-    """Every image file below ``root`` (recursive, sorted, hidden folders skipped)."""
-    root = check_root(root)
+def list_folder(root: str, what: str = "data.root") -> List[str]:
+    """Every image file below ``root`` (recursive, sorted, hidden folders skipped); ``what`` names
+    the option or argument that gave ``root``, for the error messages."""
+    root = check_root(root, what)
     paths = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         paths += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f) and not f.startswith(".")]
     if not paths:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}: check data.root")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}: check {what}")
     return paths
 
 

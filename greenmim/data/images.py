@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Set
+from typing import List, Sequence, Set, Tuple
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -69,9 +69,39 @@ def load_rgb(path: str) -> Image.Image:
     except Exception as exc:  # PIL raises many types for bad files
         reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
         raise CorruptImageError(
-            f"cannot read image {path} ({reason}); remove or replace the file, or set data.on_corrupt=skip"
+            f"cannot read image {path} ({reason}); remove or replace the file"
         ) from exc
     return to_rgb(img, path)
+
+
+#: validation sets up to this many images are decoded in full before training; larger ones only have
+#: their headers read (a few ms per file), so a bad set fails in seconds, not after an epoch
+DECODE_CHECK_LIMIT = 2000
+
+
+def unreadable_images(paths: Sequence[str], decode_limit: int = DECODE_CHECK_LIMIT) -> List[Tuple[str, str]]:
+    """``[(path, why), ...]`` of the files that do not open (all decoded when there are at most
+    ``decode_limit``, else headers only)."""
+    full = len(paths) <= decode_limit
+    bad = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                if full:
+                    img.load()
+        except Exception as exc:  # PIL raises many types for bad files
+            bad.append((path, f"{type(exc).__name__}: {exc}".replace("\n", " ")))
+    return bad
+
+
+def check_images(paths: Sequence[str], what: str, hint: str) -> None:
+    """Raise :class:`CorruptImageError` naming the unreadable files among ``paths`` (``what``: e.g.
+    "validation image(s)"; ``hint``: the fix)."""
+    bad = unreadable_images(paths)
+    if bad:
+        examples = "; ".join(f"{p} ({why})" for p, why in bad[:3])
+        raise CorruptImageError(f"{len(bad)} unreadable {what}, e.g. {examples}: {hint}")
 
 
 def check_root(root, what: str = "data.root") -> str:

@@ -106,7 +106,7 @@ class TimmTrunk(nn.Module):
             # fine-tuning loader unchanged; the head and the final norm are pruned right after
             model = timm.create_model(name, pretrained=False, **kwargs)
         except TypeError as exc:
-            raise ConfigError(f"model.overrides do not fit {name}: {exc}") from exc
+            raise ConfigError(f"model.encoder_args do not fit {name}: {exc}") from exc
         if len(model.feature_info) != 4:
             raise ConfigError(f"{name} has {len(model.feature_info)} stages; the detection backbone needs 4")
         self.load_report: Optional[LoadReport] = None

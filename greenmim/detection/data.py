@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..data.images import DECODE_CHECK_LIMIT
 from ..engine.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,31 @@ def check_box(ann: Dict[str, Any], width: int, height: int) -> Optional[str]:
     return None
 
 
+def check_segmentation(seg: Any) -> Optional[str]:
+    """Why a ``segmentation`` cannot be turned into a mask, or None when it can (an empty one is
+    :func:`check_box`'s concern). Polygons need an even number of finite coordinates and at least
+    3 points each; RLEs a ``size`` and ``counts``."""
+    if not seg:
+        return None
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2) or "counts" not in seg:
+            return "RLE segmentation lacks size [h, w] or counts"
+        return None
+    if not isinstance(seg, list):
+        return "segmentation is neither a list of polygons nor an RLE"
+    for poly in seg:
+        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+            return "polygon is not a flat list of numbers [x1, y1, x2, y2, ...]"
+        if len(poly) % 2:
+            return f"polygon has an odd number of coordinates ({len(poly)})"
+        if len(poly) < 6:
+            return f"polygon has {len(poly) // 2} point(s), fewer than 3"
+        if not all(math.isfinite(v) for v in poly):
+            return "polygon has non-finite coordinates"
+    return None
+
+
 @dataclass
 class DataReport:
     """What construction dropped, for the log and the closing metrics."""
@@ -211,13 +237,13 @@ class CocoDetection(Dataset):
         self.ann_file = ann_file
         self.train = train
         self.flip_prob = flip_prob
-        dataset = load_coco_json(ann_file)
+        self.report = DataReport()
+        dataset = self._drop_bad_segmentations(load_coco_json(ann_file), bad_boxes)
         self.coco = quiet_coco(dataset)
         self.cat_ids: List[int] = sorted(self.coco.getCatIds())
         self.cat_to_label: Dict[int, int] = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat: Dict[int, int] = {i + 1: c for i, c in enumerate(self.cat_ids)}
         self.class_names: List[str] = [self.coco.cats[c].get("name", str(c)) for c in self.cat_ids]
-        self.report = DataReport()
         self.ids, self.anns = self._scan(bad_boxes, missing_images, filter_empty, max_images)
         self.report.images = len(self.ids)
         if not self.ids:
@@ -231,6 +257,27 @@ class CocoDetection(Dataset):
     def num_classes(self) -> int:
         """Object classes K (labels 1..K; Mask R-CNN gets K + 1 with the background)."""
         return len(self.cat_ids)
+
+    def _note_bad(self, msg: str, bad_boxes: str) -> None:
+        """Count a malformed annotation (``bad_boxes="skip"``) or raise naming it (``"error"``)."""
+        if bad_boxes == "error":
+            raise CocoFormatError(f"{self.ann_file}: {msg} (set data.bad_boxes=skip to drop such annotations with a count)")
+        self.report.bad_annotations += 1
+        if len(self.report.examples) < 5:
+            self.report.examples.append(msg)
+
+    def _drop_bad_segmentations(self, dataset: Dict[str, Any], bad_boxes: str) -> Dict[str, Any]:
+        """``dataset`` without the annotations whose segmentation cannot be decoded (polygons of fewer
+        than 3 points, odd coordinate counts, broken RLEs): pycocotools would crash on them in
+        training and in evaluation, where the ground truth is this index."""
+        kept = []
+        for ann in dataset["annotations"]:
+            why = check_segmentation(ann.get("segmentation"))
+            if why is None:
+                kept.append(ann)
+            else:
+                self._note_bad(f"annotation {ann['id']} of image id {ann['image_id']}: {why}", bad_boxes)
+        return {**dataset, "annotations": kept}
 
     def _scan(self, bad_boxes: str, missing_images: str, filter_empty: bool, max_images: int):
         ids, anns_of = [], {}
@@ -248,14 +295,7 @@ class CocoDetection(Dataset):
                     continue
                 why = check_box(ann, info["width"], info["height"])
                 if why is not None:
-                    msg = f"annotation {ann['id']} of image {info['file_name']}: {why}"
-                    if bad_boxes == "error":
-                        raise CocoFormatError(
-                            f"{self.ann_file}: {msg} (set data.bad_boxes=skip to drop such annotations with a count)"
-                        )
-                    report.bad_annotations += 1
-                    if len(report.examples) < 5:
-                        report.examples.append(msg)
+                    self._note_bad(f"annotation {ann['id']} of image {info['file_name']}: {why}", bad_boxes)
                     continue
                 usable.append(ann)
             if filter_empty and not usable:
@@ -279,6 +319,29 @@ class CocoDetection(Dataset):
                 report.bad_annotations, self.ann_file, "; ".join(report.examples[:3]),
             )
         return ids, anns_of
+
+    def check_images(self, decode_limit: int = DECODE_CHECK_LIMIT) -> None:
+        """Raise before training when a listed image does not open or its size differs from the JSON
+        (decoded in full for up to ``decode_limit`` images, headers only beyond), rather than in the
+        middle of an evaluation."""
+        full = len(self.ids) <= decode_limit
+        for img_id in self.ids:
+            info = self.coco.imgs[img_id]
+            path = os.path.join(self.img_dir, info["file_name"])
+            try:
+                with Image.open(path) as im:
+                    if full:
+                        im.load()
+                    size = (im.width, im.height)
+            except Exception as exc:  # PIL raises many types for bad files
+                raise CocoFileNotFoundError(
+                    f"cannot read image {path} ({type(exc).__name__}: {exc}): remove or replace it, or drop it from {self.ann_file}"
+                ) from None
+            if size != (info["width"], info["height"]):
+                raise CocoFormatError(
+                    f"{path} is {size[0]}x{size[1]} but {self.ann_file} says {info['width']}x{info['height']}: "
+                    f"fix the file's width/height entries"
+                )
 
     def __len__(self) -> int:
         return len(self.ids)

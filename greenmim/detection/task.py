@@ -23,6 +23,7 @@ from ..engine.distributed import DistInfo, broadcast_object
 from ..engine.errors import ConfigError
 from ..engine.optim import no_weight_decay_names
 from ..engine.sampler import ResumableDistributedSampler, SeededDataset
+from ..engine.signals import ignore_stop_signals
 from ..engine.trainer import TrainTask, unwrap
 from ..finetune.layer_decay import layer_id_fn
 from ..models import get_spec
@@ -64,6 +65,7 @@ def build_datasets(data: Mapping[str, Any], train: bool = True) -> Tuple[Optiona
         data["val_images"], data["val_ann"], train=False, flip_prob=0.0, filter_empty=False,
         max_images=int(data.get("max_val_images", 0) or 0), **common,
     )
+    val_set.check_images()  # a bad validation image fails now, not after the first epoch
     if train_set is not None and train_set.cat_ids != val_set.cat_ids:
         raise CocoFormatError(
             f"training and validation files define different categories ({train_set.cat_ids[:5]}... vs "
@@ -127,7 +129,8 @@ def evaluate_coco(
     was_training = model.training
     model.eval()
     loader = DataLoader(shard(dataset, dist), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+                        collate_fn=collate, worker_init_fn=ignore_stop_signals,
+                        generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat)
     for i, (images, targets) in enumerate(loader):
         outputs = model([im.to(device, non_blocking=True) for im in images])

@@ -7,6 +7,7 @@
 * :mod:`.optim`, :mod:`.schedule`, :mod:`.precision` — AdamW groups, lr schedules, autocast/scaler.
 * :mod:`.sampler` — resumable distributed sampler and per-sample augmentation seeds.
 * :mod:`.monitor` — logging, TensorBoard, throughput.
+* :mod:`.signals` — graceful stop on SIGTERM / SIGINT / SIGUSR1 (preemption).
 """
 from .checkpoint import CheckpointManager, atomic_save, find_latest, load_checkpoint, resolve_resume
 from .distributed import (
@@ -19,7 +20,7 @@ from .distributed import (
     init_distributed,
     seed_everything,
 )
-from .errors import ConfigError, NonFiniteLossError, UserError, one_line
+from .errors import ConfigError, NonFiniteLossError, Preempted, UserError, one_line
 from .monitor import MetricsWriter, setup_logging
 from .optim import build_optimizer, default_param_groups, no_weight_decay_names, scaled_lr
 from .precision import Precision
@@ -36,5 +37,5 @@ __all__ = [
     "LRSchedule", "WarmupCosine", "WarmupStep", "SCHEDULES", "build_schedule", "apply_lr",
     "Precision", "ResumableDistributedSampler", "SeededDataset",
     "MetricsWriter", "setup_logging",
-    "UserError", "ConfigError", "NonFiniteLossError", "one_line",
+    "UserError", "ConfigError", "NonFiniteLossError", "Preempted", "one_line",
 ]

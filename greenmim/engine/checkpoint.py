@@ -13,15 +13,16 @@ A checkpoint is a dict (see :meth:`greenmim.engine.Trainer.state_dict`)::
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +32,49 @@ _STEP_RE = re.compile(r"step-(\d+)\.pt$")
 
 
 def atomic_save(obj: Any, path: os.PathLike) -> Path:
-    """``torch.save`` to ``path`` via a temporary file and :func:`os.replace` (atomic on POSIX)."""
+    """``torch.save`` to ``path`` via a temporary file and :func:`os.replace` (atomic on POSIX).
+
+    On failure the temporary file is removed and an existing ``path`` is left as it was; a full disk
+    or a read-only folder raises :class:`UserError` ("no space left on <folder>" / "cannot write").
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(exc, path) from exc
+    except RuntimeError as exc:  # torch.save wraps the OSError of a failed write in a RuntimeError
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, OSError):
+            raise write_error(cause, path) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
+def write_error(exc: OSError, path: os.PathLike, then: str = "then continue with resume=auto",
+                elsewhere: str = "output_dir=") -> UserError:
+    """The one-line error for a failed write of ``path`` (the file that was being replaced is intact).
+    ``then``: how to carry on once there is space; ``elsewhere``: the option that picks another place."""
+    folder = Path(path).parent
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space left on {folder} while writing {Path(path).name}; the previous files are kept: "
+                         f"free some space, {then}")
+    return UserError(f"cannot write {path} ({exc.strerror or exc}): check the permissions of {folder} or choose another {elsewhere}")
+
+
 def load_checkpoint(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     """Load a checkpoint written by the trainer; raises :class:`UserError` naming the problem."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path} (pass resume=auto to continue from output_dir, or an existing .pt file)")
+        raise UserError(f"checkpoint not found: {path} (pass the path of an existing checkpoints/step-*.pt file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated or foreign file
@@ -76,21 +99,45 @@ def list_checkpoints(output_dir: os.PathLike) -> List[Path]:
     return sorted(files, key=lambda p: (checkpoint_step(p), p.name.startswith("step-")), reverse=True)
 
 
-def find_latest(output_dir: os.PathLike) -> Optional[Path]:
-    """The newest checkpoint in ``output_dir`` that loads; unreadable ones are skipped with a warning."""
+def scan_latest(output_dir: os.PathLike) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """``(newest readable checkpoint or None, [(newer unreadable checkpoint, why), ...])``.
+
+    Raises :class:`UserError` listing them when checkpoints exist but none can be read: a resume
+    must never silently restart from scratch over them.
+    """
+    skipped: List[Tuple[Path, str]] = []
     for path in list_checkpoints(output_dir):
         try:
             load_checkpoint(path)
-            return path
+            return path, skipped
         except UserError as exc:
-            log.warning("skipping unreadable checkpoint: %s", exc)
-    return None
+            skipped.append((path, one_line(exc)))
+    if skipped:
+        names = ", ".join(p.name for p, _ in skipped[:4]) + (" ..." if len(skipped) > 4 else "")
+        raise UserError(
+            f"none of the {len(skipped)} checkpoint(s) in {Path(output_dir) / CHECKPOINT_DIR} can be read ({names}; "
+            f"{skipped[0][1]}); nothing was deleted: restore a good copy there, or start over with a fresh output_dir="
+        )
+    return None, skipped
+
+
+def find_latest(output_dir: os.PathLike) -> Optional[Path]:
+    """The newest checkpoint in ``output_dir`` that loads (None when there is none); newer unreadable
+    ones are skipped with a warning, and all of them unreadable is an error (see :func:`scan_latest`)."""
+    latest, skipped = scan_latest(output_dir)
+    for path, why in skipped:
+        log.warning("skipping unreadable checkpoint %s: %s", path, why)
+    return latest
+
+
+def is_no_resume(resume: Any) -> bool:
+    return resume in (None, "", False, "false", "False", "none", "null")
 
 
 def resolve_resume(resume: Optional[str], output_dir: os.PathLike) -> Optional[Path]:
     """``None``/``""``/``false`` -> no resume; ``auto`` -> the latest valid checkpoint in ``output_dir``
     (``None`` when there is none: a fresh start); anything else -> that file, which must exist."""
-    if resume in (None, "", False, "false", "False", "none", "null"):
+    if is_no_resume(resume):
         return None
     if str(resume) == "auto":
         return find_latest(output_dir)
@@ -103,6 +150,53 @@ def resolve_resume(resume: Optional[str], output_dir: os.PathLike) -> Optional[P
     if not path.is_file():
         raise UserError(f"resume={resume}: no such file (use resume=auto to continue from output_dir)")
     return path
+
+
+def set_aside(unreadable: List[Tuple[Path, str]]) -> List[Path]:
+    """Move unreadable checkpoints (``(path, why)`` pairs) to ``checkpoints/unreadable/``: never delete
+    what could not be read, and keep rotation and later ``resume=auto`` clear of them. Returns the new paths."""
+    moved = []
+    for path, why in unreadable:
+        target = path.parent / "unreadable" / path.name
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        log.warning("skipped unreadable checkpoint %s (%s); moved it to %s", path.name, why, target)
+        moved.append(target)
+    return moved
+
+
+def check_output_dir(output_dir: os.PathLike) -> None:
+    """Create ``output_dir`` and write a probe file in it; raises :class:`UserError` when it cannot."""
+    folder = Path(output_dir)
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on {folder}: free some space or choose another output_dir=") from None
+        raise UserError(f"output_dir={folder} cannot be created or written ({exc.strerror or exc}): choose another output_dir=") from None
+
+
+def check_one_run(output_dir: os.PathLike, resume: Optional[str], resume_path: Optional[Path], ignore: Sequence[Path] = ()) -> None:
+    """Refuse to mix two runs in one folder: a fresh run into a folder holding checkpoints, or a
+    resume from a checkpoint older than the folder's newest (rotation would then delete the new files).
+    ``ignore``: checkpoints about to be set aside as unreadable."""
+    existing = [p for p in list_checkpoints(output_dir) if p not in set(ignore)]
+    if not existing:
+        return
+    newest = existing[0]
+    if is_no_resume(resume):
+        raise UserError(
+            f"output_dir={output_dir} already holds checkpoints of another run (newest {newest.name}): "
+            "continue it with resume=auto, or choose a fresh output_dir="
+        )
+    if resume_path is not None and checkpoint_step(resume_path) < checkpoint_step(newest):
+        raise UserError(
+            f"resume={resume} is older than {newest.name} in output_dir={output_dir}: continuing there would mix the "
+            "two histories; use resume=auto to continue from the newest, or a fresh output_dir= to branch"
+        )
 
 
 class CheckpointManager:
@@ -136,6 +230,7 @@ class CheckpointManager:
         return path
 
     def prune(self) -> None:
+        """Delete the rolling checkpoints beyond the newest ``keep_last``."""
         rolling = sorted(self.folder.glob("step-*.pt"), key=checkpoint_step, reverse=True)
         for old in rolling[self.keep_last :]:
             old.unlink(missing_ok=True)

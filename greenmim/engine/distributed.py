@@ -111,6 +111,15 @@ def all_reduce_any(flag: bool, device: Optional[torch.device] = None) -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_max(value: int, device: Optional[torch.device] = None) -> int:
+    """The largest ``value`` over ranks (e.g. a pending signal number, 0 for none)."""
+    if not is_dist():
+        return int(value)
+    t = torch.tensor([float(value)], device=device if tdist.get_backend() == "nccl" else "cpu")
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` as held by rank ``src`` (e.g. a time-stamped output folder resolved on rank 0)."""
     if not is_dist():

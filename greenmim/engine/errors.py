@@ -18,6 +18,27 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf and ``trainer.nonfinite=stop``; the last good checkpoint is kept."""
 
 
+class Preempted(RuntimeError):
+    """A stop signal (SIGTERM, SIGINT, SIGUSR1) ended training after a checkpoint was written.
+
+    ``exit_code`` is ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1), the
+    code a shell reports for a process killed by that signal, so schedulers see the usual status.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+#: exit codes of the command-line tools (documented in the README's "Exit codes" table)
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+
+
 def one_line(err: BaseException) -> str:
     """The user-facing line of ``err``.
 

@@ -25,6 +25,10 @@ Conventions:
   (any sampler with ``set_epoch`` works, but then a mid-epoch resume replays the epoch's batches
   from the start of the epoch instead of skipping exactly the consumed ones).
 * Only rank 0 writes; every rank calls every hook (they may contain collectives).
+* Nothing is lost: ``output_dir`` is checked (writable, no other run's checkpoints unless resuming)
+  before anything is written; an epoch's checkpoint is written before its evaluation; a stop signal
+  (SIGTERM, SIGINT, SIGUSR1) during :meth:`Trainer.fit` ends it after the current step with a
+  checkpoint and :class:`~greenmim.engine.errors.Preempted` (see :mod:`greenmim.engine.signals`).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -41,12 +46,23 @@ import torch.distributed as tdist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import FORMAT, CheckpointManager, load_checkpoint, resolve_resume
+from .checkpoint import (
+    FORMAT,
+    CheckpointManager,
+    check_one_run,
+    check_output_dir,
+    checkpoint_step,
+    load_checkpoint,
+    resolve_resume,
+    scan_latest,
+    set_aside,
+    write_error,
+)
 from .distributed import (
     DistInfo,
     all_reduce_any,
+    all_reduce_max,
     all_reduce_mean,
-    barrier,
     broadcast_object,
     get_rng_state,
     init_distributed,
@@ -54,11 +70,12 @@ from .distributed import (
     seed_everything,
     set_rng_state,
 )
-from .errors import ConfigError, NonFiniteLossError, UserError
+from .errors import ConfigError, NonFiniteLossError, Preempted, UserError, one_line
 from .monitor import MetricsWriter, Throughput, format_eta, peak_memory_gb, setup_logging
 from .optim import build_optimizer, scaled_lr
 from .precision import Precision
 from .schedule import LRSchedule, apply_lr, build_schedule
+from .signals import StopSignals, with_ignored_stop_signals
 
 log = logging.getLogger("greenmim")
 
@@ -262,6 +279,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.skipped_steps = 0
         self.last_checkpoint: Optional[Path] = None
+        self.signals: Optional[StopSignals] = None  # installed while fit() runs
         self.history: List[Dict[str, float]] = []  # per-epoch summaries
 
     # ------------------------------------------------------------------ setup
@@ -270,25 +288,20 @@ class Trainer:
         self.dist = init_distributed(cfg.device)
         self.device = self.dist.device
         self.output_dir = Path(broadcast_object(str(Path(cfg.output_dir).expanduser().resolve())))
-        setup_logging(self.output_dir, self.dist.rank)
-        if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.config:
-                from omegaconf import OmegaConf
-
-                (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg.config)))
-        self.precision = Precision(cfg.precision, self.device)
-
         # resolved on rank 0 and shared, errors included, so that no rank waits for a failed one
-        error, resume = None, None
+        error, resume, unreadable = None, None, []
         if self.dist.is_main:
             try:
-                resume = resolve_resume(cfg.resume, self.output_dir)
+                resume, unreadable = self._resolve_output_dir()
             except UserError as exc:
                 error = str(exc)
         error, self._resume_path = broadcast_object((error, str(resume) if resume else None))
         if error:
             raise UserError(error)
+        setup_logging(self.output_dir, self.dist.rank)
+        if unreadable:
+            set_aside(unreadable)
+        self.precision = Precision(cfg.precision, self.device)
 
         seed_everything(cfg.seed)  # the same initial weights whatever the world size
         model = self.task.build_model()
@@ -296,6 +309,7 @@ class Trainer:
         enable_grad_checkpointing(model, cfg.grad_checkpointing)
         model.to(self.device)
         self.loader = self.task.build_train_loader(self.dist, cfg.seed)
+        self.loader.worker_init_fn = with_ignored_stop_signals(self.loader.worker_init_fn)
         if self.device.type == "cpu":
             leave_cores_for_loader_workers(self.loader.num_workers, self.dist.world_size)
         micro_batch = self.loader.batch_size or 1
@@ -330,6 +344,7 @@ class Trainer:
         elif cfg.resume and str(cfg.resume) == "auto":
             log.info("resume=auto: no checkpoint in %s, starting from scratch", self.output_dir)
 
+        self._write_config()
         n_params = sum(p.numel() for p in unwrap(self.model).parameters())
         log.info(
             "device %s x%d | precision %s | params %.2fM | micro-batch %d x accum %d x world %d = %d | lr %.3g | "
@@ -338,6 +353,30 @@ class Trainer:
             self.dist.world_size, self.effective_batch, self.peak_lr, self.total_steps, self.steps_per_epoch,
             self.epochs, self.output_dir,
         )
+
+    def _resolve_output_dir(self) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+        """Rank 0, before anything is written: check ``output_dir`` is writable, resolve ``resume``
+        and refuse to mix runs. Returns ``(checkpoint to resume, [(newer unreadable checkpoint, why)])``."""
+        cfg = self.cfg
+        check_output_dir(self.output_dir)
+        unreadable: List[Tuple[Path, str]] = []
+        if str(cfg.resume) == "auto":
+            resume, unreadable = scan_latest(self.output_dir)
+        else:
+            resume = resolve_resume(cfg.resume, self.output_dir)
+        check_one_run(self.output_dir, cfg.resume, resume, ignore=[p for p, _ in unreadable])
+        return resume, unreadable
+
+    def _write_config(self) -> None:
+        """``config.yaml`` (rank 0), once the model, data and optimizer were built from it."""
+        if self.dist.is_main and self.cfg.config:
+            from omegaconf import OmegaConf
+
+            text = OmegaConf.to_yaml(OmegaConf.create(self.cfg.config))
+            try:
+                (self.output_dir / "config.yaml").write_text(text)
+            except OSError as exc:
+                raise write_error(exc, self.output_dir / "config.yaml") from exc
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -366,23 +405,42 @@ class Trainer:
         }
 
     def save(self, epoch_completed: Optional[int] = None) -> None:
-        """Write a checkpoint of the current state (rank 0; collective)."""
+        """Write a checkpoint of the current state (rank 0; collective). ``epoch_completed`` (1-based):
+        the checkpoint ends that epoch, so it records the start of the next one as its position."""
         state = self.state_dict()
+        if epoch_completed is not None:
+            state["epoch"], state["batch_in_epoch"] = int(epoch_completed), 0
+        error, path = None, None
         if self.dist.is_main:
-            self.last_checkpoint = self.checkpoints.save(state, self.step, epoch_completed)
-            log.info("saved checkpoint %s", self.last_checkpoint)
-        barrier()
+            try:
+                path = str(self.checkpoints.save(state, self.step, epoch_completed))
+                log.info("saved checkpoint %s", path)
+            except UserError as exc:  # e.g. a full disk: every rank stops with the same message
+                error = str(exc)
+        error, path = broadcast_object((error, path))  # every rank knows the last checkpoint (same decisions)
+        if error:
+            raise UserError(error)
+        self.last_checkpoint = Path(path)
 
     def load(self, path: Union[str, Path]) -> None:
         """Restore everything :meth:`state_dict` saved (model, optimizer, scaler, position, RNG)."""
         ckpt = load_checkpoint(path, map_location="cpu")
-        missing, unexpected = unwrap(self.model).load_state_dict(ckpt["model"], strict=False)
+        fix = "resume with the same model= (and model.encoder_args) as the run that wrote it"
+        try:
+            missing, unexpected = unwrap(self.model).load_state_dict(ckpt["model"], strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            sizes = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+            raise UserError(f"checkpoint {path} does not match the model ({len(sizes)} shape mismatch(es), e.g. "
+                            f"{sizes[0] if sizes else one_line(exc)}): {fix}") from None
         if missing or unexpected:
             raise UserError(
                 f"checkpoint {path} does not match the model (missing {len(missing)} keys e.g. {missing[:2]}, "
-                f"unexpected {len(unexpected)} e.g. {unexpected[:2]}): resume with the same model= as the run that wrote it"
+                f"unexpected {len(unexpected)} e.g. {unexpected[:2]}): {fix}"
             )
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"the optimizer state of {path} does not match this run's parameter groups ({one_line(exc)}): {fix}") from None
         self.precision.load_state_dict(ckpt.get("scaler"))
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
@@ -406,14 +464,32 @@ class Trainer:
         """Set up, train to ``total_steps`` (or ``stop_at_step``), return the last epoch's summary."""
         self.setup()
         try:
-            while self.epoch < self.epochs and not self._should_stop():
-                summary = self.train_one_epoch()
-                if summary:
-                    self.history.append(summary)
+            with StopSignals() as self.signals:
+                while self.epoch < self.epochs and not self._should_stop():
+                    summary = self.train_one_epoch()
+                    if summary:
+                        self.history.append(summary)
+                    if not self._should_stop():
+                        self._stop_if_signalled()
         finally:
             self.writer.close()
         log.info("done: %d steps, output in %s", self.step, self.output_dir)
         return self.history[-1] if self.history else {}
+
+    def _stop_if_signalled(self) -> None:
+        """After a step or an epoch: if a stop signal reached any rank, checkpoint (all ranks) and raise
+        :class:`Preempted`. The flag is all-reduced so that every rank stops at the same step."""
+        pending = (self.signals.requested or 0) if self.signals is not None else 0
+        signum = all_reduce_max(pending, self.device)
+        if not signum:
+            return
+        if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
+            self.save()
+        name = signal.Signals(signum).name
+        message = (f"stopped by {name} at step {self.step}: saved {self.last_checkpoint}; "
+                   "continue with the same command and resume=auto")
+        log.warning(message)
+        raise Preempted(message, signum)
 
     def _should_stop(self) -> bool:
         stop_at = self.cfg.stop_at_step
@@ -487,6 +563,8 @@ class Trainer:
                 self._log_step(window_losses, lr, grad_norm, extra, meter)
             if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.batch_in_epoch < end_batch:
                 self.save()
+            if self.batch_in_epoch < end_batch:  # at the epoch's end, fit() checks after the epoch-end checkpoint
+                self._stop_if_signalled()
             if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < self.total_steps:
                 if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}.pt":
                     self.save()
@@ -496,19 +574,27 @@ class Trainer:
         return self._end_epoch(epoch_loss_sum / epoch_loss_n if epoch_loss_n else float("nan"))
 
     def _end_epoch(self, mean_loss: float) -> Dict[str, float]:
+        """Checkpoint the finished epoch first, then evaluate: an evaluation failure (an unreadable
+        validation image, a bug in a metric) must not lose the epoch's training. When the evaluation
+        produced metrics, the checkpoint is rewritten so it holds the task's post-evaluation state
+        (e.g. the best accuracy so far) and RNG, exactly as an uninterrupted run continues."""
         summary = {"loss": all_reduce_mean(mean_loss), "epoch": self.epoch + 1}
+        finished = self._should_stop() or self.epoch + 1 >= self.epochs
+        due = finished or (self.epoch + 1) % max(1, self.cfg.ckpt_every_epochs) == 0
+        if due:
+            self.save(epoch_completed=self.epoch + 1)
         unwrapped = unwrap(self.model)
         unwrapped.eval()
         with torch.no_grad():
-            summary.update(self.task.evaluate(unwrapped, self))
+            metrics = self.task.evaluate(unwrapped, self)
+        summary.update(metrics)
         self.task.on_epoch_end(unwrapped, self)
         unwrapped.train()
         self.writer.add_scalars(self.step, {k: v for k, v in summary.items() if k != "epoch"}, prefix="epoch")
         log.info("epoch %d/%d done: %s", self.epoch + 1, self.epochs, " ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"))
         self.epoch += 1
         self.batch_in_epoch = 0
-        finished = self._should_stop() or self.epoch >= self.epochs
-        if finished or self.epoch % max(1, self.cfg.ckpt_every_epochs) == 0:
+        if due and metrics:
             self.save(epoch_completed=self.epoch)
         return summary
 

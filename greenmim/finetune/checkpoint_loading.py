@@ -177,7 +177,17 @@ def load_pretrained(
     report = LoadReport(source=os.path.basename(path), kind=kind, ignored=ignored)
 
     before = {k: tuple(v.shape) for k, v in state.items()}
-    state = timm_filter(state, model)
+    try:
+        state = timm_filter(state, model)
+    except Exception as exc:  # timm's filters index the model by checkpoint keys (e.g. a deeper checkpoint)
+        own = model.state_dict()
+        unexpected = sorted(k for k in state if k not in own)
+        missing = sorted(k for k in own if k not in state and not k.startswith(classifier_prefix(model) + "."))
+        raise UserError(
+            f"'{path}' does not fit the model (unexpected {len(unexpected)}: {_short(unexpected, 4)}; missing "
+            f"{len(missing)}: {_short(missing, 4)}; timm's conversion failed with {type(exc).__name__}: {exc}): "
+            "build the model with the pretraining architecture (model.name and model.encoder_args: embed_dim, depths, num_heads)"
+        ) from None
     report.resized = sorted(k for k, v in state.items() if k in before and tuple(v.shape) != before[k])
 
     head = classifier_prefix(model) + "."
@@ -190,7 +200,7 @@ def load_pretrained(
     if mismatched:
         raise UserError(
             f"{len(mismatched)} tensors of '{path}' do not fit the model: {_short(mismatched, 4)}; "
-            "build the classifier with the pretraining architecture (model.name and model.overrides: embed_dim, depths, num_heads)"
+            "build the model with the pretraining architecture (model.name and model.encoder_args: embed_dim, depths, num_heads, window_size)"
         )
     result = model.load_state_dict(state, strict=False)
     report.unexpected = list(result.unexpected_keys)
@@ -205,7 +215,7 @@ def load_pretrained(
             problems.append(f"unexpected {len(report.unexpected)}: {_short(report.unexpected)}")
         raise UserError(
             f"'{path}' does not match the classifier ({'; '.join(problems)}); only the head ({head}*) may be "
-            "missing: check model.name and model.overrides against the pretraining config"
+            "missing: check model.name and model.encoder_args against the pretraining config"
         )
     _logger.debug("loaded %s", report.summary())
     return report

@@ -37,6 +37,6 @@ def create_classifier(
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate, **overrides)
     except TypeError as exc:
-        raise ConfigError(f"model.overrides do not fit {name}: {exc}") from exc
+        raise ConfigError(f"model.encoder_args do not fit {name}: {exc}") from exc
     report = load_pretrained(model, pretrained, use_ema=use_ema) if pretrained else None
     return model, report

@@ -26,10 +26,12 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.datasets import build_train_loader
+from ..data.images import check_images
 from ..engine import TrainTask, atomic_save
 from ..engine.checkpoint import CHECKPOINT_DIR
 from ..engine.distributed import DistInfo
 from ..engine.errors import ConfigError
+from ..engine.signals import with_ignored_stop_signals
 from ..models.registry import get_spec
 from .checkpoint_loading import LoadReport
 from .data import ClassificationData, build_classification_data, build_mixup, build_train_criterion
@@ -79,12 +81,23 @@ def save_classifier(path: Path, model: nn.Module, ema: Optional[nn.Module], metr
     return atomic_save(state, path)
 
 
+VAL_CORRUPT_HINT = "remove or replace the file(s) (validation images are never skipped, so that accuracies are exact)"
+
+
+def check_validation_images(data: ClassificationData) -> None:
+    """Fail before training when a validation image does not decode (not after the first epoch), with
+    a fix that applies to validation (``data.on_corrupt`` covers training images only)."""
+    data.val.corrupt_hint = VAL_CORRUPT_HINT
+    check_images(data.val.paths, "validation image(s)", VAL_CORRUPT_HINT)
+
+
 class FinetuneTask(TrainTask):
     """Image classification fine-tuning from a resolved ``finetune.yaml`` config."""
 
     def __init__(self, cfg: DictConfig, data: Optional[ClassificationData] = None):
         self.cfg = cfg
         self.data = data if data is not None else build_classification_data(cfg.data, cfg.aug)
+        check_validation_images(self.data)
         self.num_classes = self.data.num_classes
         aug = cfg.aug
         self.mixup = build_mixup(aug, self.num_classes)
@@ -136,6 +149,7 @@ class FinetuneTask(TrainTask):
                 dist.world_size,
                 pin_memory=dist.device.type == "cuda",
             )
+            self._val_loader.worker_init_fn = with_ignored_stop_signals(self._val_loader.worker_init_fn)
         return self._val_loader
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> Optional[List[Dict[str, Any]]]:
