@@ -205,3 +205,31 @@ def test_bf16_and_grad_checkpointing_run(tmp_path):
     t.fit()
     assert t.model.encoder.layers[0].grad_checkpointing and not t.model.encoder.layers[1].grad_checkpointing
     assert math.isfinite(t.history[-1]["loss"])
+
+
+def test_device_values_are_read_only_when_logging_or_checkpointing(tmp_path, monkeypatch):
+    """A step never reads its loss on the host: the pending values are read in one batch at log and
+    checkpoint boundaries (and at the epoch's end)."""
+    from greenmim.engine import trainer as trainer_module
+
+    reads = []
+    original = trainer_module._DeviceLog.read
+
+    def counting_read(self):
+        reads.append([row[0] for row in self.rows])
+        return original(self)
+
+    monkeypatch.setattr(trainer_module._DeviceLog, "read", counting_read)
+    t = make_trainer(tmp_path, epochs=1, log_every=3, ckpt_every_steps=2)
+    t.fit()
+    assert t.steps_per_epoch == 4
+    assert reads == [[1, 2], [3], [4]]  # checkpoint at 2, log at 3, log/end at 4
+    assert sorted(losses(tmp_path)) == [3, 4]
+
+
+def test_nonfinite_step_is_skipped_on_the_device_without_touching_weights(tmp_path):
+    t = make_trainer(tmp_path, task=ExplodingTask(bad_step=1), nonfinite="skip", max_steps=1, log_every=1)
+    t.fit()
+    assert t.skipped_steps == 1
+    state = t.optimizer.state_dict()["state"]
+    assert all(float(s["step"]) == 0 for s in state.values()), "AdamW did not count the skipped step"

@@ -88,7 +88,7 @@ def make_coco_root(root: Path) -> Path:
 
 
 DETECT_TINY = [
-    "data.min_size=[96]", "data.max_size=160", "model.encoder_args.depths=[1,1,1,1]", "detector.fpn_channels=32",
+    "model=greenmim_swin_micro", "data.min_size=[96]", "data.max_size=160", "model.encoder_args.depths=[1,1,1,1]", "detector.fpn_channels=32",
     "trainer.max_steps=1", "trainer.log_every=1", "trainer.tensorboard=false", "sched.warmup_steps=1", "data.num_workers=0",
 ]
 
@@ -97,8 +97,8 @@ def test_detect_leaves_a_given_data_root_byte_identical(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)  # data=coco's default data.root is the relative data/coco
     root = make_coco_root(tmp_path / "coco")
     before = snapshot(root)
-    # the default experiment's data.synthetic leaking into a real data root: refused, nothing generated
-    code, err = run_cli(monkeypatch, capsys, "detect", "greenmim-detect", "data=coco", f"data.root={root}",
+    # the demo experiment's data.synthetic leaking into a real data root: refused, nothing generated
+    code, err = run_cli(monkeypatch, capsys, "detect", "greenmim-detect", "experiment=detect_quick", "data=coco", f"data.root={root}",
                         f"output_dir={tmp_path / 'leak'}", *DETECT_TINY)
     assert_one_line(code, err, "greenmim-detect", r"data.synthetic is set but data=coco reads your own files.*data.synthetic=null")
     # a synthetic set may not be generated into a folder the user named either
@@ -106,7 +106,8 @@ def test_detect_leaves_a_given_data_root_byte_identical(tmp_path, monkeypatch, c
                         f"output_dir={tmp_path / 'gen'}", *DETECT_TINY)
     assert_one_line(code, err, "greenmim-detect", r"writes generated files only under output_dir")
     # explicit paths with the leaked data.synthetic: refused instead of generating into ./data/coco
-    code, err = run_cli(monkeypatch, capsys, "detect", "greenmim-detect", f"data.train_images={root / 'train2017'}",
+    code, err = run_cli(monkeypatch, capsys, "detect", "greenmim-detect", "experiment=detect_quick",
+                        f"data.train_images={root / 'train2017'}",
                         f"output_dir={tmp_path / 'paths'}", *DETECT_TINY)
     assert_one_line(code, err, "greenmim-detect", r"data.synthetic generates a dataset but data.train_images names your own files")
     assert snapshot(root) == before and not (tmp_path / "data").exists()

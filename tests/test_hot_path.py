@@ -205,3 +205,23 @@ def test_cuda_visible_equals_cpu_in_fp32(kind):
         cpu = model.encoder(images, mask)
         gpu = model.cuda().encoder(images.cuda(), mask)
     np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), atol=3e-5, rtol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("skip", [False, True])
+def test_cuda_trainer_optimizer_step_skips_on_device_without_sync(skip):
+    from greenmim.engine.precision import Precision
+
+    model = tiny_model("swin").cuda()
+    optimizer = build_optimizer(model, 1e-3, weight_decay=0.05, betas=(0.9, 0.95))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    flag = torch.tensor(skip, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm, skipped = Precision("bf16", torch.device("cuda")).step(optimizer, model.parameters(), 1.0, flag)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert bool(skipped) == skip and changed == (not skip) and torch.isfinite(norm)

@@ -111,6 +111,19 @@ def all_reduce_any(flag: bool, device: Optional[torch.device] = None) -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_all_finite(value: torch.Tensor) -> torch.Tensor:
+    """A device bool tensor: ``value`` is finite on every rank. No host read (nccl reduces on the
+    device; gloo reduces a CPU copy), so a training step can branch on it without a sync."""
+    finite = torch.isfinite(value).all()
+    if not is_dist():
+        return finite
+    t = finite.to(torch.float32).reshape(1)
+    if tdist.get_backend() != "nccl":
+        t = t.cpu()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return (t > 0).to(value.device).reshape(())
+
+
 def all_reduce_max(value: int, device: Optional[torch.device] = None) -> int:
     """The largest ``value`` over ranks (e.g. a pending signal number, 0 for none)."""
     if not is_dist():

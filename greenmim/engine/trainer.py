@@ -60,7 +60,7 @@ from .checkpoint import (
 )
 from .distributed import (
     DistInfo,
-    all_reduce_any,
+    all_reduce_all_finite,
     all_reduce_max,
     all_reduce_mean,
     broadcast_object,
@@ -507,6 +507,9 @@ class Trainer:
         return 0
 
     def train_one_epoch(self) -> Dict[str, float]:
+        """One epoch. Nothing in a step reads a device value on the host: losses, non-finite flags and
+        gradient norms stay on the device (:class:`_DeviceLog`) until a log line or a checkpoint is
+        due, so on a GPU the host queues the next step while the current one runs."""
         cfg, accum = self.cfg, self.cfg.accum_steps
         model, task = self.model, self.task
         model.train()
@@ -514,10 +517,8 @@ class Trainer:
         skipped_by_sampler = self._sampler_start(start_batch)
         end_batch = self.steps_per_epoch * accum
         meter = Throughput()
-        window_losses: List[float] = []
+        pending = _DeviceLog()
         epoch_loss_sum, epoch_loss_n = 0.0, 0
-        window_ok = True
-        extra: Dict[str, float] = {}
         lr = apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
 
         for i, batch in enumerate(self.loader, start=skipped_by_sampler):
@@ -529,43 +530,44 @@ class Trainer:
             last_micro = micro == accum - 1
             if micro == 0:
                 lr = apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
-                window_ok, window_losses = True, []
+                window = _Window(self.device)
             sync = contextlib.nullcontext() if (last_micro or not isinstance(model, DistributedDataParallel)) else model.no_sync()
             with sync:
                 with self.precision.autocast():
                     loss, metrics = task.training_step(model, batch, self)
-                loss_value = float(loss.detach())
-                bad = all_reduce_any(not math.isfinite(loss_value), self.device)
-                if bad:
-                    self._on_nonfinite(loss_value)
-                    window_ok = False
-                elif window_ok:
-                    self.precision.backward(loss / accum)
-                    window_losses.append(loss_value)
+                finite = all_reduce_all_finite(loss.detach())  # every rank takes the same decision
+                # a non-finite loss contributes no gradient; the window's step is skipped on the device
+                self.precision.backward(torch.where(finite, loss, torch.zeros_like(loss)) / accum)
+                window.add(loss.detach(), finite)
             meter.update(task.batch_size(batch) * self.dist.world_size, steps=0)
-            extra = {k: float(v) for k, v in metrics.items()}
             if not last_micro:
                 continue
 
-            grad_norm = None
-            if window_ok:
-                grad_norm = self.precision.step(self.optimizer, unwrap(model).parameters(), cfg.clip_grad)
+            grad_norm, skipped = self.precision.step(self.optimizer, unwrap(model).parameters(), cfg.clip_grad, ~window.finite)
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.batch_in_epoch = i + 1
             task.on_step_end(unwrap(model), self)
             meter.update(0, steps=1)
-            if window_losses:
-                step_loss = sum(window_losses) / len(window_losses)
-                epoch_loss_sum += step_loss
-                epoch_loss_n += 1
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self._log_step(window_losses, lr, grad_norm, extra, meter)
-            if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.batch_in_epoch < end_batch:
+            pending.append(self.step, window.mean_loss(), skipped, grad_norm, metrics)
+            log_due = self.step % cfg.log_every == 0 or self.step == self.total_steps
+            ckpt_due = bool(cfg.ckpt_every_steps) and self.step % cfg.ckpt_every_steps == 0 and self.batch_in_epoch < end_batch
+            stop_due = cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < self.total_steps
+            if log_due or ckpt_due or stop_due or self.batch_in_epoch >= end_batch:
+                for step, loss_value, bad in pending.read():  # the one host read of these steps' values
+                    if bad:
+                        self._on_nonfinite(loss_value, step)
+                    else:
+                        epoch_loss_sum += loss_value
+                        epoch_loss_n += 1
+                if log_due:
+                    self._log_step(pending.last, lr, meter)
+                pending.clear()
+            if ckpt_due:
                 self.save()
             if self.batch_in_epoch < end_batch:  # at the epoch's end, fit() checks after the epoch-end checkpoint
                 self._stop_if_signalled()
-            if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < self.total_steps:
+            if stop_due:
                 if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}.pt":
                     self.save()
                 log.info("stopping at step %d (trainer.stop_at_step); continue with resume=auto", self.step)
@@ -598,13 +600,13 @@ class Trainer:
             self.save(epoch_completed=self.epoch)
         return summary
 
-    def _log_step(self, losses: List[float], lr: float, grad_norm: Optional[float], extra: Dict[str, float], meter: Throughput) -> None:
-        loss = sum(losses) / len(losses) if losses else float("nan")
-        loss = all_reduce_mean(loss)
+    def _log_step(self, last: Dict[str, Any], lr: float, meter: Throughput) -> None:
+        """Log the step just read back from the device (``last``: loss, grad norm, task metrics)."""
+        loss = all_reduce_mean(last["loss"])
         speed = meter.read(self.total_steps - self.step)
-        scalars = {"loss": loss, "lr": lr, "img_per_s": speed["img_per_s"], **extra}
-        if grad_norm is not None:
-            scalars["grad_norm"] = grad_norm
+        scalars = {"loss": loss, "lr": lr, "img_per_s": speed["img_per_s"], **last["metrics"]}
+        if last["grad_norm"] is not None:
+            scalars["grad_norm"] = last["grad_norm"]
         mem = peak_memory_gb(self.device)
         scalars["peak_mem_gb"] = mem
         self.writer.add_scalars(self.step, {**scalars, "epoch": self.epoch})
@@ -614,8 +616,10 @@ class Trainer:
             format_eta(speed["eta_s"]),
         )
 
-    def _on_nonfinite(self, value: float) -> None:
-        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+    def _on_nonfinite(self, value: float, step: int) -> None:
+        """A step whose loss (or gradient norm) was non-finite: its update was already skipped on the
+        device; ``trainer.nonfinite=stop`` raises here, ``skip`` counts it."""
+        where = f"epoch {self.epoch + 1}, step {step}"
         if self.cfg.nonfinite == "stop":
             kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
             raise NonFiniteLossError(
@@ -624,3 +628,51 @@ class Trainer:
             )
         self.skipped_steps += 1
         log.warning("non-finite loss (%s) at %s: step skipped (%d so far)", value, where, self.skipped_steps)
+
+
+class _Window:
+    """The accumulation window's losses on the device: their sum and count over finite micro-batches,
+    and whether all of them were finite."""
+
+    def __init__(self, device: torch.device):
+        zero = torch.zeros((), device=device)
+        self.total, self.count = zero.clone(), zero.clone()
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        self.total = self.total + torch.where(finite, loss.float(), 0.0)
+        self.count = self.count + finite.float()
+        self.finite = self.finite & finite
+
+    def mean_loss(self) -> torch.Tensor:
+        """Mean finite loss of the window; NaN if none was finite (as the skipped step is logged)."""
+        return torch.where(self.finite, self.total / self.count.clamp(min=1), float("nan"))
+
+
+class _DeviceLog:
+    """Per-step device values (loss, skipped flag, grad norm, task metrics) awaiting one host read."""
+
+    def __init__(self):
+        self.rows: List[Tuple[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Dict[str, Any]]] = []
+        self.last: Dict[str, Any] = {}
+
+    def append(self, step, loss, skipped, grad_norm, metrics) -> None:
+        self.rows.append((step, loss, skipped, grad_norm, dict(metrics)))
+
+    def read(self) -> List[Tuple[int, float, bool]]:
+        """``(step, loss, skipped)`` of every pending step, read back with one device sync; keeps the
+        last step's loss, grad norm and metrics (as floats) in :attr:`last`."""
+        if not self.rows:
+            return []
+        values = torch.stack([torch.stack([loss.float(), skipped.float()]) for _, loss, skipped, _, _ in self.rows])
+        values = values.tolist()
+        step, _, _, grad_norm, metrics = self.rows[-1]
+        self.last = {
+            "loss": values[-1][0],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        }
+        return [(row[0], loss, bool(bad)) for row, (loss, bad) in zip(self.rows, values)]
+
+    def clear(self) -> None:
+        self.rows = []
