@@ -1,15 +1,18 @@
-"""What every pretraining encoder shares: the mask unit, input checks, and (for the visible-only
-encoders) how a forward is planned.
+"""What the pretraining encoders share.
 
-:class:`EncoderGeometryMixin` needs ``patch_embed``, ``patch_stride`` and ``num_stages`` from the
-encoder. A visible-only encoder also lists its windowed attentions (:meth:`window_partitions`) and
-the stages with a submanifold conv (:attr:`peg_stages`); :meth:`planner` turns those into a
-picklable :class:`~greenmim.planning.VisiblePlanner` for the DataLoader workers, and
-:meth:`device_plan` resolves what a forward was given (a mask, a host plan or a device plan).
+:class:`EncoderGeometryMixin` (every encoder): the mask unit, tokens per unit, input checks. It
+needs ``patch_embed``, ``patch_stride`` and ``num_stages`` from the encoder.
+
+:class:`VisibleEncoderMixin` (the visible-only encoders): planning and the forward. An encoder
+lists its windowed attentions (:meth:`window_partitions`) and the stages with a submanifold conv
+(:attr:`peg_stages`), and computes its stages from a device plan (:meth:`stages_from_plan`);
+:meth:`planner` turns the geometry into a picklable :class:`~greenmim.planning.VisiblePlanner` for
+the DataLoader workers, and :meth:`device_plan` resolves what a forward was given (a mask, a host
+plan or a device plan).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -20,11 +23,7 @@ Plan = Union[HostPlan, DevicePlan]
 
 
 class EncoderGeometryMixin:
-    """Mask-unit geometry, input checks and planning of the pretraining encoders."""
-
-    peg_stages: Tuple[int, ...] = ()
-    relative_bias = True  # windowed attention with Swin's relative position bias (Twins: False)
-    last_grouping: Dict[str, float]
+    """Mask-unit geometry and input checks of the pretraining encoders."""
 
     @property
     def unit(self) -> int:
@@ -48,6 +47,34 @@ class EncoderGeometryMixin:
                 f"(or set data.img_size to {expected[0]})"
             )
         return grid
+
+
+
+class VisibleEncoderMixin(EncoderGeometryMixin):
+    """Planning and the forward of the visible-only encoders.
+
+    ``forward(images, mask)`` or ``forward(images, plan=plan)`` -> ``(B, N_vis, C)`` final-stage
+    features of the visible units in ascending raster order, final norm applied.
+    """
+
+    peg_stages: Tuple[int, ...] = ()
+    relative_bias = True  # windowed attention with Swin's relative position bias (Twins: False)
+    last_grouping: Dict[str, float]
+
+    def stages_from_plan(self, images: torch.Tensor, plan: DevicePlan) -> List[torch.Tensor]:
+        """The encoder's stages on the visible units of ``plan`` (see :meth:`forward_stages`)."""
+        raise NotImplementedError
+
+    def forward_stages(
+        self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None
+    ) -> List[torch.Tensor]:
+        """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
+        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`).
+        Give the ``mask`` or its ``plan`` (see :meth:`device_plan`)."""
+        return self.stages_from_plan(images, self.device_plan(images, mask, plan))
+
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None) -> torch.Tensor:
+        return self.norm(self.forward_stages(images, mask, plan)[-1])
 
     def window_partitions(self) -> Iterator[WindowPartition]:
         """The windowed attentions to plan (possibly repeated keys)."""

@@ -16,7 +16,7 @@ whose attention ignores masked keys.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,11 +27,11 @@ from ..grouping import DEFAULT_COST_MODEL, CostModel
 from ..masking import check_mask
 from ..ops.group_attention import GroupLayout, group_window_attention
 from ..ops.sparse_conv import SPARSE_BACKENDS
-from ..planning import WindowPartition
-from .geometry import EncoderGeometryMixin, Plan, visible_unit_pixels
+from ..planning import DevicePlan, WindowPartition
+from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_pixels
 from .registry import EncoderSpec, register_encoder
 
-class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
+class VisibleSwin(VisibleEncoderMixin, SwinTransformer):
     """Swin encoder that computes on visible mask units only.
 
     ``forward(images, mask)``: images ``(B, 3, H, W)``, mask ``(B, num_units)`` bool (True = masked,
@@ -104,22 +104,13 @@ class VisibleSwin(EncoderGeometryMixin, SwinTransformer):
                 x = self.block_forward(block, x, layout)
         return x
 
-    def forward_stages(
-        self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None
-    ) -> List[torch.Tensor]:
-        """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
-        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`).
-        Give the ``mask`` or its ``plan`` (see :meth:`device_plan`)."""
-        plan = self.device_plan(images, mask, plan)
+    def stages_from_plan(self, images: torch.Tensor, plan: DevicePlan) -> List[torch.Tensor]:
         x = self.embed_visible(images, plan.vis_idx, plan.grid)
         outs = []
         for i in range(self.num_stages):
             x = self.stage_forward(i, x, plan.layouts[i])
             outs.append(x)
         return outs
-
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None) -> torch.Tensor:
-        return self.norm(self.forward_stages(images, mask, plan)[-1])
 
 
 def merge_patches(x: torch.Tensor, t: int, downsample: nn.Module) -> torch.Tensor:

@@ -22,7 +22,7 @@ attention ignores masked keys and whose convolutions see zeros at masked positio
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ from ..masking import check_mask, to_pair
 from ..ops.group_attention import GroupLayout, group_window_attention
 from ..ops.sparse_conv import VisibleGeometry, get_sparse_backend
 from ..planning import DevicePlan, WindowPartition
-from .geometry import EncoderGeometryMixin, Plan, visible_unit_pixels
+from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_pixels
 from .registry import EncoderSpec, register_encoder
 
 
@@ -68,7 +68,7 @@ class TwinsEncoderMixin(EncoderGeometryMixin):
         return fn(*args)
 
 
-class VisibleTwins(TwinsEncoderMixin, Twins):
+class VisibleTwins(VisibleEncoderMixin, TwinsEncoderMixin, Twins):
     """Twins encoder that computes on visible mask units only.
 
     ``forward(images, mask)``: images ``(B, 3, H, W)``, mask ``(B, num_units)`` bool (True = masked,
@@ -187,13 +187,7 @@ class VisibleTwins(TwinsEncoderMixin, Twins):
         return self.sparse.depthwise3x3(x, pos_blk.proj[0], geometry, t) + x
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward_stages(
-        self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None
-    ) -> List[torch.Tensor]:
-        """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
-        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`).
-        Give the ``mask`` or its ``plan`` (see :meth:`device_plan`)."""
-        plan = self.device_plan(images, mask, plan)
+    def stages_from_plan(self, images: torch.Tensor, plan: DevicePlan) -> List[torch.Tensor]:
         geometry, layouts, grid, vis_idx = self.sparse_geometry(plan), plan.layouts, plan.grid, plan.vis_idx
         b = images.shape[0]
         units = visible_unit_pixels(images, vis_idx, grid)
@@ -209,9 +203,6 @@ class VisibleTwins(TwinsEncoderMixin, Twins):
                     x = self.peg_forward(pos_blk, x, geometry, t)
             outs.append(x)
         return outs
-
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None) -> torch.Tensor:
-        return self.norm(self.forward_stages(images, mask, plan)[-1])
 
 
 class AllTokenTwins(TwinsEncoderMixin, Twins):
