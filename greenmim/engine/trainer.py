@@ -17,7 +17,8 @@ accumulation, lr schedule, checkpoints, resume, logging). Minimal use::
 
 One step, in order (:meth:`Trainer.train_one_epoch`, one optimizer step per accumulation window):
 
-1. ``_start_window``: set the step's lr from the schedule; an empty :class:`_Window` on the device.
+1. ``_windows`` hands out the next ``accum_steps`` micro-batches; the step's lr is set from the
+   schedule and an empty :class:`_Window` (loss sum, finite flag, metrics) starts on the device.
 2. ``_micro_step`` x ``accum_steps``: ``task.training_step`` under autocast, the loss's finiteness
    all-reduced on the device, backward (``no_sync`` under DDP except on the last micro-batch).
 3. ``_optimizer_step``: unscale/clip/step, skipped *on the device* when the window was non-finite;
@@ -93,6 +94,7 @@ from .threads import leave_cores_for_loader_workers
 __all__ = ["Trainer", "TrainTask", "TrainerConfig", "OptimConfig", "unwrap", "enable_grad_checkpointing"]
 
 log = logging.getLogger("greenmim")
+_END = object()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -381,7 +383,7 @@ class Trainer:
         for window_batches in self._windows():
             if self._should_stop():
                 break
-            window = self._start_window(epoch)
+            epoch.lr, window = self._lr(), _Window(self.device)
             for k, batch in enumerate(window_batches):
                 self._micro_step(batch, window, epoch, sync=k == self.cfg.accum_steps - 1)
             self._optimizer_step(window, epoch)
@@ -406,15 +408,14 @@ class Trainer:
             sampler.set_start(self.batch_in_epoch * (self.loader.batch_size or 1))
         batches = iter(self.loader)
         for _ in range(self.batch_in_epoch // accum, self.steps_per_epoch):
-            yield itertools.islice(batches, accum)
+            first = next(batches, _END)
+            if first is _END:  # a loader shorter than its len(): the epoch ends here
+                return
+            yield itertools.chain([first], itertools.islice(batches, accum - 1))
 
     def _lr(self) -> float:
         """Set the optimizer's lr for the step about to run; returns it."""
         return apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
-
-    def _start_window(self, epoch: "_EpochLog") -> "_Window":
-        epoch.lr = self._lr()
-        return _Window(self.device)
 
     def _micro_step(self, batch: Any, window: "_Window", epoch: "_EpochLog", sync: bool) -> None:
         """Forward and backward of one micro-batch. Under DDP gradients are all-reduced only when
