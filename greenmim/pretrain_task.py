@@ -1,8 +1,8 @@
 """Pretraining as a :class:`~greenmim.engine.TrainTask`, and the pretraining model built (and
 checked) from the ``model`` and ``data`` configs.
 
-Used by ``greenmim-pretrain`` (Hydra), ``greenmim-visualize`` and ``greenmim validate``, and usable
-from Python::
+Used by ``greenmim-pretrain`` (Hydra), ``greenmim-visualize`` and the config checks of
+:mod:`greenmim.cli.validate`, and usable from Python::
 
     from greenmim.pretrain_task import PretrainTask
     Trainer(PretrainTask(model_cfg, data_cfg), TrainerConfig(...), OptimConfig(...), sched).fit()
