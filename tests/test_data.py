@@ -20,7 +20,7 @@ from greenmim.data import (
     pretrain_transform,
 )
 from greenmim.engine import ConfigError, DistInfo
-from greenmim.pretraining import build_pretrain_model
+from greenmim.pretrain_task import build_pretrain_model
 
 MICRO = dict(name="swin_tiny_patch4_window7_224", method="greenmim", decoder_dim=32, decoder_heads=2,
              encoder_args=dict(embed_dim=16, window_size=4, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2]))

@@ -9,6 +9,7 @@ import torch
 
 from greenmim.engine import (
     CheckpointManager,
+    ConfigError,
     NonFiniteLossError,
     OptimConfig,
     ResumableDistributedSampler,
@@ -25,7 +26,7 @@ from greenmim.engine import (
     scaled_lr,
 )
 from greenmim.engine.schedule import apply_lr
-from greenmim.pretraining import PretrainTask, build_pretrain_model
+from greenmim.pretrain_task import PretrainTask, build_pretrain_model
 
 MICRO = dict(
     name="swin_tiny_patch4_window7_224", method="greenmim", mask_ratio=0.75, decoder_dim=32, decoder_depth=1,
@@ -233,3 +234,101 @@ def test_nonfinite_step_is_skipped_on_the_device_without_touching_weights(tmp_pa
     assert t.skipped_steps == 1
     state = t.optimizer.state_dict()["state"]
     assert all(float(s["step"]) == 0 for s in state.values()), "AdamW did not count the skipped step"
+
+
+# ----------------------------------------------------------------------------------------- format, resume rules
+def test_a_version_1_checkpoint_still_loads_and_resumes(tmp_path):
+    """A checkpoint dict built like format version 1 (with its never-read ``schedule``, and an early one
+    without the later keys) is upgraded on load, and a run resumes from it as from a current one."""
+    from greenmim.engine.checkpoint import VERSION, upgrade_checkpoint
+
+    minimal = upgrade_checkpoint({"format": "greenmim-checkpoint", "version": 1, "model": {}, "epoch": 1, "step": 3,
+                                  "schedule": {"step": 3, "total_steps": 8, "peak_lr": 1e-3}})
+    assert minimal["version"] == VERSION and "schedule" not in minimal
+    assert (minimal["batch_in_epoch"], minimal["skipped_steps"], minimal["world_size"], minimal["rank_states"]) == (0, 0, 1, [])
+
+    full = tmp_path / "full"
+    make_trainer(full, ckpt_every_steps=3, keep_last=5).fit()
+    ref = losses(full)
+    old = torch.load(full / "checkpoints" / "step-00000003.pt", weights_only=False)
+    assert old["version"] == VERSION and "schedule" not in old
+    old.update(version=1, schedule={"step": 3, "total_steps": 8, "peak_lr": 1e-3})
+    del old["world_size"]
+    v1 = tmp_path / "v1.pt"
+    torch.save(old, v1)
+    assert load_checkpoint(v1)["version"] == VERSION
+    t = make_trainer(tmp_path / "resumed", resume=str(v1))
+    t.fit()
+    assert losses(tmp_path / "resumed") == {s: ref[s] for s in range(4, 9)}
+
+
+def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path):
+    from greenmim.engine.checkpoint import VERSION
+
+    atomic_save({"format": "greenmim-checkpoint", "version": VERSION + 1, "model": {}}, tmp_path / "new.pt")
+    with pytest.raises(UserError, match=f"format version {VERSION + 1}.*upgrade greenmim"):
+        load_checkpoint(tmp_path / "new.pt")
+
+
+class EpochOnlySampler(torch.utils.data.Sampler):
+    """A sampler with ``set_epoch`` but no ``set_start`` (as torch's DistributedSampler)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def set_epoch(self, epoch):
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+class PlainSamplerTask(PretrainTask):
+    """A loader whose sampler cannot start mid-epoch."""
+
+    def __init__(self):
+        super().__init__(MICRO, DATA, vis_every_epochs=0)
+
+    def build_train_loader(self, dist, seed):
+        loader = super().build_train_loader(dist, seed)
+        return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=EpochOnlySampler(loader.sampler),
+                                           collate_fn=loader.collate_fn, drop_last=True)
+
+
+def test_mid_epoch_resume_needs_a_sampler_that_can_start_there(tmp_path):
+    make_trainer(tmp_path, task=PlainSamplerTask(), stop_at_step=2).fit()  # epoch-aligned runs are fine
+    with pytest.raises(ConfigError, match="cannot resume in the middle of epoch 1.*EpochOnlySampler.*ResumableDistributedSampler"):
+        make_trainer(tmp_path, task=PlainSamplerTask(), resume="auto").fit()
+
+
+class MetricTask(PretrainTask):
+    """Reports the micro-batch's index in its window as a device metric."""
+
+    def __init__(self):
+        super().__init__(MICRO, DATA, vis_every_epochs=0)
+        self.calls = 0
+
+    def training_step(self, model, batch, trainer):
+        loss, _ = super().training_step(model, batch, trainer)
+        self.calls += 1
+        return loss, {"micro": torch.tensor(float((self.calls - 1) % 2)), "constant": 5.0}
+
+
+def test_task_metrics_are_averaged_over_the_window(tmp_path):
+    make_trainer(tmp_path, task=MetricTask(), accum_steps=2, max_steps=2).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["train/micro"], r["train/constant"]) for r in rows if "train/micro" in r]
+    assert logged == [(0.5, 5.0), (0.5, 5.0)]  # micro-batches 0 and 1 of each window, not the last one's 1.0
+
+
+def test_detection_timing_script_reads_the_micro_model_from_the_configs():
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "detection_timing.py"), run_name="timing")
+    name, args = script["model_config"]("micro")
+    assert name == "swin_tiny_patch4_window7_224" and args["embed_dim"] == 32 and args["depths"] == (1, 1, 2, 1)
+    assert script["model_config"]("swin_base_patch4_window7_224") == ("swin_base_patch4_window7_224", {})

@@ -5,7 +5,7 @@ import torch
 
 from conftest import SWIN_NAME, TINY_SWIN
 from greenmim.masking import random_mask, unit_grid
-from greenmim.models import create_encoder
+from greenmim.models import UnknownModelError, create_encoder
 from greenmim.ops.windows import tokens_to_grid
 from swin_reference import dense_masked_swin
 
@@ -100,7 +100,7 @@ def test_clear_errors_for_bad_images_and_names():
         enc(torch.randn(1, 3, 230, 230), torch.zeros(1, 49, dtype=torch.bool))
     with pytest.raises(ValueError, match="img_size=256"):
         enc(torch.randn(1, 3, 256, 256), torch.zeros(1, 64, dtype=torch.bool))
-    with pytest.raises(ValueError, match="unknown model 'swin_tiny_patch4_window7'.*did you mean"):
+    with pytest.raises(UnknownModelError, match="unknown model 'swin_tiny_patch4_window7'.*did you mean"):
         create_encoder("swin_tiny_patch4_window7", **TINY_SWIN)
     with pytest.raises(ValueError, match="same, non-zero number of visible units"):
         enc(torch.randn(2, 3, 224, 224), torch.tensor([[False] * 49, [True] * 10 + [False] * 39]))

@@ -19,7 +19,8 @@ import torch
 from ..data import eval_transform, list_folder, load_rgb
 from ..engine.checkpoint import write_error
 from ..engine.errors import ConfigError, UserError
-from ..pretraining import build_pretrain_model, check_mask_ratio, reconstruction_grid, save_png
+from ..pretrain_task import build_pretrain_model, check_mask_ratio
+from ..visualization import reconstruction_grid, save_png
 from .common import load_pretrain_checkpoint, output_file, report_errors
 
 PROG = "greenmim-visualize"

@@ -389,10 +389,6 @@ class CocoDetection(Dataset):
             image, target = hflip(image, target)
         return image, target
 
-    def aspect_ratios(self) -> List[float]:
-        """Width / height of every image, for aspect-ratio grouped batching."""
-        return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
-
 
 def hflip(image: torch.Tensor, target: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Flip an image and its target left-right: boxes ``x1' = W - x2``, ``x2' = W - x1``; masks mirrored."""

@@ -137,9 +137,6 @@ class CocoEvaluator:
         self.mask_threshold = mask_threshold
         self.per_image: Dict[int, Dict[str, List[Dict[str, Any]]]] = {}
 
-    def reset(self) -> None:
-        self.per_image = {}
-
     def update(self, outputs: Sequence[Mapping[str, torch.Tensor]], image_ids: Sequence[int]) -> None:
         """Add the outputs of a batch (``model(images)`` in eval mode) for the given image ids."""
         for out, img_id in zip(outputs, image_ids):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional, Sequence, Union
 
-import torch.nn as nn
 from torchvision.models.detection import MaskRCNN
 
 from .backbone import TimmFPNBackbone, TimmTrunk
@@ -91,8 +90,3 @@ def build_maskrcnn(
         )
     return model
 
-
-def trunk_of(model: nn.Module) -> TimmTrunk:
-    """The :class:`TimmTrunk` of a detector built by :func:`build_maskrcnn` (DDP-unwrapped)."""
-    model = getattr(model, "module", model)
-    return model.backbone.trunk

@@ -223,7 +223,7 @@ class DetectionTask(TrainTask):
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         losses = model(images, targets)
         loss = sum(losses.values())
-        return loss, {k: float(v.detach()) for k, v in losses.items()}
+        return loss, {k: v.detach() for k, v in losses.items()}  # read back only when the trainer logs
 
     def batch_size(self, batch: Any) -> int:
         return len(batch[0])
@@ -232,9 +232,8 @@ class DetectionTask(TrainTask):
         return detection_param_groups(model, weight_decay, self.layer_decay)
 
     def evaluate(self, model: nn.Module, trainer) -> Dict[str, float]:
-        last = trainer.epoch + 1 >= trainer.epochs or trainer.step >= trainer.total_steps
         due = self.eval_every > 0 and (trainer.epoch + 1) % self.eval_every == 0
-        if not (last or due):
+        if not (trainer.is_last_epoch or due):
             return {}
         return self.evaluate_model(model, trainer)
 

@@ -1,15 +1,17 @@
 """The training engine shared by pretraining, fine-tuning and detection.
 
-* :class:`Trainer`, :class:`TrainerConfig`, :class:`OptimConfig`, :class:`TrainTask` — the loop
-  (see :mod:`greenmim.engine.trainer` for the conventions).
+* :class:`Trainer` — the loop (:mod:`.trainer`: one step, in order, and the conventions);
+  :class:`TrainTask` — what a task provides (:mod:`.task`); :class:`TrainerConfig`,
+  :class:`OptimConfig` — the settings (:mod:`.config`).
 * :mod:`.distributed` — torchrun setup, rank-0 writing, seeds, collectives.
-* :mod:`.checkpoint` — atomic checkpoints, retention, ``resume=auto|PATH``.
+* :mod:`.checkpoint` — atomic checkpoints, retention, ``resume=auto|PATH``, the format and its upgrades.
 * :mod:`.optim`, :mod:`.schedule`, :mod:`.precision` — AdamW groups, lr schedules, autocast/scaler.
 * :mod:`.sampler` — resumable distributed sampler and per-sample augmentation seeds.
 * :mod:`.monitor` — logging, TensorBoard, throughput.
 * :mod:`.signals` — graceful stop on SIGTERM / SIGINT / SIGUSR1 (preemption).
+* :mod:`.threads` — CPU intra-op threads left free for the loader workers.
 """
-from .checkpoint import CheckpointManager, atomic_save, find_latest, load_checkpoint, resolve_resume
+from .checkpoint import CheckpointManager, atomic_save, find_latest, load_checkpoint, resolve_resume, upgrade_checkpoint
 from .distributed import (
     DistInfo,
     all_reduce_any,
@@ -26,13 +28,15 @@ from .optim import build_optimizer, default_param_groups, no_weight_decay_names,
 from .precision import Precision
 from .sampler import ResumableDistributedSampler, SeededDataset
 from .schedule import SCHEDULES, LRSchedule, WarmupCosine, WarmupStep, apply_lr, build_schedule
-from .trainer import OptimConfig, Trainer, TrainerConfig, TrainTask, enable_grad_checkpointing, unwrap
+from .config import OptimConfig, TrainerConfig
+from .task import TrainTask
+from .trainer import Trainer, enable_grad_checkpointing, unwrap
 
 __all__ = [
     "Trainer", "TrainerConfig", "OptimConfig", "TrainTask", "unwrap", "enable_grad_checkpointing",
     "DistInfo", "init_distributed", "cleanup_distributed", "barrier", "all_reduce_mean", "all_reduce_any",
     "broadcast_object", "seed_everything",
-    "CheckpointManager", "atomic_save", "load_checkpoint", "find_latest", "resolve_resume",
+    "CheckpointManager", "atomic_save", "load_checkpoint", "upgrade_checkpoint", "find_latest", "resolve_resume",
     "build_optimizer", "default_param_groups", "no_weight_decay_names", "scaled_lr",
     "LRSchedule", "WarmupCosine", "WarmupStep", "SCHEDULES", "build_schedule", "apply_lr",
     "Precision", "ResumableDistributedSampler", "SeededDataset",

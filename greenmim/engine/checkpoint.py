@@ -1,15 +1,40 @@
-"""Atomic checkpoints, retention and ``resume=auto|PATH`` resolution.
+"""Atomic checkpoints, retention, ``resume=auto|PATH`` resolution, and the checkpoint format.
 
 Layout: ``<output_dir>/checkpoints/step-00001234.pt`` (rolling, the newest ``keep_last`` kept) and
 ``epoch-0004-step-00001234.pt`` (periodic, never pruned). Every file is written to a temporary name
 in the same folder, flushed to disk and then renamed with :func:`os.replace`, so a run killed at
 any moment leaves either the previous file set or the new one, never a truncated "latest".
 
-A checkpoint is a dict (see :meth:`greenmim.engine.Trainer.state_dict`)::
+**Format, version 2** (:data:`VERSION`; written by :meth:`greenmim.engine.Trainer.state_dict`, a
+``torch.save`` dict; every key is read back by :meth:`~greenmim.engine.Trainer.load` unless noted):
 
-    {"format": "greenmim-checkpoint", "version": 1, "model": ..., "optimizer": ..., "scaler": ...,
-     "schedule": ..., "epoch": int, "step": int, "batch_in_epoch": int,
-     "rank_states": [{"rng": ..., "task": ...}, ...], "config": dict, "metrics": dict}
+==================  ==========================================================================
+``format``          ``"greenmim-checkpoint"`` (:data:`FORMAT`): what :func:`load_checkpoint` accepts
+``version``         the format version; older ones are upgraded on load (:func:`upgrade_checkpoint`)
+``model``           the unwrapped model's ``state_dict`` (also read by fine-tune, detection,
+                    ``greenmim-export`` and ``greenmim-visualize``)
+``optimizer``       the optimizer's ``state_dict``
+``scaler``          the fp16 ``GradScaler`` state (empty dict for bf16/fp32)
+``epoch``           0-based epoch to continue in (the next one after an epoch-end checkpoint)
+``step``            optimizer steps done; the lr schedule is rebuilt from it and the config
+``batch_in_epoch``  micro-batches of ``epoch`` already consumed (the sampler skips them)
+``skipped_steps``   steps skipped for a non-finite loss so far (``trainer.nonfinite=skip``)
+``world_size``      processes of the run that wrote it; per-rank state is restored only when the
+                    resuming run has as many (else RNG streams are re-seeded, with a warning)
+``rank_states``     per rank: ``{"rng": torch/numpy/python/CUDA RNG states, "task": task.state_dict()}``
+``task_shared``     ``task.shared_state_dict()`` (e.g. EMA weights), stored once
+``config``          the resolved run config (also ``config.yaml``; read by the CLIs that rebuild
+                    the model from a checkpoint)
+==================  ==========================================================================
+
+**Changing the format**: bump :data:`VERSION`, write the new keys in ``Trainer.state_dict``, and add
+an ``_upgrade_v<N>`` function to :data:`UPGRADES` that turns a version-N dict into version N+1
+(new keys with the value an old run implies, dropped keys popped). :func:`load_checkpoint` applies
+the chain, so every reader sees the current version and old checkpoints keep loading.
+
+Version 1 (before this table) also wrote ``schedule`` (``{step, total_steps, peak_lr}``, never
+read: the schedule is a function of ``step`` and the config) and its first releases lacked
+``batch_in_epoch``, ``skipped_steps``, ``world_size`` and ``task_shared``.
 """
 from __future__ import annotations
 
@@ -27,6 +52,7 @@ from .errors import UserError, one_line
 log = logging.getLogger(__name__)
 
 FORMAT = "greenmim-checkpoint"
+VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"step-(\d+)\.pt$")
 
@@ -81,6 +107,38 @@ def load_checkpoint(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, A
         raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a greenmim training checkpoint (no '{FORMAT}' marker)")
+    return upgrade_checkpoint(ckpt, path)
+
+
+def _upgrade_v1(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """Version 1 -> 2: drop ``schedule`` (never read); fill the keys early version-1 files lacked
+    with the values their runs implied (a single process, no skipped steps, epoch-aligned)."""
+    ckpt.pop("schedule", None)
+    ckpt.setdefault("scaler", {})
+    ckpt.setdefault("batch_in_epoch", 0)
+    ckpt.setdefault("skipped_steps", 0)
+    ckpt.setdefault("task_shared", {})
+    ckpt.setdefault("rank_states", [])
+    ckpt.setdefault("world_size", len(ckpt["rank_states"]) or 1)
+    ckpt.setdefault("config", {})
+    return ckpt
+
+
+#: ``version -> function`` turning a checkpoint of that version into the next version.
+UPGRADES = {1: _upgrade_v1}
+
+
+def upgrade_checkpoint(ckpt: Dict[str, Any], path: Any = "checkpoint") -> Dict[str, Any]:
+    """Bring a loaded checkpoint dict to :data:`VERSION` (in place; a missing ``version`` is 1).
+    A checkpoint from a newer greenmim raises :class:`UserError`."""
+    version = int(ckpt.get("version", 1))
+    if version > VERSION:
+        raise UserError(f"{path} has checkpoint format version {version}; this greenmim reads up to {VERSION}: "
+                        "upgrade greenmim to resume or load it")
+    while version < VERSION:
+        ckpt = UPGRADES[version](ckpt)
+        version += 1
+        ckpt["version"] = version
     return ckpt
 
 

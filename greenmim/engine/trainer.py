@@ -1,8 +1,8 @@
 """The training loop shared by pretraining, fine-tuning and detection.
 
-A :class:`Trainer` runs a :class:`TrainTask`; the task says *what* to train (model, data, the loss
-of one batch), the trainer says *how* (devices, DDP, precision, accumulation, lr schedule,
-checkpoints, resume, logging). Minimal use::
+A :class:`Trainer` runs a :class:`~greenmim.engine.task.TrainTask`; the task says *what* to train
+(model, data, the loss of one batch), the trainer says *how* (devices, DDP, precision,
+accumulation, lr schedule, checkpoints, resume, logging). Minimal use::
 
     class MyTask(TrainTask):
         def build_model(self):                      return MyModel()
@@ -15,15 +15,27 @@ checkpoints, resume, logging). Minimal use::
     Trainer(MyTask(), TrainerConfig(output_dir="runs/x", epochs=10),
             OptimConfig(blr=1.5e-4), {"name": "cosine", "warmup_epochs": 1}).fit()
 
+One step, in order (:meth:`Trainer.train_one_epoch`, one optimizer step per accumulation window):
+
+1. ``_windows`` hands out the next ``accum_steps`` micro-batches; the step's lr is set from the
+   schedule and an empty :class:`_Window` (loss sum, finite flag, metrics) starts on the device.
+2. ``_micro_step`` x ``accum_steps``: ``task.training_step`` under autocast, the loss's finiteness
+   all-reduced on the device, backward (``no_sync`` under DDP except on the last micro-batch).
+3. ``_optimizer_step``: unscale/clip/step, skipped *on the device* when the window was non-finite;
+   zero grads; ``step += 1``; ``task.on_step_end`` (EMA); the step's values queued on the device.
+4. ``_after_step``: if a log line, checkpoint, ``stop_at_step`` or the epoch's end is due, read the
+   queued values back (the only host read) and log; checkpoint if due; stop on a signal if pending.
+5. After the last window, ``_end_epoch``: checkpoint first, then evaluate, ``task.on_epoch_end``.
+
 Conventions:
 
 * A *step* is one optimizer update (``accum_steps`` micro-batches). ``max_steps``, warmup,
   checkpoint intervals and TensorBoard's x axis count steps.
 * ``lr = optim.lr`` if set, else ``optim.blr * effective_batch / 256`` with
   ``effective_batch = batch_size * accum_steps * world_size``.
-* The loader's sampler should be a :class:`~greenmim.engine.sampler.ResumableDistributedSampler`
-  (any sampler with ``set_epoch`` works, but then a mid-epoch resume replays the epoch's batches
-  from the start of the epoch instead of skipping exactly the consumed ones).
+* Resume has one mechanism: the loader's sampler skips the consumed samples itself
+  (:meth:`~greenmim.engine.sampler.ResumableDistributedSampler.set_start`). A mid-epoch resume with a
+  sampler lacking ``set_start`` is refused with an error naming the fix (no replay of the epoch).
 * Only rank 0 writes; every rank calls every hook (they may contain collectives).
 * Nothing is lost: ``output_dir`` is checked (writable, no other run's checkpoints unless resuming)
   before anything is written; an epoch's checkpoint is written before its evaluation; a stop signal
@@ -33,13 +45,12 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
-import os
 import signal
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as tdist
@@ -48,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (
     FORMAT,
+    VERSION,
     CheckpointManager,
     check_one_run,
     check_output_dir,
@@ -58,8 +70,8 @@ from .checkpoint import (
     set_aside,
     write_error,
 )
+from .config import NONFINITE_POLICIES, OptimConfig, TrainerConfig
 from .distributed import (
-    DistInfo,
     all_reduce_all_finite,
     all_reduce_max,
     all_reduce_mean,
@@ -76,154 +88,13 @@ from .optim import build_optimizer, scaled_lr
 from .precision import Precision
 from .schedule import LRSchedule, apply_lr, build_schedule
 from .signals import StopSignals, with_ignored_stop_signals
+from .task import TrainTask
+from .threads import leave_cores_for_loader_workers
+
+__all__ = ["Trainer", "TrainTask", "TrainerConfig", "OptimConfig", "unwrap", "enable_grad_checkpointing"]
 
 log = logging.getLogger("greenmim")
-
-
-def leave_cores_for_loader_workers(num_workers: int, world_size: int) -> None:
-    """On CPU, give torch's intra-op threads only the cores that data-loader workers and other ranks
-    leave free. Oversubscribed OpenMP threads spin-wait on each other: a Swin-T step with 2 threads
-    and one loader worker on 2 cores ran 5x slower than with 1 thread. An explicit OMP_NUM_THREADS wins."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    free = max(1, (os.cpu_count() or 1) // max(world_size, 1) - num_workers)
-    if free < torch.get_num_threads():
-        log.info("cpu: %d intra-op thread(s), leaving cores to %d loader worker(s) (set OMP_NUM_THREADS to override)",
-                 free, num_workers)
-        torch.set_num_threads(free)
-
-NONFINITE_POLICIES = ("stop", "skip")
-
-
-@dataclass
-class TrainerConfig:
-    """How to train. Every field is a ``trainer.*`` config key (``output_dir``, ``resume`` and
-    ``seed`` are top-level keys in the Hydra configs and are copied in by the CLI).
-
-    Attributes:
-        output_dir: the run's folder (checkpoints, ``train.log``, ``metrics.jsonl``, ``tb/``, images).
-        epochs: epochs to train (the schedule's length unless ``max_steps`` is smaller).
-        max_steps: cap on optimizer steps; > 0 also shortens the schedule to it. -1: no cap.
-        stop_at_step: stop (after checkpointing) at this step without changing the schedule, e.g.
-            to split a long schedule into time-boxed jobs continued with ``resume=auto``.
-        accum_steps: micro-batches per optimizer step (gradient accumulation).
-        precision: ``bf16`` | ``fp16`` (with loss scaling) | ``fp32``.
-        device: ``auto`` | ``cpu`` | ``cuda``.
-        clip_grad: max total gradient norm, or None for no clipping.
-        grad_checkpointing: activation checkpointing: False, True (all stages) or a list of stage
-            indices; applied to ``model.encoder`` if the model has one, else to the model.
-        nonfinite: on a NaN/Inf loss, ``stop`` (raise, keeping the last good checkpoint) or ``skip``
-            the step (no update; warned and counted).
-        log_every: steps between progress lines and TensorBoard scalars.
-        ckpt_every_steps: also checkpoint every this many steps (0: only at epoch ends).
-        ckpt_every_epochs: checkpoint at the end of every this many epochs (and always at the end).
-        keep_last: rolling checkpoints to keep.
-        keep_every_epochs: keep a permanent copy every this many epochs (0: none).
-        tensorboard: write TensorBoard event files.
-        seed: base seed; rank ``r`` uses ``seed + r`` for its own streams.
-        resume: None (fresh run), ``auto`` (latest valid checkpoint in ``output_dir``, if any) or a path.
-        find_unused_parameters: passed to DDP.
-        config: the resolved full config, stored in checkpoints and written to ``config.yaml``.
-    """
-
-    output_dir: str = "outputs/run"
-    epochs: int = 1
-    max_steps: int = -1
-    stop_at_step: Optional[int] = None
-    accum_steps: int = 1
-    precision: str = "fp32"
-    device: str = "auto"
-    clip_grad: Optional[float] = None
-    grad_checkpointing: Union[bool, List[int]] = False
-    nonfinite: str = "stop"
-    log_every: int = 10
-    ckpt_every_steps: int = 0
-    ckpt_every_epochs: int = 1
-    keep_last: int = 2
-    keep_every_epochs: int = 0
-    tensorboard: bool = True
-    seed: int = 0
-    resume: Optional[str] = None
-    find_unused_parameters: bool = False
-    config: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class OptimConfig:
-    """AdamW settings (``optim.*``): ``lr`` (absolute, wins when set) or ``blr`` scaled by
-    ``effective_batch / base_batch``; ``weight_decay``, ``betas``, ``eps``."""
-
-    name: str = "adamw"
-    blr: float = 1.5e-4
-    lr: Optional[float] = None
-    base_batch: int = 256
-    weight_decay: float = 0.05
-    betas: Sequence[float] = (0.9, 0.95)
-    eps: float = 1e-8
-
-
-class TrainTask:
-    """What to train. Subclass and implement the first three methods; the others are optional hooks.
-
-    Every method receives the :class:`Trainer` (``trainer.device``, ``trainer.dist``,
-    ``trainer.output_dir``, ``trainer.epoch``, ``trainer.step``, ``trainer.writer``, ``trainer.precision``).
-    """
-
-    def build_model(self) -> nn.Module:
-        """The model, on CPU; the trainer moves it to the device and wraps it in DDP."""
-        raise NotImplementedError
-
-    def build_train_loader(self, dist: DistInfo, seed: int) -> torch.utils.data.DataLoader:
-        """The training loader of this rank (shard with ``dist.rank``/``dist.world_size``; the
-        trainer calls ``loader.sampler.set_epoch(epoch)`` and, on resume, ``set_start(n)``).
-        Its ``batch_size`` is the per-process micro-batch."""
-        raise NotImplementedError
-
-    def training_step(self, model: nn.Module, batch: Any, trainer: "Trainer") -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Loss of one micro-batch (a scalar tensor, run under autocast) and extra metrics to log.
-        ``model`` is the (possibly DDP-wrapped) training model; move ``batch`` to ``trainer.device``."""
-        raise NotImplementedError
-
-    def batch_size(self, batch: Any) -> int:
-        """Samples in ``batch`` (for img/s): the length of the first tensor found."""
-        if torch.is_tensor(batch):
-            return batch.shape[0]
-        if isinstance(batch, (list, tuple)):
-            return self.batch_size(batch[0])
-        if isinstance(batch, dict):
-            return self.batch_size(next(iter(batch.values())))
-        return len(batch)
-
-    def param_groups(self, model: nn.Module, weight_decay: float) -> Optional[List[Dict[str, Any]]]:
-        """Optimizer param groups (e.g. timm's ``param_groups_layer_decay``; a group's ``lr_scale``
-        multiplies its lr). None: the default decay / no-decay split."""
-        return None
-
-    def evaluate(self, model: nn.Module, trainer: "Trainer") -> Dict[str, float]:
-        """Validation metrics, called on every rank at the end of every ``eval_every`` epoch; return
-        values already reduced over ranks. ``model`` is unwrapped and in eval mode."""
-        return {}
-
-    def on_epoch_end(self, model: nn.Module, trainer: "Trainer") -> None:
-        """Anything per epoch (e.g. a reconstruction figure; write only when ``trainer.dist.is_main``)."""
-
-    def on_step_end(self, model: nn.Module, trainer: "Trainer") -> None:
-        """After every optimizer step (``trainer.step`` already counts it), e.g. a model EMA update.
-        ``model`` is unwrapped."""
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Per-rank task state to checkpoint (e.g. a mask generator's RNG state)."""
-        return {}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (called on resume with this rank's saved state)."""
-
-    def shared_state_dict(self) -> Dict[str, Any]:
-        """Task state identical on every rank (e.g. EMA weights), stored once (rank 0's copy)."""
-        return {}
-
-    def load_shared_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`shared_state_dict` (called on resume on every rank)."""
+_END = object()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -262,7 +133,8 @@ class Trainer:
     After :meth:`setup` (called by :meth:`fit`): ``dist``, ``device``, ``output_dir``, ``model`` (the
     training model, DDP-wrapped when distributed), ``optimizer``, ``schedule``, ``precision``,
     ``loader``, ``writer``, ``peak_lr``, ``effective_batch``, ``steps_per_epoch``, ``total_steps``;
-    during training: ``epoch`` (0-based), ``step`` (optimizer steps done).
+    during training: ``epoch`` (0-based), ``step`` (optimizer steps done), ``batch_in_epoch``
+    (micro-batches of this epoch consumed, a multiple of ``accum_steps``), :attr:`is_last_epoch`.
     """
 
     def __init__(self, task: TrainTask, cfg: TrainerConfig, optim: Optional[OptimConfig] = None, sched: Optional[Dict[str, Any]] = None):
@@ -284,11 +156,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        cfg = self.cfg
-        self.dist = init_distributed(cfg.device)
+        """Build everything :meth:`fit` needs. The order matters: nothing is written before the
+        output folder is checked, and the model is built under the same seed on every rank."""
+        self.dist = init_distributed(self.cfg.device)
         self.device = self.dist.device
-        self.output_dir = Path(broadcast_object(str(Path(cfg.output_dir).expanduser().resolve())))
-        # resolved on rank 0 and shared, errors included, so that no rank waits for a failed one
+        self._prepare_output_dir()
+        self.precision = Precision(self.cfg.precision, self.device)
+        model = self._build_model()
+        self._build_loader()
+        self._build_optimizer(model)
+        self.model = self._wrap_ddp(model)
+        self.writer = MetricsWriter(self.output_dir, enabled=self.dist.is_main, tensorboard=self.cfg.tensorboard)
+        self.checkpoints = CheckpointManager(self.output_dir, self.cfg.keep_last, self.cfg.keep_every_epochs)
+        if self._resume_path:
+            self.load(self._resume_path)
+        elif self.cfg.resume and str(self.cfg.resume) == "auto":
+            log.info("resume=auto: no checkpoint in %s, starting from scratch", self.output_dir)
+        self._write_config()
+        self._log_setup()
+
+    def _prepare_output_dir(self) -> None:
+        """``output_dir`` checked and ``resume`` resolved on rank 0 and shared, errors included, so
+        that no rank waits for a failed one; then logging into the folder."""
+        self.output_dir = Path(broadcast_object(str(Path(self.cfg.output_dir).expanduser().resolve())))
         error, resume, unreadable = None, None, []
         if self.dist.is_main:
             try:
@@ -301,58 +191,6 @@ class Trainer:
         setup_logging(self.output_dir, self.dist.rank)
         if unreadable:
             set_aside(unreadable)
-        self.precision = Precision(cfg.precision, self.device)
-
-        seed_everything(cfg.seed)  # the same initial weights whatever the world size
-        model = self.task.build_model()
-        seed_everything(cfg.seed, self.dist.rank)  # then per-rank streams (dropout, masks, ...)
-        enable_grad_checkpointing(model, cfg.grad_checkpointing)
-        model.to(self.device)
-        self.loader = self.task.build_train_loader(self.dist, cfg.seed)
-        self.loader.worker_init_fn = with_ignored_stop_signals(self.loader.worker_init_fn)
-        if self.device.type == "cpu":
-            leave_cores_for_loader_workers(self.loader.num_workers, self.dist.world_size)
-        micro_batch = self.loader.batch_size or 1
-        self.effective_batch = micro_batch * cfg.accum_steps * self.dist.world_size
-        self.steps_per_epoch = len(self.loader) // cfg.accum_steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"an epoch has {len(self.loader)} batch(es) per process, fewer than trainer.accum_steps={cfg.accum_steps}: "
-                "use more images, a smaller data.batch_size or fewer accumulation steps"
-            )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps and cfg.max_steps > 0:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-
-        o = self.optim_cfg
-        self.peak_lr = float(o.lr) if o.lr is not None else scaled_lr(o.blr, self.effective_batch, o.base_batch)
-        groups = self.task.param_groups(model, o.weight_decay)
-        self.optimizer = build_optimizer(model, self.peak_lr, o.weight_decay, o.betas, o.eps, o.name, groups)
-        self.schedule: LRSchedule = build_schedule(self.sched_cfg, self.total_steps, self.steps_per_epoch)
-
-        if self.dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
-        self.model = model
-        self.writer = MetricsWriter(self.output_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard)
-        self.checkpoints = CheckpointManager(self.output_dir, cfg.keep_last, cfg.keep_every_epochs)
-
-        resume = self._resume_path
-        if resume:
-            self.load(resume)
-        elif cfg.resume and str(cfg.resume) == "auto":
-            log.info("resume=auto: no checkpoint in %s, starting from scratch", self.output_dir)
-
-        self._write_config()
-        n_params = sum(p.numel() for p in unwrap(self.model).parameters())
-        log.info(
-            "device %s x%d | precision %s | params %.2fM | micro-batch %d x accum %d x world %d = %d | lr %.3g | "
-            "%d steps (%d/epoch, %d epochs) | output %s",
-            self.device, self.dist.world_size, cfg.precision, n_params / 1e6, micro_batch, cfg.accum_steps,
-            self.dist.world_size, self.effective_batch, self.peak_lr, self.total_steps, self.steps_per_epoch,
-            self.epochs, self.output_dir,
-        )
 
     def _resolve_output_dir(self) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
         """Rank 0, before anything is written: check ``output_dir`` is writable, resolve ``resume``
@@ -378,9 +216,64 @@ class Trainer:
             except OSError as exc:
                 raise write_error(exc, self.output_dir / "config.yaml") from exc
 
+    def _build_model(self) -> nn.Module:
+        """The task's model on the device: the same initial weights whatever the world size, then
+        per-rank RNG streams (dropout, masks, ...)."""
+        seed_everything(self.cfg.seed)
+        model = self.task.build_model()
+        seed_everything(self.cfg.seed, self.dist.rank)
+        enable_grad_checkpointing(model, self.cfg.grad_checkpointing)
+        return model.to(self.device)
+
+    def _build_loader(self) -> None:
+        """The task's loader (workers ignore stop signals), the CPU thread policy, and the run's
+        length: ``effective_batch``, ``steps_per_epoch``, ``total_steps``, ``epochs``."""
+        cfg = self.cfg
+        self.loader = self.task.build_train_loader(self.dist, cfg.seed)
+        self.loader.worker_init_fn = with_ignored_stop_signals(self.loader.worker_init_fn)
+        if self.device.type == "cpu":
+            leave_cores_for_loader_workers(self.loader.num_workers, self.dist.world_size)
+        self.effective_batch = (self.loader.batch_size or 1) * cfg.accum_steps * self.dist.world_size
+        self.steps_per_epoch = len(self.loader) // cfg.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"an epoch has {len(self.loader)} batch(es) per process, fewer than trainer.accum_steps={cfg.accum_steps}: "
+                "use more images, a smaller data.batch_size or fewer accumulation steps"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps and cfg.max_steps > 0:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def _build_optimizer(self, model: nn.Module) -> None:
+        """``peak_lr`` (``optim.lr``, or ``optim.blr`` scaled by the effective batch), the optimizer
+        over the task's parameter groups, and the lr schedule over ``total_steps``."""
+        o = self.optim_cfg
+        self.peak_lr = float(o.lr) if o.lr is not None else scaled_lr(o.blr, self.effective_batch, o.base_batch)
+        groups = self.task.param_groups(model, o.weight_decay)
+        self.optimizer = build_optimizer(model, self.peak_lr, o.weight_decay, o.betas, o.eps, o.name, groups)
+        self.schedule: LRSchedule = build_schedule(self.sched_cfg, self.total_steps, self.steps_per_epoch)
+
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        if not self.dist.distributed:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters)
+
+    def _log_setup(self) -> None:
+        cfg, n_params = self.cfg, sum(p.numel() for p in unwrap(self.model).parameters())
+        log.info(
+            "device %s x%d | precision %s | params %.2fM | micro-batch %d x accum %d x world %d = %d | lr %.3g | "
+            "%d steps (%d/epoch, %d epochs) | output %s",
+            self.device, self.dist.world_size, cfg.precision, n_params / 1e6, self.loader.batch_size or 1, cfg.accum_steps,
+            self.dist.world_size, self.effective_batch, self.peak_lr, self.total_steps, self.steps_per_epoch,
+            self.epochs, self.output_dir,
+        )
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """The full training state; collective (every rank must call it: per-rank RNG is gathered)."""
+        """The full training state, in the format :mod:`greenmim.engine.checkpoint` documents;
+        collective (every rank must call it: per-rank RNG and task state are gathered)."""
         rank_state = {"rng": get_rng_state(), "task": self.task.state_dict()}
         if is_dist():
             gathered: List[Any] = [None] * self.dist.world_size
@@ -389,11 +282,10 @@ class Trainer:
             gathered = [rank_state]
         return {
             "format": FORMAT,
-            "version": 1,
+            "version": VERSION,
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(),
-            "schedule": {"step": self.step, "total_steps": self.total_steps, "peak_lr": self.peak_lr},
             "epoch": self.epoch,
             "step": self.step,
             "batch_in_epoch": self.batch_in_epoch,
@@ -422,8 +314,14 @@ class Trainer:
             raise UserError(error)
         self.last_checkpoint = Path(path)
 
+    def _save_unless_saved(self) -> None:
+        """Checkpoint the current step unless the last checkpoint already holds it."""
+        if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
+            self.save()
+
     def load(self, path: Union[str, Path]) -> None:
-        """Restore everything :meth:`state_dict` saved (model, optimizer, scaler, position, RNG)."""
+        """Restore everything :meth:`state_dict` saved (model, optimizer, scaler, position, RNG);
+        older checkpoint formats are upgraded by :func:`~greenmim.engine.checkpoint.load_checkpoint`."""
         ckpt = load_checkpoint(path, map_location="cpu")
         fix = "resume with the same model= (and model.encoder_args) as the run that wrote it"
         try:
@@ -441,19 +339,19 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as exc:
             raise UserError(f"the optimizer state of {path} does not match this run's parameter groups ({one_line(exc)}): {fix}") from None
-        self.precision.load_state_dict(ckpt.get("scaler"))
+        self.precision.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
-        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
-        self.task.load_shared_state_dict(ckpt.get("task_shared") or {})
-        states = ckpt.get("rank_states") or []
-        if len(states) == self.dist.world_size:
+        self.batch_in_epoch, self.skipped_steps = int(ckpt["batch_in_epoch"]), int(ckpt["skipped_steps"])
+        self.task.load_shared_state_dict(ckpt["task_shared"])
+        states = ckpt["rank_states"]
+        if ckpt["world_size"] == len(states) == self.dist.world_size:
             set_rng_state(states[self.dist.rank]["rng"])
             self.task.load_state_dict(states[self.dist.rank]["task"])
         else:
             log.warning(
-                "checkpoint was written by %d process(es), this run has %d: RNG streams are re-seeded, "
-                "so the run continues correctly but not bit-identically", len(states), self.dist.world_size,
+                "checkpoint holds the state of %d process(es) (written by %d), this run has %d: RNG streams are "
+                "re-seeded, so the run continues correctly but not bit-identically",
+                len(states), ckpt["world_size"], self.dist.world_size,
             )
             seed_everything(self.cfg.seed + 1000 * self.step, self.dist.rank)
         self.last_checkpoint = Path(path)
@@ -476,6 +374,110 @@ class Trainer:
         log.info("done: %d steps, output in %s", self.step, self.output_dir)
         return self.history[-1] if self.history else {}
 
+    def train_one_epoch(self) -> Dict[str, float]:
+        """The rest of the epoch, one accumulation window per optimizer step (see "One step, in
+        order" in the module docstring). Returns the epoch's summary, or ``{}`` when
+        ``trainer.stop_at_step`` ended the run inside it."""
+        self.model.train()
+        epoch = _EpochLog(self._lr())
+        for window_batches in self._windows():
+            if self._should_stop():
+                break
+            epoch.lr, window = self._lr(), _Window(self.device)
+            for k, batch in enumerate(window_batches):
+                self._micro_step(batch, window, epoch, sync=k == self.cfg.accum_steps - 1)
+            self._optimizer_step(window, epoch)
+            if self._after_step(epoch):
+                return {}
+        return self._end_epoch(epoch.mean_loss())
+
+    def _windows(self) -> Iterator[Iterable[Any]]:
+        """The epoch's remaining accumulation windows, each an iterator over its ``accum_steps``
+        micro-batches. The sampler starts at ``batch_in_epoch`` itself (the one resume mechanism)."""
+        accum = self.cfg.accum_steps
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        if self.batch_in_epoch:
+            if not hasattr(sampler, "set_start"):
+                raise ConfigError(
+                    f"cannot resume in the middle of epoch {self.epoch + 1}: the training loader's sampler "
+                    f"({type(sampler).__name__}) cannot skip the {self.batch_in_epoch} batch(es) already seen; build the "
+                    "task's loader with greenmim.engine.ResumableDistributedSampler"
+                )
+            sampler.set_start(self.batch_in_epoch * (self.loader.batch_size or 1))
+        batches = iter(self.loader)
+        for _ in range(self.batch_in_epoch // accum, self.steps_per_epoch):
+            first = next(batches, _END)
+            if first is _END:  # a loader shorter than its len(): the epoch ends here
+                return
+            yield itertools.chain([first], itertools.islice(batches, accum - 1))
+
+    def _lr(self) -> float:
+        """Set the optimizer's lr for the step about to run; returns it."""
+        return apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
+
+    def _micro_step(self, batch: Any, window: "_Window", epoch: "_EpochLog", sync: bool) -> None:
+        """Forward and backward of one micro-batch. Under DDP gradients are all-reduced only when
+        ``sync`` (the window's last micro-batch). A non-finite loss (on any rank: every rank takes
+        the same decision) contributes no gradient, and the window's step is skipped on the device."""
+        model = self.model
+        no_sync = model.no_sync() if not sync and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+        with no_sync:
+            with self.precision.autocast():
+                loss, metrics = self.task.training_step(model, batch, self)
+            finite = all_reduce_all_finite(loss.detach())
+            self.precision.backward(torch.where(finite, loss, torch.zeros_like(loss)) / self.cfg.accum_steps)
+        window.add(loss.detach(), finite, metrics)
+        epoch.meter.update(self.task.batch_size(batch) * self.dist.world_size, steps=0)
+
+    def _optimizer_step(self, window: "_Window", epoch: "_EpochLog") -> None:
+        """Unscale, clip and step (skipped on the device if the window was non-finite), then count the
+        step, run ``task.on_step_end`` and queue the step's device values for the next read."""
+        params = unwrap(self.model).parameters()
+        grad_norm, skipped = self.precision.step(self.optimizer, params, self.cfg.clip_grad, ~window.finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.batch_in_epoch += self.cfg.accum_steps
+        self.task.on_step_end(unwrap(self.model), self)
+        epoch.meter.update(0, steps=1)
+        epoch.pending.append(self.step, window.mean_loss(), skipped, grad_norm, window.mean_metrics())
+
+    def _after_step(self, epoch: "_EpochLog") -> bool:
+        """Read the queued values back and log if due, checkpoint if due, stop on a pending signal.
+        Returns True when ``trainer.stop_at_step`` ends the run here (after a checkpoint)."""
+        cfg = self.cfg
+        epoch_end = self.batch_in_epoch >= self.steps_per_epoch * cfg.accum_steps
+        log_due = self.step % cfg.log_every == 0 or self.step == self.total_steps
+        ckpt_due = bool(cfg.ckpt_every_steps) and self.step % cfg.ckpt_every_steps == 0 and not epoch_end
+        stop_due = cfg.stop_at_step is not None and cfg.stop_at_step <= self.step < self.total_steps
+        if log_due or ckpt_due or stop_due or epoch_end:
+            for step, loss, bad in epoch.pending.read():  # the one host read of these steps' values
+                if bad:
+                    self._on_nonfinite(loss, step)
+                else:
+                    epoch.add_loss(loss)
+            if log_due:
+                self._log_step(epoch)
+            epoch.pending.clear()
+        if ckpt_due:
+            self.save()
+        if not epoch_end:  # at the epoch's end, fit() checks after the epoch-end checkpoint
+            self._stop_if_signalled()
+        if stop_due:
+            self._save_unless_saved()
+            log.info("stopping at step %d (trainer.stop_at_step); continue with resume=auto", self.step)
+        return stop_due
+
+    @property
+    def is_last_epoch(self) -> bool:
+        """Whether the epoch in progress is the run's last (the schedule's end or ``stop_at_step``)."""
+        return self.epoch + 1 >= self.epochs or self._should_stop()
+
+    def _should_stop(self) -> bool:
+        stop_at = self.cfg.stop_at_step
+        return self.step >= self.total_steps or (stop_at is not None and self.step >= stop_at)
+
     def _stop_if_signalled(self) -> None:
         """After a step or an epoch: if a stop signal reached any rank, checkpoint (all ranks) and raise
         :class:`Preempted`. The flag is all-reduced so that every rank stops at the same step."""
@@ -483,97 +485,12 @@ class Trainer:
         signum = all_reduce_max(pending, self.device)
         if not signum:
             return
-        if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
-            self.save()
+        self._save_unless_saved()
         name = signal.Signals(signum).name
         message = (f"stopped by {name} at step {self.step}: saved {self.last_checkpoint}; "
                    "continue with the same command and resume=auto")
         log.warning(message)
         raise Preempted(message, signum)
-
-    def _should_stop(self) -> bool:
-        stop_at = self.cfg.stop_at_step
-        return self.step >= self.total_steps or (stop_at is not None and self.step >= stop_at)
-
-    def _sampler_start(self, start_batch: int) -> int:
-        """Position the sampler at this epoch (and at ``start_batch`` when resuming); returns the
-        number of batches the loader will skip by itself (0 when it had to replay them)."""
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        if start_batch and hasattr(sampler, "set_start"):
-            sampler.set_start(start_batch * (self.loader.batch_size or 1))
-            return start_batch
-        return 0
-
-    def train_one_epoch(self) -> Dict[str, float]:
-        """One epoch. Nothing in a step reads a device value on the host: losses, non-finite flags and
-        gradient norms stay on the device (:class:`_DeviceLog`) until a log line or a checkpoint is
-        due, so on a GPU the host queues the next step while the current one runs."""
-        cfg, accum = self.cfg, self.cfg.accum_steps
-        model, task = self.model, self.task
-        model.train()
-        start_batch = self.batch_in_epoch
-        skipped_by_sampler = self._sampler_start(start_batch)
-        end_batch = self.steps_per_epoch * accum
-        meter = Throughput()
-        pending = _DeviceLog()
-        epoch_loss_sum, epoch_loss_n = 0.0, 0
-        lr = apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
-
-        for i, batch in enumerate(self.loader, start=skipped_by_sampler):
-            if i < start_batch:  # replaying a sampler without set_start
-                continue
-            if i >= end_batch or self._should_stop():
-                break
-            micro = i % accum
-            last_micro = micro == accum - 1
-            if micro == 0:
-                lr = apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
-                window = _Window(self.device)
-            sync = contextlib.nullcontext() if (last_micro or not isinstance(model, DistributedDataParallel)) else model.no_sync()
-            with sync:
-                with self.precision.autocast():
-                    loss, metrics = task.training_step(model, batch, self)
-                finite = all_reduce_all_finite(loss.detach())  # every rank takes the same decision
-                # a non-finite loss contributes no gradient; the window's step is skipped on the device
-                self.precision.backward(torch.where(finite, loss, torch.zeros_like(loss)) / accum)
-                window.add(loss.detach(), finite)
-            meter.update(task.batch_size(batch) * self.dist.world_size, steps=0)
-            if not last_micro:
-                continue
-
-            grad_norm, skipped = self.precision.step(self.optimizer, unwrap(model).parameters(), cfg.clip_grad, ~window.finite)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.batch_in_epoch = i + 1
-            task.on_step_end(unwrap(model), self)
-            meter.update(0, steps=1)
-            pending.append(self.step, window.mean_loss(), skipped, grad_norm, metrics)
-            log_due = self.step % cfg.log_every == 0 or self.step == self.total_steps
-            ckpt_due = bool(cfg.ckpt_every_steps) and self.step % cfg.ckpt_every_steps == 0 and self.batch_in_epoch < end_batch
-            stop_due = cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < self.total_steps
-            if log_due or ckpt_due or stop_due or self.batch_in_epoch >= end_batch:
-                for step, loss_value, bad in pending.read():  # the one host read of these steps' values
-                    if bad:
-                        self._on_nonfinite(loss_value, step)
-                    else:
-                        epoch_loss_sum += loss_value
-                        epoch_loss_n += 1
-                if log_due:
-                    self._log_step(pending.last, lr, meter)
-                pending.clear()
-            if ckpt_due:
-                self.save()
-            if self.batch_in_epoch < end_batch:  # at the epoch's end, fit() checks after the epoch-end checkpoint
-                self._stop_if_signalled()
-            if stop_due:
-                if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}.pt":
-                    self.save()
-                log.info("stopping at step %d (trainer.stop_at_step); continue with resume=auto", self.step)
-                return {}
-
-        return self._end_epoch(epoch_loss_sum / epoch_loss_n if epoch_loss_n else float("nan"))
 
     def _end_epoch(self, mean_loss: float) -> Dict[str, float]:
         """Checkpoint the finished epoch first, then evaluate: an evaluation failure (an unreadable
@@ -581,8 +498,7 @@ class Trainer:
         produced metrics, the checkpoint is rewritten so it holds the task's post-evaluation state
         (e.g. the best accuracy so far) and RNG, exactly as an uninterrupted run continues."""
         summary = {"loss": all_reduce_mean(mean_loss), "epoch": self.epoch + 1}
-        finished = self._should_stop() or self.epoch + 1 >= self.epochs
-        due = finished or (self.epoch + 1) % max(1, self.cfg.ckpt_every_epochs) == 0
+        due = self.is_last_epoch or (self.epoch + 1) % max(1, self.cfg.ckpt_every_epochs) == 0
         if due:
             self.save(epoch_completed=self.epoch + 1)
         unwrapped = unwrap(self.model)
@@ -600,11 +516,12 @@ class Trainer:
             self.save(epoch_completed=self.epoch)
         return summary
 
-    def _log_step(self, last: Dict[str, Any], lr: float, meter: Throughput) -> None:
-        """Log the step just read back from the device (``last``: loss, grad norm, task metrics)."""
+    def _log_step(self, epoch: "_EpochLog") -> None:
+        """Log the step just read back from the device (loss, grad norm, task metrics)."""
+        last = epoch.pending.last
         loss = all_reduce_mean(last["loss"])
-        speed = meter.read(self.total_steps - self.step)
-        scalars = {"loss": loss, "lr": lr, "img_per_s": speed["img_per_s"], **last["metrics"]}
+        speed = epoch.meter.read(self.total_steps - self.step)
+        scalars = {"loss": loss, "lr": epoch.lr, "img_per_s": speed["img_per_s"], **last["metrics"]}
         if last["grad_norm"] is not None:
             scalars["grad_norm"] = last["grad_norm"]
         mem = peak_memory_gb(self.device)
@@ -612,7 +529,7 @@ class Trainer:
         self.writer.add_scalars(self.step, {**scalars, "epoch": self.epoch})
         log.info(
             "epoch %d/%d step %d/%d | loss %.4f | lr %.3g | %.1f img/s | mem %.2f GB | eta %s",
-            self.epoch + 1, self.epochs, self.step, self.total_steps, loss, lr, speed["img_per_s"], mem,
+            self.epoch + 1, self.epochs, self.step, self.total_steps, loss, epoch.lr, speed["img_per_s"], mem,
             format_eta(speed["eta_s"]),
         )
 
@@ -631,18 +548,28 @@ class Trainer:
 
 
 class _Window:
-    """The accumulation window's losses on the device: their sum and count over finite micro-batches,
-    and whether all of them were finite."""
+    """One accumulation window on the device: the sum and count of its finite losses, whether all of
+    them were finite, and the sum of the task's metrics over its micro-batches."""
 
     def __init__(self, device: torch.device):
         zero = torch.zeros((), device=device)
         self.total, self.count = zero.clone(), zero.clone()
         self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.metrics: Dict[str, Any] = {}
+        self.micro_batches = 0
 
-    def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, finite: torch.Tensor, metrics: Dict[str, Any]) -> None:
         self.total = self.total + torch.where(finite, loss.float(), 0.0)
         self.count = self.count + finite.float()
         self.finite = self.finite & finite
+        self.micro_batches += 1
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            self.metrics[k] = self.metrics[k] + v if k in self.metrics else v
+
+    def mean_metrics(self) -> Dict[str, Any]:
+        """The task's metrics averaged over the window's micro-batches (device tensors stay there)."""
+        return {k: v / self.micro_batches for k, v in self.metrics.items()}
 
     def mean_loss(self) -> torch.Tensor:
         """Mean finite loss of the window; NaN if none was finite (as the skipped step is logged)."""
@@ -676,3 +603,21 @@ class _DeviceLog:
 
     def clear(self) -> None:
         self.rows = []
+
+
+class _EpochLog:
+    """What one epoch accumulates for logging: throughput, the queued device values of the steps not
+    read yet, the sum of the finite step losses read so far, and the current step's lr."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+        self.meter = Throughput()
+        self.pending = _DeviceLog()
+        self.loss_sum, self.loss_n = 0.0, 0
+
+    def add_loss(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.loss_n += 1
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.loss_n if self.loss_n else float("nan")

@@ -15,6 +15,10 @@ import torch.nn as nn
 METHODS = ("greenmim", "simmim")
 
 
+class UnknownModelError(ValueError):
+    """A model name that is not registered (the message lists close matches and all names)."""
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     name: str
@@ -42,7 +46,7 @@ def get_spec(name: str) -> EncoderSpec:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(f"unknown model '{name}': {hint}available: {', '.join(list_encoders())}")
+        raise UnknownModelError(f"unknown model '{name}': {hint}available: {', '.join(list_encoders())}")
     return _REGISTRY[name]
 
 

@@ -36,7 +36,7 @@ Twins' timm layout is the official one (timm's port kept the names), so Twins ne
 
 Command line::
 
-    python -m greenmim.detection.export SOURCE OUT.pth [--model swin_base_patch4_window7_224]
+    python -m greenmim.detection.official_swin SOURCE OUT.pth [--model swin_base_patch4_window7_224]
 
 ``SOURCE``: a greenmim pretraining checkpoint, an exported encoder (``.safetensors``), a timm
 checkpoint, a fine-tuning checkpoint, or a ``greenmim-detect`` checkpoint (its trunk and output

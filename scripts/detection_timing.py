@@ -1,8 +1,9 @@
+#!/usr/bin/env python
 """Wall time of one Mask R-CNN training iteration (forward + backward + AdamW step) and of one
 inference pass, on generated images, for the README's figures::
 
-    python -m greenmim.detection.timing --model swin_tiny_patch4_window7_224 --short-side 800 --iters 3
-    python -m greenmim.detection.timing --model micro --short-side 800       # the quick config's micro Swin
+    python scripts/detection_timing.py --model swin_tiny_patch4_window7_224 --short-side 800 --iters 3
+    python scripts/detection_timing.py --model micro --short-side 800       # the quick config's micro Swin
 
 Images are ``short_side x round(short_side * 4/3)`` (COCO's typical 4:3), with a few boxes and masks;
 the detector resizes to ``--short-side`` (long side <= 1333) and pads to a multiple of 32 as in
@@ -16,7 +17,20 @@ import time
 
 import torch
 
-MICRO = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4)  # model=greenmim_swin_micro
+
+def model_config(name: str):
+    """``(timm name, encoder arguments)``: a timm name as is, or a greenmim model config (``micro`` =
+    ``model=greenmim_swin_micro``) read from the installed configs, so no architecture is copied here."""
+    if "_patch" in name or name.startswith("twins_"):
+        return name, {}
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    config = "greenmim_swin_micro" if name == "micro" else name
+    cfg = OmegaConf.to_container(OmegaConf.load(files("greenmim.configs") / "model" / f"{config}.yaml"))
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in (cfg.get("encoder_args") or {}).items()}
+    return cfg["name"], args
 
 
 def fake_batch(n: int, h: int, w: int, objects: int = 3):
@@ -38,7 +52,7 @@ def main(argv=None) -> None:
     from greenmim.detection import build_maskrcnn
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="swin_tiny_patch4_window7_224", help="timm swin_*/twins_* name, or 'micro'")
+    p.add_argument("--model", default="swin_tiny_patch4_window7_224", help="timm swin_*/twins_* name, or a configs/model name ('micro': greenmim_swin_micro)")
     p.add_argument("--short-side", type=int, default=800)
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--batch", type=int, default=1)
@@ -48,7 +62,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name, kw = ("swin_tiny_patch4_window7_224", dict(MICRO)) if args.model == "micro" else (args.model, {})
+    name, kw = model_config(args.model)
     torch.manual_seed(0)
     model = build_maskrcnn(name, args.classes, min_size=args.short_side, max_size=args.max_size, **kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)

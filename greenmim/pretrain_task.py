@@ -1,29 +1,28 @@
-"""Pretraining as a :class:`~greenmim.engine.TrainTask`, model building from configs, reconstruction grids.
+"""Pretraining as a :class:`~greenmim.engine.TrainTask`, and the pretraining model built (and
+checked) from the ``model`` and ``data`` configs.
 
-Used by ``greenmim-pretrain`` (Hydra), ``greenmim-visualize`` and ``greenmim-export``, and usable from
-Python::
+Used by ``greenmim-pretrain`` (Hydra), ``greenmim-visualize`` and the config checks of
+:mod:`greenmim.cli.validate`, and usable from Python::
 
-    from greenmim.pretraining import PretrainTask
+    from greenmim.pretrain_task import PretrainTask
     Trainer(PretrainTask(model_cfg, data_cfg), TrainerConfig(...), OptimConfig(...), sched).fit()
 """
 from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw
 
-from .data import build_pretrain_dataset, build_train_loader, denormalize, eval_transform, image_hw
+from .data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw
 from .data.mim_batches import MaskCollator, MIMBatch
 from .engine import ConfigError, DistInfo, TrainTask
 from .masking import num_visible_units, unit_grid
-from .models import create_pretrain_model, get_spec
-from .models.pretrain import unpatchify
+from .models import UnknownModelError, create_pretrain_model, get_spec
+from .visualization import reconstruction_grid, save_png
 
 log = logging.getLogger("greenmim")
 
@@ -77,11 +76,11 @@ def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Modu
             if key in enc_args:
                 enc_args[key] = tuple(enc_args[key])
         model = create_pretrain_model(name, method=method, img_size=image_hw(img_size), **kwargs, **enc_args)
+    except UnknownModelError as exc:
+        raise ConfigError(f"{exc} (choose a config with model=..., e.g. model=greenmim_swin_base_w7; "
+                          "`greenmim-pretrain --help` lists them)") from exc
     except ValueError as exc:
-        msg = str(exc)
-        if msg.startswith("unknown model"):
-            msg += " (choose a config with model=..., e.g. model=greenmim_swin_base_w7; `greenmim-pretrain --help` lists them)"
-        raise ConfigError(msg) from exc
+        raise ConfigError(str(exc)) from exc
     check_windows(model.encoder, img_size)
     check_mask_ratio(model_cfg.get("mask_ratio", 0.75), img_size, model.unit)
     return model
@@ -100,51 +99,6 @@ def check_windows(encoder: nn.Module, img_size: Any) -> None:
                     f"{win[0]}x{win[1]} window: use an image size whose stage grids divide by the window "
                     f"(224 for window 7) or set model.encoder_args.window_size"
                 )
-
-
-def reconstruction_grid(model: nn.Module, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0, min_cell: int = 128) -> np.ndarray:
-    """Render ``original | masked | reconstruction`` rows for ``images`` (normalised ``(B, 3, H, W)``).
-
-    Masks are drawn from a private generator seeded with ``seed`` (the same masks every call).
-    Reconstructions paste the predictions of the masked units, un-normalised with each unit's mean
-    and std when the model regresses normalised pixels, into the visible units of the original.
-    Masked units are shown in grey. Returns an ``(H', W', 3)`` uint8 picture with a header row.
-    """
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        _, pred, mask = model(images, mask_ratio=mask_ratio, generator=gen)
-        out = model.reconstruct(images, pred, mask)
-    model.train(was_training)
-    grid = unit_grid(images.shape[-2:], model.unit)
-    unit_px = mask.float().unsqueeze(-1).expand(-1, -1, model.unit * model.unit * 3).to(images.device)
-    pix_mask = unpatchify(unit_px, grid) > 0.5
-    original = denormalize(images.float())
-    masked = torch.where(pix_mask, torch.full_like(original, 0.5), original)
-    recon = denormalize(out["reconstruction"].float())
-    cols = [original, masked, recon]
-    b, _, h, w = images.shape
-    scale = max(1, -(-min_cell // max(h, w)))
-    pad, header = 4, 18
-    cell_h, cell_w = h * scale, w * scale
-    canvas = Image.new("RGB", (3 * cell_w + 4 * pad, header + b * (cell_h + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(("original", f"masked {mask_ratio:.0%}", "reconstruction")):
-        draw.text((pad + j * (cell_w + pad) + 2, 3), title, fill=(0, 0, 0))
-    for i in range(b):
-        for j, col in enumerate(cols):
-            arr = (col[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            tile = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
-            canvas.paste(tile, (pad + j * (cell_w + pad), header + i * (cell_h + pad)))
-    return np.array(canvas)
-
-
-def save_png(picture: np.ndarray, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(path)
-    return path
 
 
 class PretrainTask(TrainTask):
@@ -216,8 +170,7 @@ class PretrainTask(TrainTask):
 
     def on_epoch_end(self, model: nn.Module, trainer) -> None:
         every = self.vis_every_epochs
-        last = trainer.epoch + 1 >= trainer.epochs or trainer.step >= trainer.total_steps
-        if not trainer.dist.is_main or every <= 0 or not ((trainer.epoch + 1) % every == 0 or last):
+        if not trainer.dist.is_main or every <= 0 or not ((trainer.epoch + 1) % every == 0 or trainer.is_last_epoch):
             return
         images = self.visualization_images().to(trainer.device)
         with trainer.precision.autocast():
