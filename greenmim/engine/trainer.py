@@ -451,7 +451,8 @@ class Trainer:
         log_due = self.step % cfg.log_every == 0 or self.step == self.total_steps
         ckpt_due = bool(cfg.ckpt_every_steps) and self.step % cfg.ckpt_every_steps == 0 and not epoch_end
         stop_due = cfg.stop_at_step is not None and cfg.stop_at_step <= self.step < self.total_steps
-        if log_due or ckpt_due or stop_due or epoch_end:
+        read_now = log_due or ckpt_due or stop_due or epoch_end
+        if read_now:
             for step, loss, bad in epoch.pending.read():  # the one host read of these steps' values
                 if bad:
                     self._on_nonfinite(loss, step)
@@ -462,7 +463,10 @@ class Trainer:
             epoch.pending.clear()
         if ckpt_due:
             self.save()
-        if not epoch_end:  # at the epoch's end, fit() checks after the epoch-end checkpoint
+        # under DDP the signal check is a collective the host waits for: do it where the host reads
+        # anyway, and at least every SIGNAL_CHECK_EVERY steps; a single process checks every step
+        check_signal = read_now or not is_dist() or self.step % SIGNAL_CHECK_EVERY == 0
+        if check_signal and not epoch_end:  # at the epoch's end, fit() checks after the epoch-end checkpoint
             self._stop_if_signalled()
         if stop_due:
             self._save_unless_saved()
@@ -545,6 +549,9 @@ class Trainer:
             )
         self.skipped_steps += 1
         log.warning("non-finite loss (%s) at %s: step skipped (%d so far)", value, where, self.skipped_steps)
+
+
+SIGNAL_CHECK_EVERY = 10  # steps between stop-signal checks under DDP (at most; log lines check too)
 
 
 class _Window:
