@@ -155,7 +155,7 @@ class ToyTask(TrainTask):
 
 
 def toy_trainer(out, task=None, **kw):
-    cfg = TrainerConfig(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=100, **kw)
+    cfg = TrainerConfig(**{**dict(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=100), **kw})
     return Trainer(task or ToyTask(), cfg, sched={"name": "cosine", "warmup_epochs": 0})
 
 
@@ -270,7 +270,7 @@ def _preempted_rank(rank, init_file, out, results):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     from greenmim.engine.errors import Preempted
 
-    trainer = toy_trainer(out, SignalledTask())
+    trainer = toy_trainer(out, SignalledTask(), log_every=1)  # under DDP signals are checked where values are read
     try:
         trainer.fit()
         results[rank] = "finished"
