@@ -441,7 +441,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="pretraining batch")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
-    p.add_argument("--pretrain-epochs", type=int, default=100)
+    p.add_argument("--pretrain-epochs", type=int, default=60)
     p.add_argument("--pretrain-max-steps", type=int, default=-1)
     p.add_argument("--pretrain-blr", type=float, default=2e-2, help="lr = blr x batch / 256")
     p.add_argument("--pretrain-warmup", type=int, default=10, help="warmup epochs")
