@@ -278,7 +278,8 @@ def collect(args, out: Path) -> dict:
     bench_json = out / "bench.json"
     if bench_json.is_file():
         b = json.loads(bench_json.read_text())
-        summary["bench"] = {k: b.get(k) for k in ("speedup", "speedup_mean")}
+        summary["bench"] = {k: b["ratios"].get(k) for k in ("speedup", "speedup_mean", "flops_ratio")}
+        summary["bench"]["load_avg_1m"] = b.get("environment", {}).get("load_avg_1m")
         summary["bench"]["command"] = " ".join(shlex.quote(c) for c in bench_cmd(args, out)[2:]).replace("greenmim.cli.bench", "greenmim-bench", 1)
     majority = None
     for arm in ("A", "B", "C"):
