@@ -144,3 +144,9 @@ def test_knn_random_init_on_hymenoptera(hymenoptera, tmp_path):
                       "data.num_workers=0", "pretrained=null", TINY))
     assert res["train_images"] == 245 and res["val_images"] == 153 and res["num_classes"] == 2
     assert res["majority_acc1"] == pytest.approx(100 * 83 / 153) and 0 <= res["metrics"]["acc1"] <= 100
+
+
+def test_small_data_and_frozen_recipes_compose():
+    ft = compose("experiment=finetune_small_data", "data.root=/x")
+    assert ft.protocol == "finetune" and ft.aug.mixup == 0 and ft.aug.cutmix == 0 and ft.model.name == "swin_tiny_patch4_window7_224"
+    assert compose("experiment=knn").protocol == "knn" and compose("experiment=linear_probe").probe.blr == 0.1
