@@ -13,7 +13,7 @@ torchrun every rank trains the same probe on the same gathered features (it is t
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -68,7 +68,7 @@ def train_linear_probe(
     warmup_epochs: int = 10,
     seed: int = 0,
     on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None,
-) -> tuple:
+) -> Tuple[LinearProbe, List[Dict[str, float]]]:
     """Train a :class:`LinearProbe` on ``(N, C)`` features; returns ``(probe, history)``.
 
     ``history[e]`` holds epoch ``e + 1``'s ``train_loss``, ``val_loss``, ``val_acc1`` (and
