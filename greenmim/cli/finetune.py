@@ -7,6 +7,8 @@ Configs: ``configs/finetune.yaml`` (installed as ``greenmim.configs``) with the 
     greenmim-finetune experiment=finetune_quick data.root=/data/hymenoptera pretrained=PATH output_dir=runs/ft
     torchrun --nproc_per_node=8 -m greenmim.cli.finetune experiment=finetune_swin_base_w7 data.root=/datasets/imagenet pretrained=PATH
     greenmim-finetune experiment=finetune_quick data.root=/data/hymenoptera output_dir=runs/ft eval_only=true
+    greenmim-finetune experiment=knn data.root=/data/hymenoptera pretrained=PATH          # frozen features: k-NN
+    greenmim-finetune experiment=linear_probe data.root=/data/hymenoptera pretrained=PATH # frozen features: linear probe
 
 Training runs on the shared engine (:class:`greenmim.engine.Trainer`): DDP under torchrun,
 ``trainer.precision``, accumulation, clipping, warmup + cosine per step, atomic checkpoints
@@ -119,6 +121,11 @@ def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
+    protocol = cfg.get("protocol", "finetune")
+    if protocol != "finetune":  # knn | linear_probe: frozen-feature evaluation (greenmim.evaluation)
+        from ..evaluation.run import run_frozen_eval
+
+        return run_frozen_eval(cfg)
     return evaluate_only(cfg) if cfg.get("eval_only", False) else train(cfg)
 
 

@@ -156,13 +156,14 @@ def _split_dir(root: Path, name: str) -> str:
     return str(path)
 
 
-def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True) -> ClassificationData:
+def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True, train_augment: bool = True) -> ClassificationData:
     """Datasets from a ``data`` config and the ``aug`` config.
 
     ``data`` keys: ``root``, ``train_split``/``val_split`` (``train``/``val``), ``val_labels`` (flat
     ILSVRC val), ``num_classes`` (``null``: inferred, else checked), ``img_size``, ``crop_pct``,
     ``interpolation`` and ``on_corrupt`` (training images: ``skip`` | ``error``; validation images are
     always ``error``, so accuracies are exact). ``aug``: see :func:`build_transform`.
+    ``train_augment=False`` gives the train split the evaluation transform (frozen-feature protocols).
     """
     if cfg.get("root") in (None, "", "???"):
         raise ConfigError("data.root is not set: pass data.root=/path/to/dataset (a folder holding train/ and val/ class folders)")
@@ -184,10 +185,10 @@ def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True
     else:
         val_samples, _ = list_class_folder(val_dir, class_to_idx)
     train = None
-    if need_train:
-        train_tf = build_transform(True, img_size, aug, interpolation=cfg.get("interpolation", "bicubic"))
-        train = labelled_images(train_samples, train_tf, cfg.get("on_corrupt", "skip"))
     val_tf = build_transform(False, img_size, crop_pct=float(cfg.get("crop_pct", 0.875)), interpolation=cfg.get("interpolation", "bicubic"))
+    if need_train:
+        train_tf = build_transform(True, img_size, aug, interpolation=cfg.get("interpolation", "bicubic")) if train_augment else val_tf
+        train = labelled_images(train_samples, train_tf, cfg.get("on_corrupt", "skip"))
     val = labelled_images(val_samples, val_tf, "error")
     return ClassificationData(train=train, val=val, classes=classes)
 

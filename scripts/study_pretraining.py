@@ -1,0 +1,477 @@
+"""Does the pretraining pay off? greenmim vs simmim vs no pretraining on a small labelled folder.
+
+Arms (every arm runs every seed; seed ``s`` pretrains with ``seed=s`` and evaluates with ``seed=s``):
+
+* ``A``: ``greenmim-pretrain model=greenmim_<model>`` on the *train* images, then k-NN, linear probe, fine-tune;
+* ``B``: ``greenmim-pretrain model=simmim_<model>``: the same model, data, steps and recipe, all-token encoder;
+* ``C``: no pretraining (random initialisation), the same three evaluations and fine-tune budget.
+
+Stages (``--stage``; ``all`` runs them in order, and every finished run is skipped when rerun, so an
+interrupted study continues where it stopped):
+
+1. ``prepare``: a resized copy of the dataset (shorter side ``--cache-size`` px, RGB JPEG q95) so that
+   JPEG decoding of 500 px photos does not dominate a CPU step and dilute the wall-time ratio; the
+   128 px crops seen by the models are the same up to resampling.
+2. ``pretrain``: A and B per seed, interleaved (A s0, B s0, A s1, ...) so that load drift on a shared
+   machine hits both methods alike. ``trainer.log_every=1``: ``metrics.jsonl`` holds the loss of every
+   step and its throughput, from which the cumulative training wall time per step is computed
+   (``batch / img_per_s``); ``wall.json`` adds the whole process' wall time.
+3. ``evaluate``: ``greenmim-finetune experiment={knn,linear_probe,finetune_small_data}`` per arm and seed.
+4. ``report``: ``summary.json``, ``summary.md`` (the README table) and one PNG (``--png``): loss vs step,
+   loss vs wall time, and downstream top-1 (mean +- std over seeds) of A, B, C.
+
+Usage (what ``scripts/study_pretraining.sh`` runs)::
+
+    python scripts/study_pretraining.py --data ../shared/data/hymenoptera --out runs/study_pretraining \
+        --png docs/study_pretraining.png
+    python scripts/study_pretraining.py --stage evaluate --arms C ...      # one stage / some arms only
+
+Every command is printed before it runs, and each run's stdout/stderr go to ``<run dir>.log``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+METHODS = {"A": "greenmim", "B": "simmim"}
+EVALS = ("knn", "linear_probe", "finetune_small_data")
+EVAL_LABELS = {"knn": "k-NN (k=20)", "linear_probe": "linear probe", "finetune_small_data": "fine-tune"}
+ARM_LABELS = {"A": "A: greenmim", "B": "B: simmim", "C": "C: random init"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# -- stage 1: the resized copy -----------------------------------------------------------------------
+def prepare(data: Path, cache: Path, size: int) -> Path:
+    """Copy ``data/{train,val}/<class>/*`` to ``cache`` with the shorter side resized to ``size`` px."""
+    from PIL import Image
+
+    marker = cache / ".done"
+    if marker.is_file() and marker.read_text() == f"{data.resolve()} {size}":
+        return cache
+    n = 0
+    for src in sorted(data.rglob("*")):
+        if not src.is_file() or src.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        rel = src.relative_to(data)
+        if rel.parts[0] not in ("train", "val"):
+            continue
+        dst = (cache / rel).with_suffix(".jpg")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            scale = size / min(im.size)
+            if scale < 1:
+                im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
+            im.save(dst, quality=95)
+        n += 1
+    if n == 0:
+        raise SystemExit(f"study: no images under {data}/train or {data}/val: pass --data pointing at a folder-per-class dataset")
+    marker.write_text(f"{data.resolve()} {size}")
+    print(f"study: {n} images resized to a {size} px shorter side in {cache}", flush=True)
+    return cache
+
+
+# -- running commands -------------------------------------------------------------------------------
+def run_logged(cmd: Sequence[str], log_path: Path, env: Dict[str, str]) -> float:
+    """Run ``cmd`` with output to ``log_path``; return its wall time; exit with its log tail on failure."""
+    print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise SystemExit(f"study: command failed (exit {proc.returncode}), log {log_path}:\n{tail}")
+    return wall
+
+
+def child_env(threads: int) -> Dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    return env
+
+
+# -- stage 2: pretraining ---------------------------------------------------------------------------
+def pretrain_cmd(args, method: str, seed: int, root: Path, out: Path) -> List[str]:
+    return [
+        sys.executable, "-m", "greenmim.cli.pretrain", "~experiment",
+        f"model={method}_{args.model}", "data=imagefolder", f"data.root={root}",
+        f"data.img_size={args.img_size}", f"data.batch_size={args.batch_size}", f"data.num_workers={args.num_workers}",
+        f"optim.blr={args.pretrain_blr}", f"sched.warmup_epochs={args.pretrain_warmup}",
+        f"trainer.epochs={args.pretrain_epochs}", f"trainer.max_steps={args.pretrain_max_steps}",
+        "trainer.log_every=1", "trainer.ckpt_every_epochs=1000000", "trainer.keep_last=1", "trainer.tensorboard=false",
+        "vis.every_epochs=0", f"seed={seed}", f"output_dir={out}", *args.pretrain_override,
+    ]
+
+
+def pretrain_dir(out: Path, arm: str, seed: int) -> Path:
+    return out / "pretrain" / f"{METHODS[arm]}_s{seed}"
+
+
+def last_checkpoint(run: Path) -> Optional[Path]:
+    ckpts = sorted((run / "checkpoints").glob("step-*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def pretrain(args, root: Path, out: Path) -> None:
+    arms = [a for a in ("A", "B") if a in args.arms]
+    for seed in args.seeds:
+        for arm in arms:
+            run = pretrain_dir(out, arm, seed)
+            if (run / "wall.json").is_file():
+                continue
+            if run.exists():  # an interrupted run: start it again from scratch (its timings would be mixed)
+                import shutil
+
+                shutil.rmtree(run)
+            wall = run_logged(pretrain_cmd(args, METHODS[arm], seed, root, run), run.with_suffix(".log"), child_env(args.threads))
+            (run / "wall.json").write_text(json.dumps({"process_wall_s": wall, "method": METHODS[arm], "seed": seed}))
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_curve(run: Path, batch: int) -> Dict[str, List[float]]:
+    """``{"step", "loss", "time_s"}`` per logged step; ``time_s`` is the cumulative training-loop time."""
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r and "train/img_per_s" in r]
+    steps, losses, times, t = [], [], [], 0.0
+    for r in rows:
+        t += batch / max(r["train/img_per_s"], 1e-9)
+        steps.append(r["step"])
+        losses.append(r["train/loss"])
+        times.append(t)
+    return {"step": steps, "loss": losses, "time_s": times}
+
+
+
+# -- stage 3: evaluations ---------------------------------------------------------------------------
+def eval_dir(out: Path, arm: str, seed: int, kind: str) -> Path:
+    return out / "eval" / f"{arm}_s{seed}" / kind
+
+
+def eval_cmd(args, kind: str, seed: int, root: Path, run: Path, checkpoint: Optional[Path]) -> List[str]:
+    """``greenmim-finetune experiment=<kind>`` with the pretraining architecture (``model=greenmim_<model>``:
+    the classifier is timm's model either way) and the pretrained encoder, or random init."""
+    return [
+        sys.executable, "-m", "greenmim.cli.finetune", f"experiment={kind}", f"model=greenmim_{args.model}",
+        f"data.root={root}", f"data.img_size={args.img_size}", f"pretrained={checkpoint if checkpoint else 'null'}",
+        f"seed={seed}", f"output_dir={run}", "trainer.tensorboard=false", *args.eval_override,
+    ]
+
+
+def evaluate(args, root: Path, out: Path) -> None:
+    for seed in args.seeds:
+        for arm in args.arms:
+            checkpoint = None
+            if arm in METHODS:
+                checkpoint = last_checkpoint(pretrain_dir(out, arm, seed))
+                if checkpoint is None or not (pretrain_dir(out, arm, seed) / "wall.json").is_file():
+                    print(f"study: skipping arm {arm} seed {seed}: its pretraining has not finished (run --stage pretrain)", flush=True)
+                    continue
+            for kind in args.evals:
+                run = eval_dir(out, arm, seed, kind)
+                if (run / "results.json").is_file():
+                    continue
+                run_logged(eval_cmd(args, kind, seed, root, run, checkpoint), run.with_suffix(".log"), child_env(args.threads))
+
+
+def eval_top1(run: Path) -> Optional[float]:
+    """Val top-1 of a finished evaluation: k-NN / probe ``metrics.acc1``; fine-tune: the *last* epoch's
+    (not the best epoch's, which would select on the val split)."""
+    path = run / "results.json"
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    if "metrics" in res:
+        return float(res["metrics"]["acc1"])
+    return float(res["last"]["val_acc1"])
+
+
+# -- the predicted ratio ----------------------------------------------------------------------------
+def bench_cmd(args, out: Path) -> List[str]:
+    """``greenmim-bench`` for the study's model, image size and batch, on this machine's CPU, one thread."""
+    from omegaconf import OmegaConf
+
+    import greenmim
+
+    cfg_dir = Path(greenmim.__file__).resolve().parent.parent / "configs" / "model"
+    path = cfg_dir / f"greenmim_{args.model}.yaml"
+    if not path.is_file():  # an installed package: configs ship as greenmim.configs
+        from importlib import resources
+
+        path = Path(str(resources.files("greenmim.configs") / "model" / f"greenmim_{args.model}.yaml"))
+    cfg = OmegaConf.load(path)
+    enc = dict(cfg.get("encoder_args") or {})
+    cmd = [sys.executable, "-m", "greenmim.cli.bench", "--model", cfg.name, "--img-size", str(args.img_size),
+           "--batch-size", str(args.batch_size), "--device", "cpu", "--threads", str(args.threads),
+           "--warmup", "2", "--iters", str(args.bench_iters), "--no-memory", "--out", str(out / "bench")]
+    names = {"window_size": "--window-size", "embed_dim": "--embed-dim", "depths": "--depths", "num_heads": "--num-heads"}
+    for key, value in enc.items():
+        if key in names:
+            cmd += [names[key], ",".join(map(str, value)) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else str(value)]
+    for key in ("decoder_dim", "decoder_heads", "decoder_depth"):
+        if key in cfg:
+            cmd += ["--override", f"{key}={cfg[key]}"]
+    return cmd
+
+
+def bench(args, out: Path) -> None:
+    if args.bench_iters <= 0 or (out / "bench.json").is_file():
+        return
+    run_logged(bench_cmd(args, out), out / "bench.log", child_env(args.threads))
+
+
+# -- stage 4: report --------------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n, "values": list(values)}
+
+
+def median(values: Sequence[float]) -> float:
+    v = sorted(values)
+    return float("nan") if not v else (v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2]))
+
+
+def collect(args, out: Path) -> dict:
+    """Everything the table and the figure show, from the run folders (``summary.json``)."""
+    summary: dict = {"machine": machine(), "settings": {k: v for k, v in vars(args).items()}, "pretrain": {}, "eval": {}}
+    for arm, method in METHODS.items():
+        curves, walls, loops, steps_ms, final = [], [], [], [], []
+        for seed in args.seeds:
+            run = pretrain_dir(out, arm, seed)
+            if not (run / "wall.json").is_file():
+                continue
+            c = loss_curve(run, args.batch_size)
+            curves.append(c)
+            walls.append(json.loads((run / "wall.json").read_text())["process_wall_s"])
+            loops.append(c["time_s"][-1])
+            steps_ms.append(1000 * median([b - a for a, b in zip([0.0] + c["time_s"][:-1], c["time_s"])]))
+            tail = c["loss"][-max(1, len(c["loss"]) // 20):]
+            final.append(sum(tail) / len(tail))
+        if curves:
+            summary["pretrain"][method] = {
+                "seeds": len(curves), "steps": len(curves[0]["step"]), "process_wall_s": mean_std(walls),
+                "train_loop_s": mean_std(loops), "median_step_ms": mean_std(steps_ms), "final_loss": mean_std(final),
+                "curves": curves,
+            }
+    g, s = summary["pretrain"].get("greenmim"), summary["pretrain"].get("simmim")
+    if g and s:
+        summary["measured_ratio"] = {
+            "train_loop": s["train_loop_s"]["mean"] / g["train_loop_s"]["mean"],
+            "median_step": s["median_step_ms"]["mean"] / g["median_step_ms"]["mean"],
+            "process_wall": s["process_wall_s"]["mean"] / g["process_wall_s"]["mean"],
+        }
+    bench_json = out / "bench.json"
+    if bench_json.is_file():
+        b = json.loads(bench_json.read_text())
+        summary["bench"] = {k: b["ratios"].get(k) for k in ("speedup", "speedup_mean", "flops_ratio")}
+        summary["bench"]["load_avg_1m"] = b.get("environment", {}).get("load_avg_1m")
+        summary["bench"]["command"] = " ".join(shlex.quote(c) for c in bench_cmd(args, out)[2:]).replace("greenmim.cli.bench", "greenmim-bench", 1)
+    majority = None
+    for arm in ("A", "B", "C"):
+        for kind in EVALS:
+            vals = []
+            for seed in args.seeds:
+                run = eval_dir(out, arm, seed, kind)
+                top1 = eval_top1(run)
+                if top1 is not None:
+                    vals.append(top1)
+                    if majority is None and (run / "results.json").is_file():
+                        majority = json.loads((run / "results.json").read_text()).get("majority_acc1")
+            if vals:
+                summary["eval"].setdefault(arm, {})[kind] = mean_std(vals)
+    summary["majority_acc1"] = majority
+    return summary
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def table(summary: dict) -> str:
+    """The README table (markdown)."""
+    lines = ["| arm | " + " | ".join(f"{EVAL_LABELS[k]} top-1 (%)" for k in EVALS) + " |", "|---|" + "---|" * len(EVALS)]
+    for arm in ("A", "B", "C"):
+        row = summary["eval"].get(arm, {})
+        cells = []
+        for k in EVALS:
+            m = row.get(k)
+            cells.append(f"{m['mean']:.1f} ± {m['std']:.1f} (n={m['n']})" if m else "—")
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
+    if summary.get("majority_acc1") is not None:
+        lines.append(f"| majority class | " + " | ".join(f"{summary['majority_acc1']:.1f}" for _ in EVALS) + " |")
+    pre = summary["pretrain"]
+    if pre:
+        lines += ["", "| pretraining | steps | training-loop wall (s) | median step (ms) | process wall (s) | final loss |", "|---|---|---|---|---|---|"]
+        for method, p in pre.items():
+            lines.append(
+                f"| {method} | {p['steps']} | {p['train_loop_s']['mean']:.0f} ± {p['train_loop_s']['std']:.0f} | "
+                f"{p['median_step_ms']['mean']:.0f} ± {p['median_step_ms']['std']:.0f} | "
+                f"{p['process_wall_s']['mean']:.0f} ± {p['process_wall_s']['std']:.0f} | "
+                f"{p['final_loss']['mean']:.4f} ± {p['final_loss']['std']:.4f} |"
+            )
+    r = summary.get("measured_ratio")
+    if r:
+        lines += ["", f"simmim / greenmim wall time: training loop {r['train_loop']:.2f}x, median step {r['median_step']:.2f}x, "
+                      f"whole process {r['process_wall']:.2f}x"]
+    if summary.get("bench"):
+        lines += [f"greenmim-bench prediction: {summary['bench']['speedup']:.2f}x (`{summary['bench']['command']}`)"]
+    return "\n".join(lines) + "\n"
+
+
+def smooth(values: Sequence[float], window: int) -> List[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot(summary: dict, png: Path, window: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"greenmim": "tab:green", "simmim": "tab:blue", "A": "tab:green", "B": "tab:blue", "C": "tab:gray"}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for method, p in summary["pretrain"].items():
+        curves = p["curves"]
+        n = min(len(c["loss"]) for c in curves)
+        losses = [smooth(c["loss"][:n], window) for c in curves]
+        mean = [sum(col) / len(col) for col in zip(*losses)]
+        lo = [min(col) for col in zip(*losses)]
+        hi = [max(col) for col in zip(*losses)]
+        steps = curves[0]["step"][:n]
+        label = f"{method} ({p['seeds']} seeds)"
+        axes[0].plot(steps, mean, color=colors[method], label=label)
+        axes[0].fill_between(steps, lo, hi, color=colors[method], alpha=0.2)
+        for i, (c, l) in enumerate(zip(curves, losses)):
+            axes[1].plot([t / 60 for t in c["time_s"][:n]], l, color=colors[method], alpha=0.8, lw=1,
+                         label=label if i == 0 else None)
+    axes[0].set(xlabel="pretraining step", ylabel=f"loss (norm-pix MSE, {window}-step mean)", title="pretraining loss vs step (band: min-max over seeds)")
+    axes[1].set(xlabel="training-loop wall time (min)", ylabel="loss", title="pretraining loss vs wall time (one line per seed)")
+    r = summary.get("measured_ratio")
+    if r:
+        note = f"simmim/greenmim time: {r['train_loop']:.2f}x"
+        if summary.get("bench"):
+            note += f"\ngreenmim-bench predicts {summary['bench']['speedup']:.2f}x"
+        axes[1].text(0.98, 0.97, note, transform=axes[1].transAxes, ha="right", va="top", fontsize=9)
+    for ax in axes[:2]:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    ax = axes[2]
+    width = 0.26
+    for i, arm in enumerate(("A", "B", "C")):
+        row = summary["eval"].get(arm, {})
+        xs = [j + (i - 1) * width for j, k in enumerate(EVALS) if k in row]
+        ms = [row[k] for k in EVALS if k in row]
+        if not ms:
+            continue
+        ax.bar(xs, [m["mean"] for m in ms], width, yerr=[m["std"] for m in ms], capsize=3, color=colors[arm], alpha=0.75, label=ARM_LABELS[arm])
+        for x, m in zip(xs, ms):
+            ax.plot([x] * len(m["values"]), m["values"], "k.", ms=4)
+    if summary.get("majority_acc1") is not None:
+        ax.axhline(summary["majority_acc1"], color="tab:red", ls="--", lw=1, label=f"majority class {summary['majority_acc1']:.1f}%")
+    ax.set_xticks(range(len(EVALS)), [EVAL_LABELS[k] for k in EVALS])
+    ax.set(ylabel="val top-1 (%)", title="downstream accuracy (mean ± std over seeds; dots: seeds)")
+    lows = [v for row in summary["eval"].values() for m in row.values() for v in m["values"]] + [summary.get("majority_acc1") or 50]
+    ax.set_ylim(min(40.0, min(lows) - 5), 100)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def report(args, out: Path) -> dict:
+    summary = collect(args, out)
+    text = table(summary)
+    slim = {**summary, "pretrain": {m: {k: v for k, v in p.items() if k != "curves"} for m, p in summary["pretrain"].items()}}
+    (out / "summary.json").write_text(json.dumps(slim, indent=2, default=str))
+    (out / "summary.md").write_text(text)
+    plot(summary, Path(args.png), window=max(1, args.smooth))
+    print(text + f"\nfigure: {args.png}\nsummary: {out / 'summary.json'}", flush=True)
+    return slim
+
+
+# -- command line -----------------------------------------------------------------------------------
+def csv_list(text: str) -> List[str]:
+    return [t for t in text.split(",") if t]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="../shared/data/hymenoptera", help="folder-per-class dataset (train/, val/)")
+    p.add_argument("--out", default="runs/study_pretraining", help="where every run goes")
+    p.add_argument("--png", default="docs/study_pretraining.png", help="the figure")
+    p.add_argument("--stage", default="all", choices=("all", "prepare", "pretrain", "bench", "evaluate", "report"))
+    p.add_argument("--arms", type=csv_list, default=["A", "B", "C"], help="comma-separated subset of A,B,C")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in csv_list(s)], default=[0, 1, 2])
+    p.add_argument("--evals", type=csv_list, default=list(EVALS), help="comma-separated subset of " + ",".join(EVALS))
+    p.add_argument("--cache-size", type=int, default=160, help="shorter side of the resized copy (0: use --data as is)")
+    p.add_argument("--model", default="swin_micro", help="model config suffix: greenmim_<model> / simmim_<model>")
+    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32, help="pretraining batch")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    p.add_argument("--pretrain-epochs", type=int, default=60)
+    p.add_argument("--pretrain-max-steps", type=int, default=-1)
+    p.add_argument("--pretrain-blr", type=float, default=2e-2, help="lr = blr x batch / 256")
+    p.add_argument("--pretrain-warmup", type=int, default=10, help="warmup epochs")
+    p.add_argument("--pretrain-override", action="append", default=[], help="extra greenmim-pretrain override (repeatable)")
+    p.add_argument("--bench-iters", type=int, default=10, help="timed steps per method of the greenmim-bench prediction (0: skip it)")
+    p.add_argument("--smooth", type=int, default=7, help="moving-average window (steps) of the plotted losses")
+    p.add_argument("--eval-override", action="append", default=[], help="extra greenmim-finetune override for every evaluation (repeatable)")
+    args = p.parse_args(argv)
+    bad = sorted(set(args.arms) - {"A", "B", "C"}) + sorted(set(args.evals) - set(EVALS))
+    if bad:
+        p.error(f"unknown arm(s)/evaluation(s) {bad}: arms are A,B,C; evaluations are {','.join(EVALS)}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data).resolve()
+    root = prepare(data, out / "data", args.cache_size) if args.cache_size > 0 else data
+    if args.stage in ("all", "pretrain"):
+        pretrain(args, root, out)
+    if args.stage in ("all", "bench"):
+        bench(args, out)
+    if args.stage in ("all", "evaluate"):
+        evaluate(args, root, out)
+    if args.stage in ("all", "report"):
+        report(args, out)
+
+
+if __name__ == "__main__":
+    main()
