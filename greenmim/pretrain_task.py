@@ -22,11 +22,11 @@ from .data.mim_batches import MaskCollator, MIMBatch
 from .engine import ConfigError, DistInfo, TrainTask
 from .masking import num_visible_units, unit_grid
 from .models import UnknownModelError, create_pretrain_model, get_spec
+from .models.pretrain import MIM_MODEL_KEYS
 from .visualization import reconstruction_grid, save_png
 
 log = logging.getLogger("greenmim")
 
-MODEL_KEYS = ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "shared_mask")
 
 
 def expected_unit(name: str, encoder_args: Mapping[str, Any]) -> int:
@@ -70,7 +70,7 @@ def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Modu
     try:
         unit = expected_unit(name, model_cfg.get("encoder_args") or {})
         unit_grid(image_hw(img_size), unit)
-        kwargs = {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg}
+        kwargs = {k: model_cfg[k] for k in MIM_MODEL_KEYS if k in model_cfg}
         enc_args = dict(model_cfg.get("encoder_args") or {})
         for key in ("depths", "num_heads"):
             if key in enc_args:

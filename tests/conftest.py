@@ -28,3 +28,19 @@ def hymenoptera() -> Path:
     if not HYMENOPTERA.is_dir():
         pytest.skip("../shared/data/hymenoptera is absent")
     return HYMENOPTERA
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Generated 3-class folders (see ``finetune_helpers.make_folders``)."""
+    from finetune_helpers import make_folders
+
+    return make_folders(tmp_path_factory.mktemp("cls"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny greenmim pretraining checkpoint (see ``finetune_helpers.write_pretrain_checkpoint``)."""
+    from finetune_helpers import write_pretrain_checkpoint
+
+    return write_pretrain_checkpoint(tmp_path_factory.mktemp("pre") / "pretrain.pt")

@@ -170,7 +170,7 @@ def test_a_failing_evaluation_keeps_the_epochs_checkpoint(tmp_path):
 
 
 def test_a_bad_validation_image_fails_before_training_with_a_fix_that_applies(tmp_path, monkeypatch, capsys):
-    from test_finetune_cli import make_folders
+    from finetune_helpers import make_folders
 
     root = make_folders(tmp_path / "cls", per_class=(4, 2))
     (root / "val" / "class1" / "0.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -422,7 +422,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_a_deeper_checkpoint_into_a_shallower_model_lists_the_keys(tmp_path):
     import timm
 
-    from greenmim.finetune.checkpoint_loading import load_pretrained
+    from greenmim.weights.loading import load_pretrained
     from greenmim.models import create_pretrain_model
 
     deep = dict(embed_dim=16, num_heads=(1, 1, 2, 2), window_size=2)

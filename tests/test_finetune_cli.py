@@ -4,48 +4,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
-
-from greenmim.models import create_pretrain_model
-
-TINY = "model.encoder_args={embed_dim:16,depths:[1,1,1,1],num_heads:[1,1,2,2],window_size:2}"
-TINY_KW = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2)
-COLORS = [(200, 40, 40), (40, 40, 200), (40, 170, 40)]
-
-
-def make_folders(root: Path, per_class=(6, 4), size=(40, 52), seed=0) -> Path:
-    """3 classes of noisy solid colours: root/{train,val}/class{i}/*.jpg, plus one palette GIF in train."""
-    rng = np.random.default_rng(seed)
-    for split, n in zip(("train", "val"), per_class):
-        for c, color in enumerate(COLORS):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                a = (np.array(color)[None, None] + rng.normal(0, 30, (*size, 3))).clip(0, 255).astype(np.uint8)
-                Image.fromarray(a).save(d / f"{i}.jpg")
-    Image.fromarray(np.full((30, 30, 3), COLORS[0], np.uint8)).convert("P").save(root / "train" / "class0" / "palette.gif")
-    return root
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return make_folders(tmp_path_factory.mktemp("cls"))
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A greenmim pretraining checkpoint in the trainer's layout (encoder.*, decoder.*)."""
-    torch.manual_seed(0)
-    model = create_pretrain_model("swin_tiny_patch4_window7_224", img_size=64, decoder_dim=32, decoder_heads=2, **TINY_KW)
-    path = tmp_path_factory.mktemp("pre") / "pretrain.pt"
-    torch.save({"format": "greenmim-checkpoint", "version": 1, "model": model.state_dict(), "epoch": 1, "step": 1}, path)
-    return path
-
+from finetune_helpers import TINY, compose, read_jsonl
 
 def cli(*args, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
@@ -58,10 +19,6 @@ def cli(*args, check=True):
 def quick_args(root, out, *extra):
     return ["experiment=finetune_quick", f"data.root={root}", f"output_dir={out}", "data.img_size=64", "data.batch_size=6",
             "data.num_workers=0", "trainer.log_every=1", TINY, *extra]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def test_cli_finetune_then_eval_only_reproduces_accuracy(folders, pretrained, tmp_path):
@@ -89,14 +46,6 @@ def test_cli_reports_bad_data_in_one_line(folders, tmp_path):
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "data.num_classes=5 but" in err[0] and "set data.num_classes=3" in err[0]
-
-
-def compose(*overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module("greenmim.configs", version_base="1.3"):
-        return hydra_compose("finetune", overrides=list(overrides))
 
 
 def test_resume_reproduces_uninterrupted_run_with_ema(folders, pretrained, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from greenmim.evaluation import knn_scores, topk_accuracy, train_linear_probe
 from greenmim.evaluation.features import gather_in_order
-from test_finetune_cli import TINY, compose, make_folders, pretrained, read_jsonl  # noqa: F401  (fixture)
+from finetune_helpers import TINY, compose, make_folders, read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_linear_probe_run_leaves_encoder_bit_identical(folders, pretrained, tmp_
     """End to end (greenmim-finetune's run): the encoder after the probe equals the checkpoint's encoder."""
     from greenmim.cli.finetune import run
     from greenmim.evaluation import run as frozen
-    from greenmim.finetune.checkpoint_loading import load_pretrained
+    from greenmim.weights.loading import load_pretrained
     from greenmim.finetune.model import create_classifier
 
     built = {}

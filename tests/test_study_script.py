@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_finetune_cli import make_folders
+from finetune_helpers import make_folders
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study_pretraining.py"
 

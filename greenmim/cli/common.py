@@ -18,11 +18,11 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..engine.checkpoint import load_checkpoint
+from ..engine.checkpoint import CHECKPOINT_DIR, find_latest, load_checkpoint
 from ..engine.distributed import cleanup_distributed
 from ..engine.errors import EXIT_NONFINITE, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, Preempted, UserError, one_line
 from ..engine.trainer import OptimConfig, TrainerConfig
@@ -60,7 +60,25 @@ def trainer_config(cfg: DictConfig) -> TrainerConfig:
 
 
 def optim_config(cfg: DictConfig) -> OptimConfig:
-    return _dataclass_from(OptimConfig, to_dict(cfg.optim), "optim")
+    """The engine's ``OptimConfig`` from ``cfg.optim``; ``optim.layer_decay`` belongs to the task
+    (fine-tuning and detection build their own parameter groups with it), not to the engine."""
+    optim = to_dict(cfg.optim)
+    optim.pop("layer_decay", None)
+    return _dataclass_from(OptimConfig, optim, "optim")
+
+
+def eval_checkpoint(cfg: DictConfig, output_dir: Path, prefer: Optional[str] = None) -> str:
+    """The checkpoint ``eval_only=true`` evaluates: ``checkpoint=``, else ``output_dir/checkpoints/<prefer>``
+    (e.g. fine-tuning's ``best.pt``) when it exists, else the latest ``step-*.pt`` there."""
+    if cfg.get("checkpoint"):
+        return str(cfg.checkpoint)
+    if prefer and (output_dir / CHECKPOINT_DIR / prefer).is_file():
+        return str(output_dir / CHECKPOINT_DIR / prefer)
+    latest = find_latest(output_dir) if output_dir.is_dir() else None
+    if latest is None:
+        wanted = f"{prefer} or step-*.pt" if prefer else "step-*.pt"
+        raise ConfigError(f"eval_only=true needs checkpoint=PATH (no {wanted} in {output_dir / CHECKPOINT_DIR})")
+    return str(latest)
 
 
 def sched_config(cfg: DictConfig) -> Dict[str, Any]:

@@ -25,16 +25,16 @@ from pathlib import Path
 from typing import Any, Dict
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..detection.data import coco_paths
 from ..detection.synthetic import ensure_synthetic_coco
 from ..detection.task import DetectionTask, checkpoint_model_state, evaluate_coco, format_metrics
 from ..engine import Trainer, init_distributed, setup_logging
-from ..engine.checkpoint import check_one_run, check_output_dir, find_latest
+from ..engine.checkpoint import check_one_run, check_output_dir
 from ..engine.distributed import barrier
 from ..engine.errors import ConfigError
-from .common import CONFIG_PATH, launch, optim_config, run_app, sched_config, to_dict, trainer_config
+from .common import CONFIG_PATH, eval_checkpoint, launch, optim_config, run_app, sched_config, to_dict, trainer_config
 
 PROG = "greenmim-detect"
 log = logging.getLogger("greenmim")
@@ -112,13 +112,6 @@ def prepare_data(data: Dict[str, Any], dist, output_dir: Path, eval_only: bool =
     return data
 
 
-def detect_optim_config(cfg: DictConfig):
-    """The engine's ``OptimConfig`` from ``cfg.optim`` (``layer_decay`` is the task's, not the engine's)."""
-    optim = to_dict(cfg.optim)
-    optim.pop("layer_decay", None)
-    return optim_config(OmegaConf.create({"optim": optim}))
-
-
 def run(cfg: DictConfig) -> Dict[str, float]:
     """Train (or evaluate) as configured; returns the final COCO metrics (all ranks)."""
     tcfg = trainer_config(cfg)
@@ -136,9 +129,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
 
     if eval_only:
         setup_logging(output_dir, dist.rank)
-        ckpt = cfg.get("checkpoint") or (find_latest(output_dir) if output_dir.is_dir() else None)
-        if not ckpt:
-            raise ConfigError(f"eval_only=true needs checkpoint=PATH (no checkpoint found in {output_dir})")
+        ckpt = eval_checkpoint(cfg, output_dir)
         model = task.build_model()
         missing, unexpected = model.load_state_dict(checkpoint_model_state(str(ckpt)), strict=False)
         if missing or unexpected:
@@ -152,7 +143,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
                                 num_workers=int(data.get("num_workers", 0)), output_dir=str(output_dir), prefix="eval_",
                                 log_every=int(data.get("eval_log_every", 0) or 0))
     else:
-        trainer = Trainer(task, tcfg, detect_optim_config(cfg), sched_config(cfg))
+        trainer = Trainer(task, tcfg, optim_config(cfg), sched_config(cfg))
         trainer.fit()
         metrics = task.last_metrics
         if not metrics and trainer.step >= trainer.total_steps:

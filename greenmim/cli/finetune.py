@@ -27,34 +27,26 @@ from pathlib import Path
 from typing import Any, Dict
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..engine import MetricsWriter, Precision, Trainer, init_distributed, setup_logging
-from ..engine.checkpoint import CHECKPOINT_DIR, find_latest
 from ..engine.errors import ConfigError
-from ..finetune.checkpoint_loading import load_pretrained, read_checkpoint
+from ..weights.loading import load_pretrained, read_checkpoint
 from ..finetune.data import build_classification_data
 from ..finetune.evaluate import build_eval_loader, evaluate
 from ..finetune.model import create_classifier
 from ..finetune.task import BEST_NAME, FinetuneTask, check_validation_images, model_kwargs
-from .common import CONFIG_PATH, launch, optim_config, run_app, sched_config, to_dict, trainer_config
+from .common import CONFIG_PATH, eval_checkpoint, launch, optim_config, run_app, sched_config, trainer_config
 
 PROG = "greenmim-finetune"
 log = logging.getLogger("greenmim")
-
-
-def finetune_optim_config(cfg: DictConfig):
-    """The engine's ``OptimConfig`` from ``cfg.optim`` (``layer_decay`` is the task's, not the engine's)."""
-    optim = to_dict(cfg.optim)
-    optim.pop("layer_decay", None)
-    return optim_config(OmegaConf.create({"optim": optim}))
 
 
 def train(cfg: DictConfig) -> Dict[str, Any]:
     """Fine-tune as configured; returns ``{"last": {...}, "best": {...}}`` validation metrics (all ranks)."""
     t0 = time.time()
     task = FinetuneTask(cfg)
-    trainer = Trainer(task, trainer_config(cfg), finetune_optim_config(cfg), sched_config(cfg))
+    trainer = Trainer(task, trainer_config(cfg), optim_config(cfg), sched_config(cfg))
     trainer.fit()
     results = {
         "last": dict(task.last_metrics, epoch=trainer.epoch, step=trainer.step),
@@ -75,19 +67,6 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     return results
 
 
-def eval_checkpoint(cfg: DictConfig, output_dir: Path) -> str:
-    """``checkpoint=`` or, by default, ``output_dir/checkpoints/best.pt`` or the latest checkpoint there."""
-    if cfg.get("checkpoint"):
-        return str(cfg.checkpoint)
-    best = output_dir / CHECKPOINT_DIR / BEST_NAME
-    if best.is_file():
-        return str(best)
-    latest = find_latest(output_dir) if output_dir.is_dir() else None
-    if latest is None:
-        raise ConfigError(f"eval_only=true needs checkpoint=PATH (no {BEST_NAME} or step-*.pt in {output_dir / CHECKPOINT_DIR})")
-    return str(latest)
-
-
 def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
     """Evaluate a checkpoint on the validation split (distributed under torchrun); returns the metrics."""
     tcfg = trainer_config(cfg)
@@ -96,7 +75,7 @@ def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
     setup_logging(output_dir, dist.rank)
     data = build_classification_data(cfg.data, cfg.aug, need_train=False)
     check_validation_images(data)
-    path = eval_checkpoint(cfg, output_dir)
+    path = eval_checkpoint(cfg, output_dir, prefer=BEST_NAME)
     raw = read_checkpoint(path)
     classes = raw.get("classes")
     if classes is not None and list(classes) != data.classes:

@@ -42,7 +42,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..engine.errors import ConfigError
-from ..finetune.checkpoint_loading import LoadReport, load_pretrained
+from ..weights.loading import LoadReport, load_pretrained
 
 FAMILIES = ("swin", "twins")
 
@@ -73,7 +73,7 @@ class TimmTrunk(nn.Module):
     Args:
         name: timm model name (``swin_*`` or ``twins_*``).
         pretrained: a greenmim pretraining checkpoint, an exported encoder or a timm checkpoint,
-            loaded by :func:`greenmim.finetune.checkpoint_loading.load_pretrained` (relative-position
+            loaded by :func:`greenmim.weights.loading.load_pretrained` (relative-position
             tables resized to the detection windows, anything but the classifier missing or
             unexpected is an error); the report is kept in ``load_report``. The checkpoint's final
             ``norm`` and classifier are loaded, then pruned: detection does not use them.

@@ -53,7 +53,7 @@ import torch
 from timm.models.swin_transformer import get_relative_position_index
 
 from ..engine.errors import UserError
-from ..finetune.checkpoint_loading import read_checkpoint, split_pretrain_state, unwrap_state_dict
+from ..weights.loading import read_checkpoint, split_pretrain_state, unwrap_state_dict
 
 DETECTOR_TRUNK = "backbone.trunk.model."
 DETECTOR_NORMS = "backbone.trunk.out_norms."

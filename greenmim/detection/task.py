@@ -25,8 +25,7 @@ from ..engine.optim import no_weight_decay_names
 from ..engine.sampler import ResumableDistributedSampler, SeededDataset
 from ..engine.signals import ignore_stop_signals
 from ..engine.trainer import TrainTask, unwrap
-from ..finetune.layer_decay import layer_id_fn
-from ..models import get_spec
+from ..weights import layer_id_fn, transfer_kwargs
 from .data import CocoDetection, CocoFormatError, collate
 from .evaluate import CocoEvaluator
 from .model import TRUNK_PREFIX, build_maskrcnn
@@ -38,16 +37,9 @@ DETECTOR_KEYS = ("fpn_channels", "out_norm", "maskrcnn")
 
 
 def backbone_kwargs(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """timm constructor arguments of the trunk: ``model.encoder_args`` (the architecture, as in
-    pretraining; greenmim-only options such as ``cost_model`` dropped) plus ``model.drop_path_rate``."""
-    args = dict(model_cfg.get("encoder_args") or {})
-    if "drop_path_rate" in args:
-        raise ConfigError("set the detection drop path with model.drop_path_rate, not model.encoder_args.drop_path_rate")
-    try:
-        greenmim_only = get_spec(model_cfg["name"]).visible_only_kwargs
-    except ValueError:  # a timm name greenmim does not pretrain: nothing to drop
-        greenmim_only = ()
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k not in greenmim_only}
+    """timm constructor arguments of the trunk (:func:`~greenmim.weights.transfer_kwargs`) plus
+    ``model.drop_path_rate``."""
+    args = transfer_kwargs(model_cfg["name"], model_cfg.get("encoder_args") or {}, "detection")
     args["drop_path_rate"] = float(model_cfg.get("drop_path_rate", 0.0) or 0.0)
     return args
 
@@ -78,7 +70,7 @@ def detection_param_groups(model: nn.Module, weight_decay: float, layer_decay: f
     """AdamW groups for the detector: weight decay except on 1-D tensors and ``no_weight_decay()``
     names (Swin's relative-position tables); with ``layer_decay < 1`` the trunk's parameters get
     ``lr_scale = layer_decay ** (L + 1 - depth)`` by the fine-tuning rule
-    (:mod:`greenmim.finetune.layer_decay`) and everything else (output norms, FPN, RPN, RoI heads)
+    (:mod:`greenmim.weights.layer_decay`) and everything else (output norms, FPN, RPN, RoI heads)
     the full lr."""
     model = unwrap(model)
     trunk = model.backbone.trunk.model
@@ -256,7 +248,7 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
 
 def checkpoint_model_state(path: str) -> Dict[str, torch.Tensor]:
     """The detector weights of a ``greenmim-detect`` checkpoint (or a bare state dict)."""
-    from ..finetune.checkpoint_loading import read_checkpoint, unwrap_state_dict
+    from ..weights.loading import read_checkpoint, unwrap_state_dict
 
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint '{path}' does not exist: pass a greenmim-detect checkpoint as checkpoint=PATH")

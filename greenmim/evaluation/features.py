@@ -29,7 +29,7 @@ def gather_in_order(local: torch.Tensor, total: int) -> torch.Tensor:
         if local.shape[0] != total:
             raise ValueError(f"{local.shape[0]} rows for a dataset of {total}")
         return local
-    world, rank = tdist.get_world_size(), tdist.get_rank()
+    world = tdist.get_world_size()
     per_rank = -(-total // world)
     device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
     padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=device)

@@ -1,4 +1,5 @@
-"""Compatibility fixes for third-party versions, applied once on import of :mod:`greenmim.finetune.data`.
+"""Compatibility fixes for third-party versions, applied where they are needed (a RandAugment transform
+is built), never at import time.
 
 * timm's RandAugment ``PosterizeIncreasing`` keeps ``0`` bits at the top magnitude (``m9-mstd0.5`` reaches
   the clip value 10 for ~2% of draws). Pillow < 11 turned ``posterize(img, 0)`` into a black image;

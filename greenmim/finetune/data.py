@@ -36,7 +36,6 @@ from ..engine.errors import ConfigError
 from .compat import patch_timm_posterize
 
 _logger = logging.getLogger(__name__)
-patch_timm_posterize()  # timm RandAugment vs Pillow >= 11 (see greenmim.finetune.compat)
 
 
 def list_class_folder(directory: str, class_to_idx: Optional[Dict[str, int]] = None) -> Tuple[List[Tuple[str, int]], Dict[str, int]]:
@@ -120,6 +119,8 @@ def build_transform(is_training: bool, img_size: int, aug: Any = None, crop_pct:
     ``hflip``, ``color_jitter``, ``auto_augment``, ``reprob``, ``remode``, ``recount``) or the
     evaluation resize to ``img_size / crop_pct`` + center crop."""
     aug = aug if aug is not None else {}
+    if aug.get("auto_augment"):
+        patch_timm_posterize()  # timm's RandAugment vs Pillow >= 11 (see greenmim.finetune.compat); idempotent
     if not is_training:
         return create_transform(input_size=img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct)
     return create_transform(

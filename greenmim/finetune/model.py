@@ -9,7 +9,7 @@ import timm
 import torch.nn as nn
 
 from ..engine.errors import ConfigError
-from .checkpoint_loading import LoadReport, load_pretrained
+from ..weights.loading import LoadReport, load_pretrained
 
 _logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def create_classifier(
     ``overrides`` are timm constructor arguments (``img_size``, ``window_size``, ``embed_dim``,
     ``depths``, ``num_heads``, ...). ``pretrained`` is a greenmim pretraining checkpoint, an
     exported encoder (``.safetensors``) or a timm checkpoint file (see
-    :func:`~greenmim.finetune.checkpoint_loading.load_pretrained`); ``None`` trains from scratch.
+    :func:`~greenmim.weights.loading.load_pretrained`); ``None`` trains from scratch.
     Nothing is ever downloaded. Returns ``(model, load_report_or_None)``.
     """
     if not timm.is_model(name):

@@ -6,13 +6,13 @@ checkpoints, ``resume``, progress, TensorBoard / ``metrics.jsonl``); this task s
 * the classifier (:func:`~greenmim.finetune.model.create_classifier`, optionally from pretrained weights);
 * the training loader (RandAugment + random erasing, per-sample seeded so resume is exact);
 * the loss of a batch (timm Mixup/CutMix with label smoothing + SoftTargetCrossEntropy);
-* layer-decay parameter groups (:mod:`~greenmim.finetune.layer_decay`);
+* layer-decay parameter groups (:mod:`~greenmim.weights.layer_decay`);
 * evaluation (top-1/top-5/loss) after every epoch, optional model EMA (timm ``ModelEmaV3``) and a
   ``checkpoints/best.pt`` holding the weights with the best validation top-1.
 
 ``best.pt`` (and :func:`save_classifier`) use the layout ``{"format": "greenmim-classifier", "model":
 state_dict, "model_ema": ..., "metrics": ..., "classes": [...], "config": ...}``; it loads with
-:func:`~greenmim.finetune.checkpoint_loading.load_pretrained`, ``timm``'s ``load_checkpoint`` and
+:func:`~greenmim.weights.loading.load_pretrained`, ``timm``'s ``load_checkpoint`` and
 ``greenmim-finetune eval_only=true``.
 """
 from __future__ import annotations
@@ -32,11 +32,9 @@ from ..engine.checkpoint import CHECKPOINT_DIR
 from ..engine.distributed import DistInfo
 from ..engine.errors import ConfigError
 from ..engine.signals import with_ignored_stop_signals
-from ..models.registry import get_spec
-from .checkpoint_loading import LoadReport
+from ..weights import LoadReport, param_groups_layer_decay, transfer_kwargs
 from .data import ClassificationData, build_classification_data, build_mixup, build_train_criterion
 from .evaluate import build_eval_loader, evaluate
-from .layer_decay import param_groups_layer_decay
 from .model import create_classifier
 
 log = logging.getLogger("greenmim")
@@ -46,17 +44,9 @@ BEST_NAME = "best.pt"
 
 
 def model_kwargs(cfg: DictConfig) -> Dict[str, Any]:
-    """timm constructor arguments of the classifier: ``model.encoder_args`` (the architecture, as in
-    pretraining; greenmim-only options such as ``cost_model`` are dropped) plus ``img_size`` from
-    ``data.img_size``. ``drop_path_rate`` comes from ``model.drop_path_rate``."""
-    args = to_container(cfg.model.get("encoder_args"))
-    if "drop_path_rate" in args:
-        raise ConfigError("set the fine-tuning drop path with model.drop_path_rate, not model.encoder_args.drop_path_rate")
-    try:
-        greenmim_only = get_spec(cfg.model.name).visible_only_kwargs
-    except ValueError:  # a timm name greenmim does not pretrain: nothing to drop
-        greenmim_only = ()
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k not in greenmim_only}
+    """timm constructor arguments of the classifier (:func:`~greenmim.weights.transfer_kwargs`) plus
+    ``img_size`` from ``data.img_size``. ``drop_path_rate`` comes from ``model.drop_path_rate``."""
+    args = transfer_kwargs(cfg.model.name, to_container(cfg.model.get("encoder_args")), "fine-tuning")
     args.setdefault("img_size", int(cfg.data.img_size))
     return args
 
@@ -107,7 +97,6 @@ class FinetuneTask(TrainTask):
         self.ema: Optional[nn.Module] = None
         self.best: Dict[str, float] = {"acc1": -1.0, "epoch": 0}
         self.last_metrics: Dict[str, float] = {}
-        self.is_best = False
         self.load_report: Optional[LoadReport] = None
         self._val_loader = None
 
@@ -174,9 +163,7 @@ class FinetuneTask(TrainTask):
     def evaluate(self, model: nn.Module, trainer) -> Dict[str, float]:
         """Validation metrics every ``eval_every`` epochs and after the last one (``{}`` otherwise)."""
         every = int(self.cfg.get("eval_every", 1))
-        last = trainer.epoch + 1 >= trainer.epochs or trainer.step >= trainer.total_steps
-        self.is_best = False
-        if not (last or (every > 0 and (trainer.epoch + 1) % every == 0)):
+        if not (trainer.is_last_epoch or (every > 0 and (trainer.epoch + 1) % every == 0)):
             return {}
         loader = self.val_loader(trainer.dist)
         metrics = evaluate(model, loader, trainer.device, trainer.precision.autocast)
@@ -185,8 +172,7 @@ class FinetuneTask(TrainTask):
             self.ema.to(trainer.device)
             ema = evaluate(self.ema.module, loader, trainer.device, trainer.precision.autocast)
             out.update({"ema_val_loss": ema["loss"], "ema_val_acc1": ema["acc1"], "ema_val_acc5": ema["acc5"]})
-        self.is_best = out["val_acc1"] > self.best["acc1"]
-        if self.is_best:
+        if out["val_acc1"] > self.best["acc1"]:
             self.best = {"acc1": out["val_acc1"], "acc5": out["val_acc5"], "loss": out["val_loss"], "epoch": trainer.epoch + 1}
         out["best_acc1"] = self.best["acc1"]
         self.last_metrics = out
@@ -194,7 +180,7 @@ class FinetuneTask(TrainTask):
 
     def on_epoch_end(self, model: nn.Module, trainer) -> None:
         """Write ``checkpoints/best.pt`` when this epoch's validation top-1 is the best so far."""
-        if self.is_best and trainer.dist.is_main:
+        if self.best.get("epoch") == trainer.epoch + 1 and trainer.dist.is_main:
             path = Path(trainer.output_dir) / CHECKPOINT_DIR / BEST_NAME
             save_classifier(path, model, self.ema, {**self.last_metrics, "epoch": trainer.epoch + 1, "step": trainer.step},
                             self.data.classes, OmegaConf.to_container(self.cfg, resolve=True))

@@ -29,6 +29,10 @@ from .decoder import MIMDecoder
 from .registry import create_encoder
 
 
+# the MIMPretrainModel arguments of a model config (the rest configure the encoder)
+MIM_MODEL_KEYS = ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "shared_mask")
+
+
 def patchify(images: torch.Tensor, unit: int) -> torch.Tensor:
     """``(B, 3, H, W)`` -> ``(B, num_units, unit*unit*3)``, pixels in (row, col, channel) order."""
     b, c, h, w = images.shape
@@ -163,8 +167,7 @@ def create_pretrain_model(name: str, method: str = "greenmim", **overrides: Any)
     and ``shared_mask`` configure the MIM model; the rest go to :func:`create_encoder`
     (``drop_path_rate`` defaults to 0, as in the GreenMIM/SimMIM pretraining recipes).
     """
-    model_keys = ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "shared_mask")
-    model_kwargs = {k: overrides.pop(k) for k in model_keys if k in overrides}
+    model_kwargs = {k: overrides.pop(k) for k in MIM_MODEL_KEYS if k in overrides}
     overrides.setdefault("drop_path_rate", 0.0)  # MIM pretraining recipes use no stochastic depth (timm's default is 0.1)
     encoder = create_encoder(name, method=method, **overrides)
     return MIMPretrainModel(encoder, **model_kwargs)

@@ -5,7 +5,7 @@ import torch
 
 from greenmim.engine.optim import build_optimizer
 from greenmim.engine.schedule import apply_lr
-from greenmim.finetune.layer_decay import layer_map, param_groups_layer_decay
+from greenmim.weights.layer_decay import layer_map, param_groups_layer_decay
 
 DEPTHS = (2, 2, 2, 2)  # L = 8 blocks: depths 0 (stem) .. 9 (norm + head)
 
