@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw
 from .data.mim_batches import MaskCollator, MIMBatch
+from .data.prefetch import maybe_prefetch
 from .engine import ConfigError, DistInfo, TrainTask
 from .masking import num_visible_units, unit_grid
 from .models import UnknownModelError, create_pretrain_model, get_spec
@@ -141,7 +142,7 @@ class PretrainTask(TrainTask):
         dataset = self.dataset = build_pretrain_dataset(self.data_cfg)
         if dist.is_main:
             log.info("data: %s, %d images of %s px", self.data_cfg["name"], len(dataset), image_hw(self.data_cfg["img_size"]))
-        return build_train_loader(
+        loader = build_train_loader(
             dataset,
             int(self.data_cfg["batch_size"]),
             dist,
@@ -149,6 +150,7 @@ class PretrainTask(TrainTask):
             num_workers=int(self.data_cfg.get("num_workers", 4)),
             collate_fn=self.mask_collator(dist.device),
         )
+        return maybe_prefetch(loader, dist.device, self.data_cfg.get("device_prefetch"))
 
     def training_step(self, model: nn.Module, batch: MIMBatch, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
         images = batch.images.to(trainer.device, non_blocking=True)

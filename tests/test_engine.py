@@ -332,3 +332,19 @@ def test_detection_timing_script_reads_the_micro_model_from_the_configs():
     name, args = script["model_config"]("micro")
     assert name == "swin_tiny_patch4_window7_224" and args["embed_dim"] == 32 and args["depths"] == (1, 1, 2, 1)
     assert script["model_config"]("swin_base_patch4_window7_224") == ("swin_base_patch4_window7_224", {})
+
+
+def test_device_prefetch_gives_the_same_losses_and_resumes_exactly(tmp_path):
+    """Batches moved to the device one step ahead (a background thread) change nothing: same losses as
+    the plain loader, and a stop/resume=auto in the middle reproduces them."""
+    def task():
+        return PretrainTask(MICRO, {**DATA, "device_prefetch": True, "num_workers": 1}, vis_every_epochs=0)
+
+    plain = tmp_path / "plain"
+    make_trainer(plain, epochs=1).fit()
+    part = tmp_path / "part"
+    make_trainer(part, task=task(), epochs=1, stop_at_step=2).fit()
+    resumed = make_trainer(part, task=task(), epochs=1, resume="auto")
+    resumed.fit()
+    assert type(resumed.loader).__name__ == "DevicePrefetcher"
+    assert losses(part) == losses(plain) and sorted(losses(plain)) == [1, 2, 3, 4]

@@ -225,3 +225,51 @@ def test_cuda_trainer_optimizer_step_skips_on_device_without_sync(skip):
         torch.cuda.set_sync_debug_mode(0)
     changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert bool(skipped) == skip and changed == (not skip) and torch.isfinite(norm)
+
+
+def _planned_loader(n_batches=4, fail_at=None):
+    from torch.utils.data import DataLoader
+
+    model = tiny_model("swin")
+    grid = unit_grid((224, 224), model.unit)
+    collate = MaskCollator(grid, 0.75, model.encoder.planner())
+
+    class Samples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2 * n_batches
+
+        def __getitem__(self, i):
+            if i == fail_at:
+                raise OSError(f"unreadable image {i}")
+            return torch.full((3, 224, 224), float(i)), i
+
+    return model, DataLoader(Samples(), batch_size=2, collate_fn=collate)
+
+
+def test_prefetcher_moves_planned_batches_ahead_and_keeps_the_loader_interface():
+    from greenmim.data.prefetch import DevicePrefetcher
+    from greenmim.planning import DevicePlan
+
+    model, loader = _planned_loader()
+    prefetched = DevicePrefetcher(loader, torch.device("cpu"))
+    assert len(prefetched) == len(loader) and prefetched.batch_size == 2 and prefetched.sampler is loader.sampler
+    prefetched.worker_init_fn = print  # the trainer sets this: it reaches the DataLoader
+    assert loader.worker_init_fn is print
+    loader.worker_init_fn = None
+    batches = list(prefetched)
+    assert len(batches) == 4 and all(isinstance(b.plan, DevicePlan) for b in batches)
+    assert [float(b.images[0, 0, 0, 0]) for b in batches] == [0.0, 2.0, 4.0, 6.0]  # order kept
+    with torch.no_grad():  # a prefetched batch gives what the host batch gives
+        got = model(batches[1].images, plan=batches[1].plan)[0]
+        want = model(list(loader)[1].images, plan=list(loader)[1].plan)[0]
+    assert torch.equal(got, want)
+    for _ in zip(range(1), prefetched):  # stopping early does not hang
+        pass
+
+
+def test_prefetcher_reraises_loader_errors_in_the_training_thread():
+    from greenmim.data.prefetch import DevicePrefetcher
+
+    _, loader = _planned_loader(fail_at=5)
+    with pytest.raises(OSError, match="unreadable image 5"):
+        list(DevicePrefetcher(loader, torch.device("cpu")))

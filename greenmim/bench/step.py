@@ -33,7 +33,8 @@ from ..data.mim_batches import plan_masks
 from ..engine.optim import build_optimizer
 from ..masking import seeded_masks, unit_grid
 from ..models import create_pretrain_model
-from ..planning import HostPlan, VisiblePlanner
+from ..data.prefetch import maybe_prefetch
+from ..planning import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
 
 METHODS = ("greenmim", "simmim")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,14 +119,15 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
 
-    def device_plan(self, plan: HostPlan):
-        """What the training thread does with a loader's plan: copy it (re-plan it when inline)."""
+    def device_plan(self, plan: "HostPlan | DevicePlan"):
+        """What the training thread does with a loader's plan: copy it unless the prefetcher already
+        did (re-plan it from the host mask when inline)."""
         t0 = time.perf_counter()
         if self.planner is not None:
             if self.planning == "inline":
-                plan = self.planner.plan(plan.mask)
+                plan = self.planner.plan(planned_mask(plan))
                 plan.inline = True
-            plan = plan.to(self.device)
+            plan = as_device_plan(plan, self.device)
         self.plan_thread_ms = (time.perf_counter() - t0) * 1e3
         return plan
 
@@ -156,6 +158,22 @@ class TrainStep:
         return dict(getattr(self.model.encoder, "last_grouping", {}) or {})
 
 
+@dataclass
+class MethodPlans:
+    """One step's masks planned for every method (``{method: plan}``), movable like a batch."""
+
+    plans: Dict[str, Any]
+
+    def __getitem__(self, method: str):
+        return self.plans[method]
+
+    def pin_memory(self) -> "MethodPlans":
+        return MethodPlans({m: p.pin_memory() for m, p in self.plans.items()})
+
+    def to(self, device: torch.device) -> "MethodPlans":
+        return MethodPlans({m: p.to(device) for m, p in self.plans.items()})
+
+
 class _PlanDataset(Dataset):
     """Item ``i``: the masks of step ``i`` (from seeds ``(seed, i, sample)``), planned for every method."""
 
@@ -167,16 +185,17 @@ class _PlanDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> Dict[str, HostPlan]:
+    def __getitem__(self, i: int) -> MethodPlans:
         seeds = [hash((self.seed, i, b)) & (2**63 - 1) for b in range(self.batch_size)]
         mask = seeded_masks(seeds, self.grid.num_units, self.mask_ratio, shared=self.shared)
-        return {m: plan_masks(mask, self.grid, planner) for m, planner in self.planners.items()}
+        return MethodPlans({m: plan_masks(mask, self.grid, planner) for m, planner in self.planners.items()})
 
 
 class PlannedBatches:
     """Fixed random images on the device and, per step, one mask batch planned for every method
     (each compared pair of steps sees the same masks), planned ahead in ``workers`` DataLoader
-    worker processes (0: in the calling thread, before the step) and pinned on CUDA."""
+    worker processes (0: in the calling thread, before the step), pinned on CUDA and, as the
+    trainer does there, copied to the device one step ahead (:func:`~greenmim.data.prefetch.maybe_prefetch`)."""
 
     def __init__(
         self,
@@ -200,9 +219,10 @@ class PlannedBatches:
             dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
             prefetch_factor=4 if workers else None,
         )
-        self._it: Iterator[Dict[str, HostPlan]] = iter(self._loader)
+        self._loader = maybe_prefetch(self._loader, device)
+        self._it: Iterator[MethodPlans] = iter(self._loader)
 
-    def next_plans(self) -> Dict[str, HostPlan]:
+    def next_plans(self) -> MethodPlans:
         try:
             return next(self._it)
         except StopIteration:  # more steps than planned (extra measurements): start over

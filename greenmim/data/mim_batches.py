@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import default_collate
 
 from ..masking import UnitGrid, seeded_masks, visible_indices
-from ..planning import HostPlan, VisiblePlanner
+from ..planning import DevicePlan, HostPlan, VisiblePlanner
 
 
 @dataclass
@@ -28,15 +28,23 @@ class MIMBatch:
     True = masked). For the all-token baseline the plan holds the mask and visible indices only."""
 
     images: torch.Tensor
-    plan: HostPlan
+    plan: "HostPlan | DevicePlan"
 
     @property
     def mask(self) -> torch.Tensor:
-        return self.plan.mask
+        """The host mask ``(B, num_units)``."""
+        return self.plan.host.mask if isinstance(self.plan, DevicePlan) else self.plan.mask
 
     def pin_memory(self) -> "MIMBatch":
         """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
         return MIMBatch(self.images.pin_memory(), self.plan.pin_memory())
+
+    def to(self, device: torch.device) -> "MIMBatch":
+        """Images and plan on ``device`` (asynchronous copies from pinned memory; the plan's pair
+        tensors are derived there). :class:`~greenmim.data.prefetch.DevicePrefetcher` calls it ahead."""
+        if isinstance(self.plan, DevicePlan):
+            return self
+        return MIMBatch(self.images.to(device, non_blocking=True), self.plan.to(device))
 
     def __len__(self) -> int:
         return self.images.shape[0]

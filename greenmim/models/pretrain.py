@@ -118,6 +118,8 @@ class MIMPretrainModel(nn.Module):
             latent = self.encoder(images, plan=plan)
             vis_idx, mask = plan.vis_idx, plan.mask
         else:
+            if isinstance(plan, DevicePlan):  # already on the device (copied ahead by the loader's prefetcher)
+                mask = plan.mask
             latent = self.encoder(images, mask, self.enc_mask_token)
             vis_idx, mask = None, mask.to(images.device, non_blocking=True)
         pred = self.decoder(latent, mask, grid, vis_idx)
