@@ -409,7 +409,7 @@ def plot(summary: dict, png: Path, window: int) -> None:
             ax.plot([x] * len(m["values"]), m["values"], "k.", ms=4)
     if summary.get("majority_acc1") is not None:
         ax.axhline(summary["majority_acc1"], color="tab:red", ls="--", lw=1, label=f"majority class {summary['majority_acc1']:.1f}%")
-    ax.set_xticks(range(len(EVALS)), [EVAL_LABELS[k] for k in EVALS])
+    ax.set_xticks(range(len(EVALS)), [EVAL_LABELS[k].replace(", ", "\n") for k in EVALS])
     ax.set(ylabel="val top-1 (%)", title="downstream accuracy (mean ± std over seeds; dots: seeds)")
     lows = [v for row in summary["eval"].values() for m in row.values() for v in m["values"]] + [summary.get("majority_acc1") or 50]
     ax.set_ylim(min(40.0, min(lows) - 5), 100)
