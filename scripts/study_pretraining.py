@@ -16,7 +16,8 @@ interrupted study continues where it stopped):
    machine hits both methods alike. ``trainer.log_every=1``: ``metrics.jsonl`` holds the loss of every
    step and its throughput, from which the cumulative training wall time per step is computed
    (``batch / img_per_s``); ``wall.json`` adds the whole process' wall time.
-3. ``evaluate``: ``greenmim-finetune experiment={knn,linear_probe,finetune_small_data}`` per arm and seed.
+3. ``evaluate``: ``greenmim-finetune experiment={knn,linear_probe,finetune_small_data}`` per arm and seed,
+   plus the small-data recipe at 30 epochs / lr 1e-3 (``finetune_30ep``, its first version).
 4. ``report``: ``summary.json``, ``summary.md`` (the README table) and one PNG (``--png``): loss vs step,
    loss vs wall time, and downstream top-1 (mean +- std over seeds) of A, B, C.
 
@@ -43,8 +44,17 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 METHODS = {"A": "greenmim", "B": "simmim"}
-EVALS = ("knn", "linear_probe", "finetune_small_data")
-EVAL_LABELS = {"knn": "k-NN (k=20)", "linear_probe": "linear probe", "finetune_small_data": "fine-tune"}
+#: evaluation name -> (greenmim-finetune experiment, extra overrides). ``finetune_30ep`` is the small-data
+#: recipe's first version (30 epochs at lr 1e-3), kept because it behaves differently with pretrained weights.
+EVAL_RECIPES = {
+    "knn": ("knn", []),
+    "linear_probe": ("linear_probe", []),
+    "finetune_small_data": ("finetune_small_data", []),
+    "finetune_30ep": ("finetune_small_data", ["trainer.epochs=30", "optim.blr=1.6e-2", "sched.warmup_epochs=3", "eval_every=5"]),
+}
+EVALS = tuple(EVAL_RECIPES)
+EVAL_LABELS = {"knn": "k-NN (k=20)", "linear_probe": "linear probe", "finetune_small_data": "fine-tune 60 ep, lr 3e-3",
+               "finetune_30ep": "fine-tune 30 ep, lr 1e-3"}
 ARM_LABELS = {"A": "A: greenmim", "B": "B: simmim", "C": "C: random init"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -165,9 +175,9 @@ def eval_cmd(args, kind: str, seed: int, root: Path, run: Path, checkpoint: Opti
     """``greenmim-finetune experiment=<kind>`` with the pretraining architecture (``model=greenmim_<model>``:
     the classifier is timm's model either way) and the pretrained encoder, or random init."""
     return [
-        sys.executable, "-m", "greenmim.cli.finetune", f"experiment={kind}", f"model=greenmim_{args.model}",
+        sys.executable, "-m", "greenmim.cli.finetune", f"experiment={EVAL_RECIPES[kind][0]}", f"model=greenmim_{args.model}",
         f"data.root={root}", f"data.img_size={args.img_size}", f"pretrained={checkpoint if checkpoint else 'null'}",
-        f"seed={seed}", f"output_dir={run}", "trainer.tensorboard=false", *args.eval_override,
+        f"seed={seed}", f"output_dir={run}", "trainer.tensorboard=false", *EVAL_RECIPES[kind][1], *args.eval_override,
     ]
 
 
@@ -360,7 +370,7 @@ def plot(summary: dict, png: Path, window: int) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"greenmim": "tab:green", "simmim": "tab:blue", "A": "tab:green", "B": "tab:blue", "C": "tab:gray"}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.3]})
     for method, p in summary["pretrain"].items():
         curves = p["curves"]
         n = min(len(c["loss"]) for c in curves)
@@ -387,7 +397,7 @@ def plot(summary: dict, png: Path, window: int) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     ax = axes[2]
-    width = 0.26
+    width = 0.27
     for i, arm in enumerate(("A", "B", "C")):
         row = summary["eval"].get(arm, {})
         xs = [j + (i - 1) * width for j, k in enumerate(EVALS) if k in row]
@@ -399,7 +409,7 @@ def plot(summary: dict, png: Path, window: int) -> None:
             ax.plot([x] * len(m["values"]), m["values"], "k.", ms=4)
     if summary.get("majority_acc1") is not None:
         ax.axhline(summary["majority_acc1"], color="tab:red", ls="--", lw=1, label=f"majority class {summary['majority_acc1']:.1f}%")
-    ax.set_xticks(range(len(EVALS)), [EVAL_LABELS[k] for k in EVALS])
+    ax.set_xticks(range(len(EVALS)), [EVAL_LABELS[k].replace(", ", "\n") for k in EVALS])
     ax.set(ylabel="val top-1 (%)", title="downstream accuracy (mean ± std over seeds; dots: seeds)")
     lows = [v for row in summary["eval"].values() for m in row.values() for v in m["values"]] + [summary.get("majority_acc1") or 50]
     ax.set_ylim(min(40.0, min(lows) - 5), 100)
