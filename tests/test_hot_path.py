@@ -273,3 +273,26 @@ def test_prefetcher_reraises_loader_errors_in_the_training_thread():
     _, loader = _planned_loader(fail_at=5)
     with pytest.raises(OSError, match="unreadable image 5"):
         list(DevicePrefetcher(loader, torch.device("cpu")))
+
+
+@cuda
+def test_cuda_prefetched_steps_equal_direct_steps_without_sync():
+    from torch.utils.data import DataLoader
+
+    from greenmim.data.prefetch import DevicePrefetcher
+
+    model = tiny_model("swin").cuda().eval()
+    grid = unit_grid((224, 224), model.unit)
+    collate = MaskCollator(grid, 0.75, model.encoder.planner(group_multiple=8))
+    samples = [(torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(i)), i) for i in range(8)]
+    loader = DataLoader(samples, batch_size=2, collate_fn=collate, num_workers=1, pin_memory=True)
+    with torch.no_grad():
+        direct = [model(b.images.cuda(), plan=b.plan)[0] for b in loader]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            prefetched = [model(b.images, plan=b.plan)[0] for b in DevicePrefetcher(loader, torch.device("cuda"))]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert len(prefetched) == len(direct) == 4
+    for a, b in zip(prefetched, direct):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
