@@ -8,6 +8,8 @@ and :func:`gather_in_order` reassembles the full ``(N, C)`` matrix, in dataset o
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Tuple
 
 import torch
@@ -62,10 +64,7 @@ def extract_features(
     feats, labels = [], []
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
-        if autocast is not None:
-            with autocast():
-                out = model(images)
-        else:
+        with autocast() if autocast is not None else contextlib.nullcontext():
             out = model(images)
         if out.ndim != 2:
             raise ValueError(f"the encoder returned features of shape {tuple(out.shape)}; expected (B, C): build it with num_classes=0")

@@ -8,6 +8,8 @@ repeated samples and biases the mean).
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -57,10 +59,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, a
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        if autocast is not None:
-            with autocast():
-                logits = model(images)
-        else:
+        with autocast() if autocast is not None else contextlib.nullcontext():
             logits = model(images)
         logits = logits.float()
         num_classes = logits.shape[1]
