@@ -1,6 +1,7 @@
 """Smoke test of ``greenmim-bench`` at a tiny size on CPU (not a timed test: no speed assertions)."""
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -66,3 +67,17 @@ def test_parse_override():
     assert parse_override("sparse-backend=native") == ("sparse_backend", "native")
     with pytest.raises(argparse.ArgumentTypeError, match=r"override 'window_size' is not of the form key=value"):
         parse_override("window_size")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "swin_bsae_patch4_window7_224"], "unknown model 'swin_bsae_patch4_window7_224': did you mean swin_base"),
+    (["--mask-ratio", "1.0"], r"--mask-ratio 1.0 is outside \(0, 1\)"),
+    (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--img-size", "100"], "image size 100x100 is not a multiple of the mask unit"),
+])
+def test_bad_input_is_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + args + ["--no-flops", "--no-memory", "--iters", "1", "--warmup", "0"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[bench]")]  # progress
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("greenmim-bench: error: ")
+    assert re.search(message, err[0]), err[0]

@@ -33,6 +33,7 @@ import torch
 from ..bench.compare import DEFAULT_SWEEP_RATIOS, DEFAULT_SWEEP_SIZES, BenchConfig, environment, run_comparison, run_sweep
 from ..bench.report import calibration_table, comparison_table, output_paths, plot_sweep, solver_table, sweep_table, write_json
 from ..bench.step import DTYPES
+from ..models import get_spec
 
 DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 DEFAULT_BATCH = 8
@@ -163,8 +164,37 @@ def run_calibration(cfg: BenchConfig) -> Dict[str, Any]:
     return result
 
 
+def fail(message: str) -> None:
+    """One ``greenmim-bench: error:`` line on stderr, exit 2 (argparse's code for bad arguments)."""
+    print(f"greenmim-bench: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Bad values end in one ``greenmim-bench: error:`` line (exit 2) naming the fix, before anything runs."""
+    if args.model is not None:
+        try:
+            get_spec(args.model)
+        except ValueError as exc:
+            fail(str(exc))
+    if not 0.0 < args.mask_ratio < 1.0:
+        fail(f"--mask-ratio {args.mask_ratio} is outside (0, 1): use e.g. 0.75")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
+                             ("--plan-workers", args.plan_workers, 0), ("--threads", args.threads, 1), ("--img-size", args.img_size, 1)):
+        if value is not None and value < low:
+            fail(f"{flag} {value} must be >= {low}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
+    try:
+        return run(args)
+    except ValueError as exc:  # a size, window or override the model refuses: its message names the fix
+        fail(str(exc).splitlines()[0])
+
+
+def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = model_overrides(args)
