@@ -178,6 +178,11 @@ class VisiblePlanner:
         )
 
 
+def host_plan(plan: "HostPlan | DevicePlan") -> HostPlan:
+    """The host side of a plan (the plan itself, or a device plan's ``host``)."""
+    return plan.host if isinstance(plan, DevicePlan) else plan
+
+
 def as_device_plan(plan: "HostPlan | DevicePlan", device: torch.device) -> DevicePlan:
     """``plan`` on ``device`` (copied if it is still a :class:`HostPlan`)."""
     return plan if isinstance(plan, DevicePlan) else plan.to(device)
@@ -185,6 +190,4 @@ def as_device_plan(plan: "HostPlan | DevicePlan", device: torch.device) -> Devic
 
 def planned_mask(plan: Optional["HostPlan | DevicePlan"]) -> Optional[torch.Tensor]:
     """The host mask of a plan (None for None)."""
-    if plan is None:
-        return None
-    return plan.host.mask if isinstance(plan, DevicePlan) else plan.mask
+    return None if plan is None else host_plan(plan).mask

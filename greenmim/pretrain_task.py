@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw
-from .data.mim_batches import MaskCollator, MIMBatch
+from .data.mim_batches import MaskCollator, MIMBatch, planner_for
 from .data.prefetch import maybe_prefetch
 from .engine import ConfigError, DistInfo, TrainTask
 from .masking import num_visible_units, unit_grid
@@ -131,12 +131,10 @@ class PretrainTask(TrainTask):
         return self.model
 
     def mask_collator(self, device: torch.device) -> MaskCollator:
-        """Draws and plans the masks in the loader workers; on CUDA groups are sized in multiples of
-        8 (aligned keys for the fused attention kernels)."""
+        """Draws and plans the masks in the loader workers (planner: :func:`planner_for`)."""
         encoder = self.model.encoder
         grid = unit_grid(tuple(encoder.patch_embed.img_size), encoder.unit)
-        planner = encoder.planner(group_multiple=8 if device.type == "cuda" else 1) if encoder.visible_only else None
-        return MaskCollator(grid, self.mask_ratio, planner, shared=self.model.shared_mask)
+        return MaskCollator(grid, self.mask_ratio, planner_for(self.model, device), shared=self.model.shared_mask)
 
     def build_train_loader(self, dist: DistInfo, seed: int):
         dataset = self.dataset = build_pretrain_dataset(self.data_cfg)

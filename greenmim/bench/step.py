@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.mim_batches import plan_masks
+from ..data.mim_batches import plan_masks, planner_for
 from ..engine.optim import build_optimizer
 from ..masking import seeded_masks, unit_grid
 from ..models import create_pretrain_model
@@ -83,14 +83,6 @@ def make_optimizer(model: nn.Module, lr: float = 1.5e-4, weight_decay: float = 0
     return build_optimizer(model, lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
-def model_planner(model: nn.Module, device: torch.device) -> Optional[VisiblePlanner]:
-    """The planner the trainer's loader would use for ``model`` on ``device`` (None: all-token)."""
-    encoder = model.encoder
-    if not encoder.visible_only:
-        return None
-    return encoder.planner(group_multiple=8 if device.type == "cuda" else 1)
-
-
 class TrainStep:
     """One full pretraining step of ``model``: forward, backward, ``optimizer.step``, ``zero_grad``.
 
@@ -108,7 +100,7 @@ class TrainStep:
         self.device = device
         self.dtype = dtype
         self.planning = planning
-        self.planner = model_planner(model, device)
+        self.planner = planner_for(model, device)
         self.optimizer = make_optimizer(model)
         self.scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
         self.plan_thread_ms = 0.0  # training-thread time spent on the last step's plan

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import default_collate
 
 from ..masking import UnitGrid, seeded_masks, visible_indices
-from ..planning import DevicePlan, HostPlan, VisiblePlanner
+from ..planning import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
 
 
 @dataclass
@@ -33,7 +33,7 @@ class MIMBatch:
     @property
     def mask(self) -> torch.Tensor:
         """The host mask ``(B, num_units)``."""
-        return self.plan.host.mask if isinstance(self.plan, DevicePlan) else self.plan.mask
+        return planned_mask(self.plan)
 
     def pin_memory(self) -> "MIMBatch":
         """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
@@ -42,9 +42,7 @@ class MIMBatch:
     def to(self, device: torch.device) -> "MIMBatch":
         """Images and plan on ``device`` (asynchronous copies from pinned memory; the plan's pair
         tensors are derived there). :class:`~greenmim.data.prefetch.DevicePrefetcher` calls it ahead."""
-        if isinstance(self.plan, DevicePlan):
-            return self
-        return MIMBatch(self.images.to(device, non_blocking=True), self.plan.to(device))
+        return MIMBatch(self.images.to(device, non_blocking=True), as_device_plan(self.plan, device))
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -72,6 +70,16 @@ class MaskCollator:
         seeds: List[int] = [int(seed) for _, seed in samples]
         mask = seeded_masks(seeds, self.grid.num_units, self.mask_ratio, shared=self.shared)
         return MIMBatch(images, plan_masks(mask, self.grid, self.planner))
+
+
+def planner_for(model, device: torch.device) -> Optional[VisiblePlanner]:
+    """The planner a loader uses for pretraining ``model`` on ``device``: the visible-only encoder's,
+    with group sizes in multiples of 8 on CUDA (aligned keys for the fused attention kernels);
+    None for the all-token baseline (masks only)."""
+    encoder = model.encoder
+    if not encoder.visible_only:
+        return None
+    return encoder.planner(group_multiple=8 if torch.device(device).type == "cuda" else 1)
 
 
 def plan_masks(mask: torch.Tensor, grid: UnitGrid, planner: Optional[VisiblePlanner]) -> HostPlan:

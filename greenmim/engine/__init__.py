@@ -14,7 +14,6 @@
 from .checkpoint import CheckpointManager, atomic_save, find_latest, load_checkpoint, resolve_resume, upgrade_checkpoint
 from .distributed import (
     DistInfo,
-    all_reduce_any,
     all_reduce_mean,
     barrier,
     broadcast_object,
@@ -34,7 +33,7 @@ from .trainer import Trainer, enable_grad_checkpointing, unwrap
 
 __all__ = [
     "Trainer", "TrainerConfig", "OptimConfig", "TrainTask", "unwrap", "enable_grad_checkpointing",
-    "DistInfo", "init_distributed", "cleanup_distributed", "barrier", "all_reduce_mean", "all_reduce_any",
+    "DistInfo", "init_distributed", "cleanup_distributed", "barrier", "all_reduce_mean",
     "broadcast_object", "seed_everything",
     "CheckpointManager", "atomic_save", "load_checkpoint", "upgrade_checkpoint", "find_latest", "resolve_resume",
     "build_optimizer", "default_param_groups", "no_weight_decay_names", "scaled_lr",

@@ -102,15 +102,6 @@ def all_reduce_mean(value: Union[float, torch.Tensor]) -> Union[float, torch.Ten
     return float(t) if as_float else t
 
 
-def all_reduce_any(flag: bool, device: Optional[torch.device] = None) -> bool:
-    """True if ``flag`` is True on any rank (used so all ranks take the same branch)."""
-    if not is_dist():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device if tdist.get_backend() == "nccl" else "cpu")
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def all_reduce_all_finite(value: torch.Tensor) -> torch.Tensor:
     """A device bool tensor: ``value`` is finite on every rank. No host read (nccl reduces on the
     device; gloo reduces a CPU copy), so a training step can branch on it without a sync."""

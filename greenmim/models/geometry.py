@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 
 from ..masking import UnitGrid, unit_grid
-from ..planning import DevicePlan, HostPlan, VisiblePlanner, WindowPartition
+from ..planning import DevicePlan, HostPlan, VisiblePlanner, WindowPartition, as_device_plan, host_plan
 
 Plan = Union[HostPlan, DevicePlan]
 
@@ -107,7 +107,7 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
                 raise ValueError("pass a mask (B, num_units) or a plan")
             plan = self.planner().plan(mask)
             plan.inline = True
-        host = plan.host if isinstance(plan, DevicePlan) else plan
+        host = host_plan(plan)
         if host.grid != grid:
             raise ValueError(f"the plan is for a {host.grid} unit grid, the images give {grid}: plan with this encoder")
         if len(host.layouts) != self.num_stages:
@@ -115,7 +115,7 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
         if host.mask.shape[0] != images.shape[0]:
             raise ValueError(f"the plan has {host.mask.shape[0]} masks for a batch of {images.shape[0]} images")
         self.last_grouping = host.stats()
-        return plan if isinstance(plan, DevicePlan) else plan.to(images.device)
+        return as_device_plan(plan, images.device)
 
 
 def visible_unit_pixels(images: torch.Tensor, vis_idx: torch.Tensor, grid: UnitGrid) -> torch.Tensor:
