@@ -348,3 +348,25 @@ def test_device_prefetch_gives_the_same_losses_and_resumes_exactly(tmp_path):
     resumed.fit()
     assert type(resumed.loader).__name__ == "DevicePrefetcher"
     assert losses(part) == losses(plain) and sorted(losses(plain)) == [1, 2, 3, 4]
+
+
+class NaNGradientTask(PretrainTask):
+    """A finite loss whose gradient is NaN at the given optimizer step."""
+
+    def __init__(self, bad_step):
+        super().__init__(MICRO, DATA, vis_every_epochs=0)
+        self.bad_step = bad_step
+
+    def training_step(self, model, batch, trainer):
+        loss, metrics = super().training_step(model, batch, trainer)
+        if trainer.step + 1 == self.bad_step:
+            loss = loss + 0.0 * loss.detach()
+            loss.register_hook(lambda g: g * float("nan"))
+        return loss, metrics
+
+
+def test_nonfinite_gradient_with_finite_loss_is_skipped_when_clipping(tmp_path):
+    t = make_trainer(tmp_path, task=NaNGradientTask(bad_step=2), nonfinite="skip", epochs=1, clip_grad=1.0)
+    t.fit()
+    assert t.skipped_steps == 1 and "non-finite loss gradient (loss" in (tmp_path / "train.log").read_text()
+    assert all(math.isfinite(p.detach().sum()) for p in t.model.parameters())

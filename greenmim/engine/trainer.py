@@ -541,14 +541,16 @@ class Trainer:
         """A step whose loss (or gradient norm) was non-finite: its update was already skipped on the
         device; ``trainer.nonfinite=stop`` raises here, ``skip`` counts it."""
         where = f"epoch {self.epoch + 1}, step {step}"
+        # the window's loss is NaN when a loss was non-finite; a finite one means the gradient norm was not
+        what = f"non-finite loss ({value})" if not math.isfinite(value) else f"non-finite loss gradient (loss {value:.4g})"
         if self.cfg.nonfinite == "stop":
             kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
             raise NonFiniteLossError(
-                f"non-finite loss ({value}) at {where}; {kept}. Lower optim.blr, set trainer.clip_grad, "
+                f"{what} at {where}; {kept}. Lower optim.blr, set trainer.clip_grad, "
                 "use trainer.precision=bf16 or fp32, or trainer.nonfinite=skip to skip such steps"
             )
         self.skipped_steps += 1
-        log.warning("non-finite loss (%s) at %s: step skipped (%d so far)", value, where, self.skipped_steps)
+        log.warning("%s at %s: step skipped (%d so far)", what, where, self.skipped_steps)
 
 
 SIGNAL_CHECK_EVERY = 10  # steps between stop-signal checks under DDP (at most; log lines check too)
