@@ -155,9 +155,6 @@ class PretrainTask(TrainTask):
         loss, _, _ = model(images, plan=batch.plan)
         return loss, {}
 
-    def batch_size(self, batch: MIMBatch) -> int:
-        return len(batch)
-
     def visualization_images(self) -> torch.Tensor:
         """A fixed set of centre-cropped images spread over the dataset."""
         if self._vis_images is None:
