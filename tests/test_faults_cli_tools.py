@@ -149,7 +149,7 @@ def test_exports_checkpoints_and_pictures_respect_the_umask(checkpoint, tmp_path
     assert Image.open(tmp_path / "grid.png").format == "PNG"
 
 
-def test_official_swin_export_refuses_to_replace_its_source(checkpoint, tmp_path, capsys):
+def test_official_swin_export_replaces_neither_its_source_nor_another_file(checkpoint, tmp_path, capsys):
     source = tmp_path / "source.pth"
     source.write_bytes(checkpoint.read_bytes())
     before = source.read_bytes()
@@ -159,6 +159,13 @@ def test_official_swin_export_refuses_to_replace_its_source(checkpoint, tmp_path
     line = one_error_line(lambda: official_main([str(source), str(tmp_path / "official.json")]), capsys, prog)
     assert "OUT " in line and "must end in .pth or .pt" in line
     assert source.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["source.pth"]
+    other = tmp_path / "someone_elses.pth"
+    other.write_bytes(b"not ours")
+    line = one_error_line(lambda: official_main([str(source), str(other)]), capsys, prog)
+    assert "someone_elses.pth already exists: choose another output file, or pass --force to replace it" in line
+    assert other.read_bytes() == b"not ours"
+    assert official_main([str(source), str(other), "--force"]) == 0
+    assert set(torch.load(other)["model"]) >= {"patch_embed.proj.weight", "layers.0.downsample.reduction.weight"}
 
 
 # ------------------------------------------------------------------ visualize --max-images

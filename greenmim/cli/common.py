@@ -18,7 +18,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -117,6 +117,23 @@ def output_file(output: str, default_name: str, suffixes: Sequence[str], inputs:
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"{option} {output}: {out.parent} is not writable: choose another output file")
     return out
+
+
+def check_replaceable(output: Path, files: Sequence[Path], force: bool, option: str = "-o",
+                      ours: Optional[Callable[[Path], bool]] = None) -> None:
+    """Refuse (:class:`UserError`) to write ``output`` while any of ``files`` (the output and what is
+    written with it) exists, unless ``force``; with ``ours`` given, ``force`` replaces only files for
+    which ``ours(path)`` is true (another program's file is never replaced)."""
+    existing = [p for p in files if p.exists()]
+    if not existing:
+        return
+    names = " and ".join(str(p) for p in existing) + (" already exists" if len(existing) == 1 else " already exist")
+    if not force:
+        what = "a previous export" if ours else "it"
+        raise UserError(f"{option} {output}: {names}: choose another output file, or pass --force to replace {what}")
+    foreign = [p for p in existing if ours is not None and not ours(p)]
+    if foreign:
+        raise UserError(f"{option} {output}: {foreign[0]} is not a greenmim export, so --force leaves it alone: choose another output file")
 
 
 def launch(prog: str, task: str, hydra_app) -> None:

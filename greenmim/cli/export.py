@@ -32,7 +32,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..engine.checkpoint import write_error
 from ..engine.errors import UserError
 from ..engine.files import atomic_write, write_bytes
-from .common import load_pretrain_checkpoint, output_file, report_errors
+from .common import check_replaceable, load_pretrain_checkpoint, output_file, report_errors
 
 PROG = "greenmim-export"
 ENCODER_PREFIX = "encoder."
@@ -95,30 +95,17 @@ def is_greenmim_export(path: Path) -> bool:
     return isinstance(info, dict) and all(k in info for k in INFO_KEYS)
 
 
-def check_replaceable(output: Path, force: bool) -> None:
-    """Refuse (:class:`UserError`) when ``output`` or its sidecar exists, unless ``force`` and each is a
-    previous greenmim export; another program's file is never replaced."""
-    existing = [p for p in (output, sidecar_path(output)) if p.exists()]
-    if not existing:
-        return
-    names = " and ".join(str(p) for p in existing) + (" already exists" if len(existing) == 1 else " already exist")
-    if not force:
-        raise UserError(f"-o {output}: {names}: choose another output file, or pass --force to replace a previous export")
-    foreign = [p for p in existing if not is_greenmim_export(p)]
-    if foreign:
-        raise UserError(f"-o {output}: {foreign[0]} is not a greenmim export, so --force leaves it alone: choose another output file")
-
-
 def export_encoder(checkpoint: str, output: Optional[str] = None, verify: bool = True, force: bool = False) -> Tuple[Path, Dict[str, Any]]:
     """Write ``checkpoint``'s encoder to ``output`` (default: next to the checkpoint, ``<name>-encoder.safetensors``).
 
     Returns the path and a description ``{"timm_name", "model_args", "step", "method", "checkpoint"}``
     (also written to :func:`sidecar_path` and into the safetensors metadata). The output is checked
-    (:func:`check_replaceable`) before the checkpoint is read.
+    before the checkpoint is read: existing files are replaced only with ``force`` and only when
+    they are a previous export (:func:`is_greenmim_export`).
     """
     default_name = f"{Path(checkpoint).stem}-encoder.safetensors"
     out = output_file(output or str(Path(checkpoint).with_name(default_name)), default_name, (".safetensors",), [checkpoint])
-    check_replaceable(out, force)
+    check_replaceable(out, [out, sidecar_path(out)], force, ours=is_greenmim_export)
     ckpt = load_pretrain_checkpoint(checkpoint)
     config = ckpt["config"]
     name = config["model"]["name"]
