@@ -214,6 +214,7 @@ def test_bench_cuda_index_beyond_the_devices_is_one_line(capsys, monkeypatch, no
     ("bogus_key=1", r"--override bogus_key: swin_tiny_patch4_window7_224 has no argument 'bogus_key': valid: .*decoder_dim.*window_size"),
     ("windw_size=4", r"did you mean window_size\?"),
     ("num_classes=10", r"has no argument 'num_classes'"),
+    ("dtype=torch.float16", r"has no argument 'dtype'"),
 ])
 def test_bench_unknown_override_names_the_valid_keys(override, message, capsys, no_run):
     line = one_error_line(lambda: bench.main(BENCH_TINY + ["--override", override]), capsys, "greenmim-bench")

@@ -156,7 +156,8 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 def valid_model_arguments(model: str) -> List[str]:
     """What ``--override`` may set for ``model``: its encoder's constructor arguments (timm's and
-    greenmim's, the classifier's ``num_classes`` aside) and the pretraining model's own keys."""
+    greenmim's) and the pretraining model's own keys; not ``num_classes`` (no classifier is built)
+    nor timm's ``device``/``dtype`` (``--device`` and ``--dtype`` decide those)."""
     names = set(MIM_MODEL_KEYS)
     for cls in get_spec(model).visible_cls.__mro__:
         if cls is torch.nn.Module:
@@ -164,7 +165,7 @@ def valid_model_arguments(model: str) -> List[str]:
         if "__init__" in vars(cls):
             names.update(p.name for p in inspect.signature(cls.__init__).parameters.values()
                          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
-    names.discard("num_classes")  # the encoder is built without a classifier
+    names.difference_update(("num_classes", "device", "dtype"))
     return sorted(names)
 
 
