@@ -1,14 +1,38 @@
-"""Pretraining transforms (MAE / GreenMIM): RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip +
-ImageNet normalisation. Output: ``(3, H, W)`` float tensors."""
+"""Pretraining augmentation (MAE / GreenMIM): RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip,
+producing **uint8** ``(3, H, W)`` pixels; :func:`normalize` turns a batch into ImageNet-normalised fp32
+on whatever device it is on (the training step calls it there).
+
+The crop is split into a *plan* and its application, so that a crop can be applied to a smaller
+decode of the same picture:
+
+* :class:`CropPlan` is the random draw (box on the full-size geometry, flip), made with
+  torchvision's ``RandomResizedCrop.get_params`` and ``torch.rand`` in the order torchvision's own
+  transforms use, so a seed gives the same crops and flips as ``RandomResizedCrop`` + ``RandomHorizontalFlip``.
+* :func:`draft_for_crop` asks PIL to decode a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) at which
+  the crop box still has at least the output size in both axes.
+* :func:`apply_crop` maps the box to the image actually decoded and resizes it with bicubic,
+  antialiased interpolation (torch's, which follows PIL's filter; its uint8 CPU path is ~2x faster).
+
+:class:`PretrainCrop` is the ``data.decode=cpu`` transform (decode + crop in the workers);
+:mod:`greenmim.data.device_decode` holds the ``data.decode=device`` one.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torchvision import transforms as T
+
+from .images import decode_rgb, open_image, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+DCT_SCALES = (8, 4, 2)  # PIL's draft reductions for JPEGs, largest first
 
 
 def image_hw(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -19,25 +43,111 @@ def image_hw(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (h, w)
 
 
-def pretrain_transform(
-    img_size: Union[int, Sequence[int]],
-    scale: Sequence[float] = (0.2, 1.0),
-    hflip: float = 0.5,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> T.Compose:
-    """PIL RGB image -> normalised ``(3, H, W)`` tensor with a random crop and flip."""
-    ops = [T.RandomResizedCrop(image_hw(img_size), scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC)]
-    if hflip > 0:
-        ops.append(T.RandomHorizontalFlip(hflip))
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(ops)
+def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 pixels ``(..., 3, H, W)`` -> fp32 ``(x / 255 - mean) / std``, on ``images``' device.
+
+    Computed in fp32 whatever autocast is active (elementwise ops are not autocast), so a bf16/fp16
+    step casts the normalised values, not the pixels."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 pixels, got {images.dtype}")
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(3, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """One random crop: the box ``(top, left, height, width)`` in pixels of the full-size image of
+    size ``image_hw`` (height, width), and whether to flip the result horizontally."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    image_hw: Tuple[int, int]
+    flip: bool
+
+
+def draw_crop(img: Image.Image, scale: Sequence[float], hflip: float) -> CropPlan:
+    """Draw a :class:`CropPlan` for ``img`` (only its size is read: a lazily opened file will do)."""
+    top, left, height, width = T.RandomResizedCrop.get_params(img, list(scale), list(CROP_RATIO))
+    flip = bool(hflip > 0 and torch.rand(1) < hflip)  # RandomHorizontalFlip's draw, after the crop's
+    return CropPlan(int(top), int(left), int(height), int(width), (img.height, img.width), flip)
+
+
+def draft_for_crop(img: Image.Image, plan: CropPlan, out_hw: Tuple[int, int]) -> int:
+    """Set a lazily opened JPEG to decode at the largest DCT reduction ``s`` for which the crop box,
+    scaled by ``1/s``, still has at least ``out_hw`` pixels (plus one, for rounding the box to whole
+    pixels) in both axes; returns ``s`` (1: full size, or not a JPEG)."""
+    if img.format != "JPEG":
+        return 1
+    room = min(plan.height / (out_hw[0] + 1), plan.width / (out_hw[1] + 1))
+    s = next((s for s in DCT_SCALES if s <= room), 1)
+    if s > 1:
+        # PIL picks the largest reduction <= min(W // w, H // h) of the requested size
+        img.draft(img.mode, (max(1, img.width // s), max(1, img.height // s)))
+    return s
+
+
+def apply_crop(pixels: torch.Tensor, plan: CropPlan, out_hw: Tuple[int, int]) -> torch.Tensor:
+    """``pixels`` (uint8 ``(3, h, w)``, any device; a full-size or reduced decode of the planned image)
+    -> the planned crop, resized to ``out_hw`` (bicubic, antialiased) and flipped: uint8 ``(3, H, W)``.
+
+    The box is mapped to the decoded size and rounded to whole pixels (exact at full size)."""
+    h, w = pixels.shape[-2:]
+    sy, sx = h / plan.image_hw[0], w / plan.image_hw[1]
+    top, left = round(plan.top * sy), round(plan.left * sx)
+    bottom, right = max(top + 1, round((plan.top + plan.height) * sy)), max(left + 1, round((plan.left + plan.width) * sx))
+    crop = pixels[:, top:bottom, left:right].unsqueeze(0)
+    if crop.device.type == "cpu":  # torch's fast uint8 path wants channels-last
+        out = F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=out_hw, mode="bicubic", antialias=True, align_corners=False)
+    else:  # other devices interpolate floats
+        out = F.interpolate(crop.float(), size=out_hw, mode="bicubic", antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    out = out[0]
+    return out.flip(-1) if plan.flip else out  # channels-last memory: the batch's stack copies it anyway
+
+
+def rgb_pixels(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 ``(3, H, W)`` view of its pixels (HWC memory)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+class PretrainCrop:
+    """The ``data.decode=cpu`` augmentation: a random crop of ``img_size`` (``scale``: area fraction
+    range) and a flip with probability ``hflip``, as uint8 ``(3, H, W)``.
+
+    ``from_file(path)`` decodes the file at the smallest DCT scale that covers the crop (JPEGs) and
+    raises :class:`~greenmim.data.images.CorruptImageError` for unreadable files (the dataset calls
+    it); calling it on a PIL image crops a picture already in memory (generated ones)."""
+
+    def __init__(self, img_size: Union[int, Sequence[int]], scale: Sequence[float] = (0.2, 1.0), hflip: float = 0.5):
+        self.out_hw = image_hw(img_size)
+        self.scale = tuple(float(v) for v in scale)
+        self.hflip = float(hflip)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        plan = draw_crop(img, self.scale, self.hflip)
+        return apply_crop(rgb_pixels(to_rgb(img)), plan, self.out_hw)
+
+    def from_file(self, path: str) -> torch.Tensor:
+        return self.crop_opened(open_image(path), path)
+
+    def crop_opened(self, img: Image.Image, path: str) -> torch.Tensor:
+        """The crop of a lazily opened ``img`` (of file ``path``, for error messages)."""
+        plan = draw_crop(img, self.scale, self.hflip)
+        draft_for_crop(img, plan, self.out_hw)
+        return apply_crop(rgb_pixels(decode_rgb(img, path)), plan, self.out_hw)
+
+
+def pretrain_transform(img_size: Union[int, Sequence[int]], scale: Sequence[float] = (0.2, 1.0), hflip: float = 0.5) -> PretrainCrop:
+    """The pretraining augmentation of ``img_size`` images (uint8 output; see :class:`PretrainCrop`)."""
+    return PretrainCrop(img_size, scale, hflip)
 
 
 def eval_transform(
     img_size: Union[int, Sequence[int]], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> T.Compose:
-    """Deterministic resize of the short side + centre crop (for visualisation)."""
+    """Deterministic resize of the short side + centre crop, normalised fp32 (for visualisation)."""
     hw = image_hw(img_size)
     return T.Compose([T.Resize(min(hw), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(hw), T.ToTensor(), T.Normalize(mean, std)])
 
