@@ -89,15 +89,21 @@ def draft_for_crop(img: Image.Image, plan: CropPlan, out_hw: Tuple[int, int]) ->
     return s
 
 
+def crop_box(plan: CropPlan, decoded_hw: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """The planned box ``(top, left, bottom, right)`` in pixels of a decode of size ``decoded_hw``
+    (the full size, or a DCT-reduced one): scaled and rounded to whole pixels (exact at full size)."""
+    sy, sx = decoded_hw[0] / plan.image_hw[0], decoded_hw[1] / plan.image_hw[1]
+    top, left = round(plan.top * sy), round(plan.left * sx)
+    bottom, right = max(top + 1, round((plan.top + plan.height) * sy)), max(left + 1, round((plan.left + plan.width) * sx))
+    return top, left, bottom, right
+
+
 def apply_crop(pixels: torch.Tensor, plan: CropPlan, out_hw: Tuple[int, int]) -> torch.Tensor:
     """``pixels`` (uint8 ``(3, h, w)``, any device; a full-size or reduced decode of the planned image)
     -> the planned crop, resized to ``out_hw`` (bicubic, antialiased) and flipped: uint8 ``(3, H, W)``.
 
-    The box is mapped to the decoded size and rounded to whole pixels (exact at full size)."""
-    h, w = pixels.shape[-2:]
-    sy, sx = h / plan.image_hw[0], w / plan.image_hw[1]
-    top, left = round(plan.top * sy), round(plan.left * sx)
-    bottom, right = max(top + 1, round((plan.top + plan.height) * sy)), max(left + 1, round((plan.left + plan.width) * sx))
+    The box is mapped to the decoded size by :func:`crop_box`."""
+    top, left, bottom, right = crop_box(plan, tuple(pixels.shape[-2:]))
     crop = pixels[:, top:bottom, left:right].unsqueeze(0)
     if crop.device.type == "cpu":  # torch's fast uint8 path wants channels-last
         out = F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=out_hw, mode="bicubic", antialias=True, align_corners=False)
