@@ -20,12 +20,8 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .images import CorruptImageError, read_image
+from .images import CorruptImageError, decode_jpeg_rgb, read_image, torch_decodes
 from .transforms import CropPlan, PretrainCrop, apply_crop, draw_crop
-
-#: JPEG modes ``decode_jpeg(mode=RGB)`` converts like PIL does; other JPEGs are decoded in the worker
-DEVICE_JPEG_MODES = ("RGB", "L")
-
 
 @dataclass
 class EncodedImage:
@@ -51,8 +47,8 @@ class DeviceCrop:
 
     def from_file(self, path: str) -> EncodedImage:
         data, img = read_image(path)
-        if img.format != "JPEG" or img.mode not in DEVICE_JPEG_MODES:
-            return EncodedImage(path, self.cpu.out_hw, pixels=self.cpu.crop_opened(img, path))
+        if not torch_decodes(img):
+            return EncodedImage(path, self.cpu.out_hw, pixels=self.cpu.crop_opened(img, path, data))
         plan = draw_crop(img, self.cpu.scale, self.cpu.hflip)
         return EncodedImage(path, self.cpu.out_hw, data=torch.frombuffer(bytearray(data), dtype=torch.uint8), plan=plan)
 
@@ -96,10 +92,7 @@ def decode_jpegs(items: Sequence[EncodedImage], device: torch.device) -> List[to
 
 def decode_one(item: EncodedImage, device: torch.device) -> torch.Tensor:
     try:
-        return decode_jpeg(item.data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CorruptImageError(
-            f"cannot decode image {item.path} ({reason}); remove or replace the file, or use data.decode=cpu "
-            "(it decodes in the loader workers, where data.on_corrupt=skip can skip such files)"
-        ) from exc
+        return decode_jpeg_rgb(item.data, item.path, device)
+    except CorruptImageError as exc:
+        raise CorruptImageError(f"{exc}, or use data.decode=cpu (it decodes in the loader workers, where "
+                                "data.on_corrupt=skip can skip such files)") from None

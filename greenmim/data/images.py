@@ -10,10 +10,12 @@ import io
 import logging
 import os
 import warnings
-from typing import List, Sequence, Set, Tuple
+from typing import List, Sequence, Set, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..engine.errors import UserError
 
@@ -62,7 +64,7 @@ def to_rgb(img: Image.Image, path: str = "") -> Image.Image:
 
 
 def _unreadable(path: str, exc: Exception) -> CorruptImageError:
-    reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return CorruptImageError(f"cannot read image {path} ({reason}); remove or replace the file")
 
 
@@ -91,6 +93,24 @@ def decode_rgb(img: Image.Image, path: str = "") -> Image.Image:
     except Exception as exc:  # PIL raises many types for bad files
         raise _unreadable(path, exc) from exc
     return to_rgb(img, path)
+
+
+#: JPEG modes ``torchvision.io.decode_jpeg(mode=RGB)`` converts as PIL does (others go through PIL)
+TORCH_JPEG_MODES = ("RGB", "L")
+
+
+def torch_decodes(img: Image.Image) -> bool:
+    """Whether :func:`decode_jpeg_rgb` takes the file of lazily opened ``img``."""
+    return img.format == "JPEG" and img.mode in TORCH_JPEG_MODES
+
+
+def decode_jpeg_rgb(data: torch.Tensor, path: str = "", device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """JPEG bytes (uint8 ``(N,)``) -> RGB uint8 ``(3, H, W)`` on ``device`` with torchvision's decoder
+    (libjpeg-turbo on the CPU, nvJPEG on CUDA); raises :class:`CorruptImageError` naming ``path``."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def load_rgb(path: str) -> Image.Image:

@@ -19,7 +19,7 @@ decode of the same picture:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from .images import decode_rgb, open_image, to_rgb
+from .images import decode_jpeg_rgb, decode_rgb, read_image, to_rgb, torch_decodes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,7 +114,7 @@ def apply_crop(pixels: torch.Tensor, plan: CropPlan, out_hw: Tuple[int, int]) ->
 
 
 def rgb_pixels(img: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a uint8 ``(3, H, W)`` view of its pixels (HWC memory)."""
+    """An RGB PIL image as a uint8 ``(3, H, W)`` view of a copy of its pixels (HWC memory)."""
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -136,13 +136,19 @@ class PretrainCrop:
         return apply_crop(rgb_pixels(to_rgb(img)), plan, self.out_hw)
 
     def from_file(self, path: str) -> torch.Tensor:
-        return self.crop_opened(open_image(path), path)
+        data, img = read_image(path)
+        return self.crop_opened(img, path, data)
 
-    def crop_opened(self, img: Image.Image, path: str) -> torch.Tensor:
-        """The crop of a lazily opened ``img`` (of file ``path``, for error messages)."""
+    def crop_opened(self, img: Image.Image, path: str, data: Optional[bytes] = None) -> torch.Tensor:
+        """The crop of a lazily opened ``img`` (of file ``path``, whose bytes are ``data``). A JPEG
+        decoded at full size goes through torchvision's decoder when ``data`` is given (it skips
+        PIL's 4-byte pixel layout: ~10% faster); a reduced one through PIL's DCT-scaled draft."""
         plan = draw_crop(img, self.scale, self.hflip)
-        draft_for_crop(img, plan, self.out_hw)
-        return apply_crop(rgb_pixels(decode_rgb(img, path)), plan, self.out_hw)
+        if draft_for_crop(img, plan, self.out_hw) == 1 and data is not None and torch_decodes(img):
+            pixels = decode_jpeg_rgb(torch.frombuffer(bytearray(data), dtype=torch.uint8), path)
+        else:
+            pixels = rgb_pixels(decode_rgb(img, path))
+        return apply_crop(pixels, plan, self.out_hw)
 
 
 def pretrain_transform(img_size: Union[int, Sequence[int]], scale: Sequence[float] = (0.2, 1.0), hflip: float = 0.5) -> PretrainCrop:
