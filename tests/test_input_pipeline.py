@@ -2,12 +2,16 @@
 decode, data.decode=device (batched decode in the main process), greenmim-bench --loader."""
 import json
 import math
+import random
 import sys
+
+import numpy as np
 
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from greenmim.bench.loader import write_photos
 from greenmim.data import DataError, build_pretrain_dataset, build_train_loader, load_rgb
@@ -67,14 +71,16 @@ def large_jpeg(tmp_path_factory):
     return write_photos(str(tmp_path_factory.mktemp("large")), 1, (900, 1200))[0]
 
 
-def old_pipeline(size):
-    """The pre-issue-17 fp32 transform (what the workers returned before)."""
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(0.5), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def old_pipeline(plan, size):
+    """The pre-issue-17 fp32 transform (what the workers returned before) at the given crop."""
+    def run(img):
+        img = TF.resized_crop(img, plan.top, plan.left, plan.height, plan.width, [size, size], T.InterpolationMode.BICUBIC)
+        return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(TF.hflip(img) if plan.flip else img))
+    return run
 
 
 def seeded(seed, fn, *args):
-    torch.manual_seed(seed)
+    random.seed(seed)  # what SeededDataset does per sample (with torch's RNG)
     return fn(*args)
 
 
@@ -89,16 +95,32 @@ def test_normalize_is_the_fp32_to_tensor_normalize_and_stays_fp32_under_autocast
         normalize(want)
 
 
+def test_crops_follow_random_resized_crop_and_are_seeded():
+    """draw_crop is RandomResizedCrop(0.2-1, 3/4-4/3) + flip 0.5 in distribution, a function of the seed."""
+    img = Image.new("RGB", (500, 375))
+    ours = [seeded(i, draw_crop, img, (0.2, 1.0), 0.5) for i in range(3000)]
+    torch.manual_seed(0)
+    theirs = [T.RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(3000)]
+    for stat in (lambda h, w: h * w / (375 * 500), lambda h, w: math.log(w / h)):
+        a = np.array([stat(p.height, p.width) for p in ours])
+        b = np.array([stat(h, w) for _, _, h, w in theirs])
+        assert abs(a.mean() - b.mean()) < 0.02 and abs(a.std() - b.std()) < 0.02
+    assert all(0 <= p.top <= 375 - p.height and 0 <= p.left <= 500 - p.width for p in ours)
+    assert 0.45 < np.mean([p.flip for p in ours]) < 0.55
+    assert seeded(7, draw_crop, img, (0.2, 1.0), 0.5) == ours[7]
+    assert draw_crop(Image.new("RGB", (2000, 10)), (0.2, 1.0), 0.0) == draw_crop(Image.new("RGB", (2000, 10)), (0.9, 1.0), 0.0)
+
+
 def test_uint8_crops_normalised_equal_the_old_fp32_path(small_files):
-    """Same seeds -> same boxes and flips as torchvision's RandomResizedCrop + RandomHorizontalFlip, and
-    pixels within one 8-bit level (torch's antialiased bicubic vs PIL's: rounding) on photos; on the
-    hard edges of palette/greyscale files a few pixels differ more (PIL clamps to 8 bits between passes)."""
+    """At the same crop, pixels within one 8-bit level of the old PIL resize + ToTensor + Normalize
+    on photos (torch's antialiased bicubic vs PIL's: rounding); on the hard edges of palette/greyscale
+    files a few pixels differ more (PIL clamps to 8 bits between its two passes)."""
     _, paths = small_files
-    new, old = PretrainCrop(64), old_pipeline(64)
+    new = PretrainCrop(64)
     levels = {}
     for seed, path in enumerate(paths * 3):
         got = normalize(seeded(seed, new.from_file, path))
-        want = seeded(seed, old, load_rgb(path))
+        want = old_pipeline(seeded(seed, draw_crop, open_image(path), (0.2, 1.0), 0.5), 64)(load_rgb(path))
         assert got.shape == want.shape == (3, 64, 64)
         levels.setdefault("photo" in path, []).append(((got - want) * STD_LEVELS).abs().flatten())
     photos, others = torch.cat(levels[True]), torch.cat(levels[False])
