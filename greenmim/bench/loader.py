@@ -114,7 +114,7 @@ def loader_table(result: Dict[str, Any]) -> str:
     for rate, need in result["workers_needed"].items():
         share = result["device_main_thread_share"][rate]
         lines.append(f"  {int(rate):5d} img/s: reference {need['reference']:3d}, cpu {need['cpu']:3d}, device {need['device']:3d} "
-                     f"(+ {share:.2f} of the main process' time on {dec['device']['main_device']})")
+                     f"(+ main process busy {share:.2f} s/s decoding on {dec['device']['main_device']}; must stay < 1)")
     return "\n".join(lines)
 
 
