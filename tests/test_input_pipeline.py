@@ -147,6 +147,34 @@ def test_draft_decodes_a_reduced_image_whose_crop_still_covers_the_output(large_
     assert draft_for_crop(img, plan, (plan.height, plan.width)) == 1  # no room: full size
 
 
+def test_fp32_resize_of_the_cuda_path_matches_the_uint8_one(small_files, large_jpeg):
+    """apply_crop's fp32 branch (what CUDA runs) on the CPU: within rounding of the uint8 kernel (two
+    levels at the palette file's hard edges, where the uint8 kernel clamps between its passes)."""
+    _, paths = small_files
+    for seed, path in enumerate(paths + [large_jpeg]):
+        pixels = rgb_pixels(load_rgb(path))
+        plan = seeded(seed, draw_crop, open_image(path), (0.2, 1.0), 0.5)
+        fp32, uint8 = apply_crop(pixels, plan, (64, 48), uint8_resize=False), apply_crop(pixels, plan, (64, 48))
+        assert fp32.dtype == uint8.dtype == torch.uint8 and fp32.shape == (3, 64, 48)
+        diff = (fp32.int() - uint8.int()).abs()
+        assert diff.float().mean() < 0.1 and diff.max() <= 2, path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_cuda_decode_matches_the_cpu_path_through_the_prefetcher(small_files):
+    from greenmim.data.prefetch import DevicePrefetcher
+
+    root, _ = small_files
+    dataset = build_pretrain_dataset({"name": "folder", "root": str(root), "img_size": 64, "decode": "device"})
+    loader = build_train_loader(dataset, 4, DistInfo(device=torch.device("cuda")), seed=3, num_workers=1,
+                                collate_fn=MaskCollator(unit_grid((64, 64), 32), 0.75))
+    on_cuda = [b.images for b in DevicePrefetcher(loader, torch.device("cuda"))]
+    on_cpu = [b.images.to("cpu") for b in loader]
+    assert len(on_cuda) == len(on_cpu) == 2 and all(x.is_cuda and x.dtype == torch.uint8 for x in on_cuda)
+    for x, y in zip(on_cuda, on_cpu):
+        assert psnr(x.cpu(), y) > 35  # nvJPEG's IDCT/upsampling differ slightly from libjpeg's
+
+
 def test_same_seed_same_crop_for_cpu_and_device_decode(small_files):
     _, paths = small_files
     plans = [seeded(0, draw_crop, open_image(p), (0.2, 1.0), 0.5) for p in paths]

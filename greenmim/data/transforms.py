@@ -128,16 +128,18 @@ def crop_box(plan: CropPlan, decoded_hw: Tuple[int, int]) -> Tuple[int, int, int
     return top, left, bottom, right
 
 
-def apply_crop(pixels: torch.Tensor, plan: CropPlan, out_hw: Tuple[int, int]) -> torch.Tensor:
+def apply_crop(pixels: torch.Tensor, plan: CropPlan, out_hw: Tuple[int, int], uint8_resize: Optional[bool] = None) -> torch.Tensor:
     """``pixels`` (uint8 ``(3, h, w)``, any device; a full-size or reduced decode of the planned image)
     -> the planned crop, resized to ``out_hw`` (bicubic, antialiased) and flipped: uint8 ``(3, H, W)``.
 
-    The box is mapped to the decoded size by :func:`crop_box`."""
+    The box is mapped to the decoded size by :func:`crop_box`. ``uint8_resize`` (default: on the CPU,
+    where torch has a fast uint8 kernel) resizes the 8-bit pixels directly; otherwise (CUDA) in fp32,
+    rounded back to uint8."""
     top, left, bottom, right = crop_box(plan, tuple(pixels.shape[-2:]))
     crop = pixels[:, top:bottom, left:right].unsqueeze(0)
-    if crop.device.type == "cpu":  # torch's fast uint8 path wants channels-last
+    if pixels.device.type == "cpu" if uint8_resize is None else uint8_resize:  # the uint8 kernel wants channels-last
         out = F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=out_hw, mode="bicubic", antialias=True, align_corners=False)
-    else:  # other devices interpolate floats
+    else:
         out = F.interpolate(crop.float(), size=out_hw, mode="bicubic", antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
     out = out[0]
     return out.flip(-1) if plan.flip else out  # channels-last memory: the batch's stack copies it anyway
