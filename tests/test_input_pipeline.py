@@ -157,7 +157,7 @@ def test_fp32_resize_of_the_cuda_path_matches_the_uint8_one(small_files, large_j
         fp32, uint8 = apply_crop(pixels, plan, (64, 48), uint8_resize=False), apply_crop(pixels, plan, (64, 48))
         assert fp32.dtype == uint8.dtype == torch.uint8 and fp32.shape == (3, 64, 48)
         diff = (fp32.int() - uint8.int()).abs()
-        assert diff.float().mean() < 0.1 and diff.max() <= 2, path
+        assert diff.float().mean() < 0.3 and diff.max() <= 2, path  # the uint8 kernel uses fixed-point weights
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
