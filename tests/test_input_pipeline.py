@@ -269,13 +269,15 @@ def test_bench_loader_writes_the_json_keys(small_files, tmp_path, capsys):
     assert "workers needed per step rate" in out and "3400 img/s" in out
 
 
-def test_bench_loader_on_a_missing_folder_is_one_error_line(tmp_path, capsys):
+@pytest.mark.parametrize("args, message", [((), "does not exist"), (("--loader-images", "0"), "--loader-images 0 must be >= 1")])
+def test_bench_loader_bad_input_is_one_error_line(small_files, tmp_path, capsys, args, message):
     from greenmim.cli.bench import main
 
+    root = tmp_path / "nope" if not args else small_files[0]
     with pytest.raises(SystemExit) as exc:
-        main(["--loader", str(tmp_path / "nope")])
+        main(["--loader", str(root), *args])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1 and "does not exist" in err[0]
+    assert exc.value.code == 2 and len(err) == 1 and message in err[0]
 
 
 def test_pretrain_cli_refuses_an_unknown_decode_mode(monkeypatch, capsys, tmp_path):

@@ -53,7 +53,11 @@ def _synchronize(device: torch.device) -> None:
 def loader_benchmark(root: str, img_size: int = 224, max_images: int = 200, batch_size: int = 32, device: str = "cpu",
                      rates: Sequence[int] = DEFAULT_RATES, seed: int = 0) -> Dict[str, Any]:
     """Per-image costs of the three pipelines on up to ``max_images`` files under ``root`` (spread
-    over the sorted list), and the workers each needs per step rate; see the module doc."""
+    over the sorted list), and the workers each needs per step rate; see the module doc. Raises
+    ValueError (one line naming the fix) for counts below 1."""
+    for flag, value in (("--loader-images", max_images), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
     paths = list_folder(root, "--loader")
     paths = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, min(max_images, len(paths))).round())]
     device = torch.device(device)
