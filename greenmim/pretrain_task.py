@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw
+from .data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw, normalize
 from .data.mim_batches import MaskCollator, MIMBatch, planner_for
 from .data.prefetch import maybe_prefetch
 from .engine import ConfigError, DistInfo, TrainTask
@@ -139,7 +139,8 @@ class PretrainTask(TrainTask):
     def build_train_loader(self, dist: DistInfo, seed: int):
         dataset = self.dataset = build_pretrain_dataset(self.data_cfg)
         if dist.is_main:
-            log.info("data: %s, %d images of %s px", self.data_cfg["name"], len(dataset), image_hw(self.data_cfg["img_size"]))
+            log.info("data: %s, %d images of %s px, decoded on the %s", self.data_cfg["name"], len(dataset),
+                     image_hw(self.data_cfg["img_size"]), self.data_cfg.get("decode", "cpu"))
         loader = build_train_loader(
             dataset,
             int(self.data_cfg["batch_size"]),
@@ -151,7 +152,7 @@ class PretrainTask(TrainTask):
         return maybe_prefetch(loader, dist.device, self.data_cfg.get("device_prefetch"))
 
     def training_step(self, model: nn.Module, batch: MIMBatch, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
-        images = batch.images.to(trainer.device, non_blocking=True)
+        images = normalize(batch.images.to(trainer.device, non_blocking=True))  # uint8 -> fp32 on the device
         loss, _, _ = model(images, plan=batch.plan)
         return loss, {}
 

@@ -17,6 +17,9 @@ Examples::
     # fit the solver's cost model (a, b) to measured group attention
     greenmim-bench --calibrate --model swin_base_patch4_window7_224 --batch-size 32
 
+    # input pipeline: ms per image of the MAE reference, data.decode=cpu and data.decode=device
+    greenmim-bench --loader /data/imagenet/train --img-size 224 --out results/loader
+
 The table goes to stdout, progress to stderr; ``--out PATH`` writes ``PATH.json`` (and ``PATH.png``
 for ``--sweep``).
 """
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--sweep", action="store_true", help="speedup and memory ratio vs mask ratio and image size (PNG plot)")
     mode.add_argument("--calibrate", action="store_true", help="fit the grouping solver's CostModel a, b to measured group attention")
     mode.add_argument("--solver-only", action="store_true", help="grouping solver time and packing efficiency only (no training)")
+    mode.add_argument("--loader", metavar="ROOT", default=None, help="input pipeline cost per image on the images under ROOT "
+                      "(reference MAE pipeline vs data.decode=cpu/device) and the loader workers needed per step rate")
+    r.add_argument("--loader-images", type=int, default=200, help="images timed by --loader (default: %(default)s)")
     sw = p.add_argument_group("sweep")
     sw.add_argument("--sweep-ratios", type=_floats, default=list(DEFAULT_SWEEP_RATIOS), help="mask ratios of --sweep, e.g. 0.5,0.75,0.9 "
                     f"(default: {','.join(map(str, DEFAULT_SWEEP_RATIOS))})")
@@ -300,6 +306,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         json_path, png_path = output_paths(args.out)
 
+    if args.loader:
+        from ..bench.loader import loader_benchmark, loader_table
+
+        result = loader_benchmark(args.loader, args.img_size or 224, args.loader_images, args.batch_size or 32, str(device))
+        print(loader_table(result))
+        return finish(result, json_path)
     cfg = BenchConfig(
         model=model_name(args),
         img_size=args.img_size,
@@ -336,6 +348,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = run_comparison(cfg)
         print(comparison_table(result))
+    return finish(result, json_path)
+
+
+def finish(result: Dict[str, Any], json_path: Optional[str]) -> int:
     if json_path:
         write_json(result, json_path)
         print(f"json: {json_path}")
