@@ -5,12 +5,13 @@ import timm
 import torch
 
 from conftest import SWIN_NAME, TINY_SWIN
+from swin_reference import dense_masked_swin
 from greenmim.masking import random_mask
 from greenmim.models import create_encoder
 from greenmim.ops.windows import stage_windows
 from greenmim.planning import HostPlan
 from greenmim.static_shapes import StaticShape, max_window_count
-from test_twins import SVT, build
+from test_twins import SVT, build, dense_masked_reference
 
 
 
@@ -134,3 +135,80 @@ def test_overflow_falls_back_to_a_larger_exact_shape():
             assert slots.group_size == int(np.bincount(slots.slot_window[real].numpy()).max())
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
     assert_same_forward_backward(enc, images, plan, enc.planner().plan(mask))
+
+
+# -- shared masks: one sample planned, its layouts broadcast over the batch ------------------------
+@pytest.mark.parametrize("static", [False, True])
+def test_shared_mask_broadcast_equals_dense_reference_swin(static):
+    ref, enc = swin_pair(**SWIN_96)
+    images = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    mask = random_mask(3, 9, 0.5, shared=True, generator=torch.Generator().manual_seed(1))
+    plan = enc.planner(static=static, shared_mask=True).plan(mask)
+    with torch.no_grad():
+        expected, _ = dense_masked_swin(ref, images, mask)
+        got = enc(images, plan=plan)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    # and the gradients equal those of the per-sample plan of the same mask
+    assert_same_forward_backward(enc, images, plan, enc.planner().plan(mask))
+
+
+def test_shared_mask_broadcast_equals_dense_reference_twins():
+    ref, enc = build(SVT)
+    images = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(4))
+    mask = random_mask(3, 9, 0.5, shared=True, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, expected = dense_masked_reference(ref, images, mask)
+        got = enc(images, plan=enc.planner(shared_mask=True).plan(mask))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_mask_layouts_do_not_grow_with_the_batch():
+    enc, _ = encoder("swin")
+    planner = enc.planner(shared_mask=True)
+    row = random_mask(1, 9, 0.5, generator=torch.Generator().manual_seed(0))
+    small, large = planner.plan(row.expand(2, -1)), planner.plan(row.expand(16, -1))
+    for stage_small, stage_large in zip(small.layouts, large.layouts):
+        for key, slots in stage_small.items():
+            assert slots.broadcast and slots.tokens == stage_large[key].tokens
+            for name, t in slots.tensors().items():
+                assert torch.equal(t, stage_large[key].tensors()[name]), name
+    layout = next(iter(large.to("cpu").layouts[0].values()))
+    assert layout.rel_index.numel() == layout.num_groups * layout.group_size ** 2  # one sample's pairs
+    assert large.vis_idx.shape[0] == 16
+    with pytest.raises(ValueError, match="shared_mask=False"):
+        planner.plan(random_mask(2, 9, 0.5, generator=torch.Generator().manual_seed(0)))
+
+
+# -- the all-token baseline runs fused attention ---------------------------------------------------
+def baseline_grads(model, images, mask, token, weight):
+    model.zero_grad()
+    out = model(images, mask, token) if token is not None else model.forward_features(images)
+    (out.reshape(weight.shape) * weight).sum().backward()
+    return out.detach().reshape(weight.shape), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["swin", "twins"])
+def test_baseline_fused_attention_equals_timm_unfused(kind):
+    if kind == "swin":
+        name, cfg = SWIN_NAME, dict(TINY_SWIN, **SWIN_96)
+    else:
+        cfg = dict(SVT)
+        name = cfg.pop("name")
+    torch.manual_seed(0)
+    ref = timm.create_model(name, **cfg).eval()  # eval: no stochastic depth
+    enc = create_encoder(name, method="simmim", **cfg).eval()
+    enc.load_state_dict(ref.state_dict(), strict=False)
+    timm_attn = [m for m in ref.modules() if hasattr(m, "fused_attn")]
+    ours = [m for m in enc.modules() if hasattr(m, "fused_attn")]
+    assert ours and all(m.fused_attn for m in ours)
+    for m in timm_attn:
+        m.fused_attn = False  # timm's unfused bmm + softmax
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 9, dtype=torch.bool)  # no mask token: the two models see the same tokens
+    weight = torch.randn(2, 9, enc.num_features, generator=torch.Generator().manual_seed(2))
+    out_ref, grads_ref = baseline_grads(ref, images, None, None, weight)
+    out, grads = baseline_grads(enc, images, mask, torch.zeros(enc.embed_dim), weight)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-4)
+    assert grads
+    for n, g in grads.items():  # fp32 rounding, relative to each gradient's scale
+        torch.testing.assert_close(g, grads_ref[n], atol=1e-5 * float(grads_ref[n].abs().max()), rtol=1e-4, msg=n)

@@ -48,6 +48,14 @@ class EncoderGeometryMixin:
             )
         return grid
 
+    def use_fused_attention(self) -> None:
+        """Make every timm attention module of this encoder run ``F.scaled_dot_product_attention``
+        (timm's Swin defaults to its unfused bmm + softmax: a weak baseline). Same weights, same
+        results up to float rounding."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fused_attn"):
+                module.fused_attn = True
+
 
 
 class VisibleEncoderMixin(EncoderGeometryMixin):
