@@ -6,11 +6,13 @@ import torch
 
 from conftest import SWIN_NAME, TINY_SWIN
 from swin_reference import dense_masked_swin
-from greenmim.masking import random_mask
+from greenmim.data.mim_batches import MaskCollator
+from greenmim.masking import random_mask, unit_grid
 from greenmim.models import create_encoder
 from greenmim.ops.windows import stage_windows
 from greenmim.planning import HostPlan
 from greenmim.static_shapes import StaticShape, max_window_count
+from test_hot_path import tiny_model
 from test_twins import SVT, build, dense_masked_reference
 
 
@@ -212,3 +214,18 @@ def test_baseline_fused_attention_equals_timm_unfused(kind):
     assert grads
     for n, g in grads.items():  # fp32 rounding, relative to each gradient's scale
         torch.testing.assert_close(g, grads_ref[n], atol=1e-5 * float(grads_ref[n].abs().max()), rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("kind,shared", [("swin", True), ("twins", False), ("twins", True)])
+def test_static_and_broadcast_steps_run_on_meta_device(kind, shared):
+    """A training step planned as on CUDA (static shapes, multiples of 8, broadcast when shared) reads
+    no device value: every tensor on ``meta``."""
+    model = tiny_model(kind, shared_mask=shared).to("meta").train()
+    h, w = model.encoder.patch_embed.img_size
+    grid = unit_grid((h, w), model.unit)
+    planner = model.encoder.planner(group_multiple=8, static=True, shared_mask=shared)
+    batch = MaskCollator(grid, 0.75, planner, shared=shared)([(torch.zeros(3, h, w), seed) for seed in range(3)])
+    assert all(s.broadcast == shared for stage in batch.plan.layouts for s in stage.values())
+    loss, pred, _ = model(torch.empty(3, 3, h, w, device="meta"), plan=batch.plan)
+    loss.backward()
+    assert loss.device.type == "meta" and pred.shape == (3, grid.num_units, model.unit ** 2 * 3)
