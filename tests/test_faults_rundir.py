@@ -265,12 +265,12 @@ def test_a_version_2_checkpoint_takes_its_batch_size_from_its_config(tmp_path):
     toy(tmp_path, epochs=1, config={"data": {"batch_size": 4}, "trainer": {"accum_steps": 1}}).fit()
     path = tmp_path / "checkpoints" / "step-00000004.pt"
     raw = torch.load(path, weights_only=False)
-    for key in ("micro_batch", "accum_steps", "schedule"):
+    for key in ("micro_batch", "accum_steps", "lr_schedule"):
         del raw[key]
     raw["version"] = 2
     torch.save(raw, path)
     ckpt = load_checkpoint(path)
-    assert (ckpt["version"], ckpt["micro_batch"], ckpt["accum_steps"], ckpt["schedule"]) == (3, 4, 1, None)
+    assert (ckpt["version"], ckpt["micro_batch"], ckpt["accum_steps"], ckpt["lr_schedule"]) == (3, 4, 1, None)
 
 
 def test_orphaned_temporary_checkpoint_files_are_removed_on_resume_and_nothing_else(tmp_path):

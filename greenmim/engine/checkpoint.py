@@ -27,7 +27,7 @@ any moment leaves either the previous file set or the new one, never a truncated
                     the model from a checkpoint)
 ``micro_batch``     the per-process micro-batch (``loader.batch_size``) and ``accum_steps``: a
 ``accum_steps``     resume with other values is refused (positions and steps count these batches)
-``schedule``        ``{"total_steps", "resumed_at", "progress_at_resume"}``: the lr schedule's length
+``lr_schedule``     ``{"total_steps", "resumed_at", "progress_at_resume"}``: the lr schedule's length
                     and where a resume with a changed length re-timed it
                     (:meth:`~greenmim.engine.schedule.LRSchedule.retimed`)
 ==================  ==========================================================================
@@ -42,7 +42,7 @@ an ``_upgrade_v<N>`` function to :data:`UPGRADES` that turns a version-N dict in
 (new keys with the value an old run implies, dropped keys popped). :func:`load_checkpoint` applies
 the chain, so every reader sees the current version and old checkpoints keep loading.
 
-Version 2 lacked ``micro_batch``, ``accum_steps`` and ``schedule`` (taken from the config when it
+Version 2 lacked ``micro_batch``, ``accum_steps`` and ``lr_schedule`` (taken from the config when it
 has them). Version 1 (before this table) also wrote ``schedule`` (``{step, total_steps, peak_lr}``, never
 read: the schedule is a function of ``step`` and the config) and its first releases lacked
 ``batch_in_epoch``, ``skipped_steps``, ``world_size`` and ``task_shared``.
@@ -151,7 +151,7 @@ def _upgrade_v2(ckpt: Dict[str, Any]) -> Dict[str, Any]:
     config = ckpt.get("config") or {}
     ckpt.setdefault("micro_batch", (config.get("data") or {}).get("batch_size"))
     ckpt.setdefault("accum_steps", (config.get("trainer") or {}).get("accum_steps"))
-    ckpt.setdefault("schedule", None)
+    ckpt.setdefault("lr_schedule", None)
     return ckpt
 
 

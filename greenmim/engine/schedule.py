@@ -58,7 +58,7 @@ class LRSchedule:
         return dataclasses.replace(self, total_steps=int(total_steps), resumed_at=start, progress_at_resume=self.progress(start))
 
     def record(self) -> Dict[str, Any]:
-        """What a checkpoint stores to rebuild this schedule (``schedule`` in the checkpoint format)."""
+        """What a checkpoint stores to rebuild this schedule (``lr_schedule`` in the checkpoint format)."""
         return {"total_steps": self.total_steps, "resumed_at": self.resumed_at, "progress_at_resume": self.progress_at_resume}
 
 

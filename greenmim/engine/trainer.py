@@ -308,7 +308,7 @@ class Trainer:
             "config": self.cfg.config,
             "micro_batch": self.loader.batch_size or 1,
             "accum_steps": self.cfg.accum_steps,
-            "schedule": self.schedule.record(),
+            "lr_schedule": self.schedule.record(),
         }
 
     def _rank_states(self) -> List[Any]:
@@ -378,7 +378,7 @@ class Trainer:
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.batch_in_epoch, self.skipped_steps = int(ckpt["batch_in_epoch"]), int(ckpt["skipped_steps"])
         self.task.load_shared_state_dict(ckpt["task_shared"])
-        self._resume_schedule(ckpt["schedule"])
+        self._resume_schedule(ckpt["lr_schedule"])
         after_eval = load_after_eval(path)
         states = after_eval["rank_states"] if after_eval else ckpt["rank_states"]
         if ckpt["world_size"] == len(states) == self.dist.world_size:
