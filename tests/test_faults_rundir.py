@@ -1,13 +1,11 @@
 """Run folders, checkpoints and resume (issues 17 and 18): one process per output_dir, no write into
 another run's folder or into the data, one-line errors instead of tracebacks, resume that refuses what
 it cannot continue exactly, and checkpoints written once."""
-import json
 import math
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -276,7 +274,8 @@ def test_a_version_2_checkpoint_takes_its_batch_size_from_its_config(tmp_path):
 def test_orphaned_temporary_checkpoint_files_are_removed_on_resume_and_nothing_else(tmp_path):
     toy(tmp_path, stop_at_step=2).fit()
     folder = tmp_path / "checkpoints"
-    orphans = [".step-00000003.pt.tmp4242", ".epoch-0001-step-00000004.pt.tmp17", ".step-00000004.after-eval.tmp9"]
+    orphans = [".step-00000003.pt.tmp4242", ".epoch-0001-step-00000004.pt.tmp17", ".step-00000004.after-eval.tmp9",
+               ".best.pt.tmp55"]
     kept = [folder / ".notes.tmp1", folder / "step-00000002.pt.tmp3", folder / "mine.pt", tmp_path / ".step-00000003.pt.tmp4242"]
     for name in orphans:
         (folder / name).write_bytes(b"half a checkpoint")

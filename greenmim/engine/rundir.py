@@ -29,8 +29,9 @@ from .errors import UserError
 LOCK_NAME = ".lock"
 #: files a run leaves in its folder; one of them there means the folder holds a run
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "eval.json")
-#: temporary names of :func:`~greenmim.engine.checkpoint.atomic_save` (``.<name>.tmp<pid>``)
-ORPHAN_TEMP_RE = re.compile(r"^\.(?:epoch-\d+-)?step-\d+\.(?:pt|after-eval)\.tmp\d+$")
+#: temporary names (``.<name>.tmp<pid>``) of :func:`~greenmim.engine.checkpoint.atomic_save` for the files of
+#: a run's checkpoints folder: rolling and periodic checkpoints, their sidecars, fine-tuning's ``best.pt``
+ORPHAN_TEMP_RE = re.compile(r"^\.(?:(?:epoch-\d+-)?step-\d+\.(?:pt|after-eval)|best\.pt)\.tmp\d+$")
 
 
 class _Held:

@@ -61,9 +61,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (
+    CHECKPOINT_DIR,
     FORMAT,
     VERSION,
-    CHECKPOINT_DIR,
     CheckpointManager,
     check_one_run,
     check_output_dir,
