@@ -243,7 +243,7 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_exit_130(tmp_path):
     lines = stderr.strip().splitlines()
     assert proc.returncode == 130, stderr
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert lines[0].startswith("greenmim-pretrain: "), stderr
+    assert lines[0].startswith("greenmim-pretrain: interrupted (Ctrl-C) before training started"), stderr
 
 
 # ------------------------------------------------------------------ 18 resume refuses what it cannot continue exactly
