@@ -403,3 +403,11 @@ def test_the_epoch_checkpoint_is_written_once_and_resume_keeps_the_evaluations_s
     a = torch.load(tmp_path / "full" / "checkpoints" / "step-00000012.pt", weights_only=False)["model"]
     b = torch.load(part / "checkpoints" / "step-00000012.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_max_steps_below_the_checkpoints_step_trains_nothing_more(tmp_path):
+    toy(tmp_path, Toy(), epochs=10, max_steps=8).fit()
+    before = snapshot(tmp_path / "checkpoints")
+    shorter = toy(tmp_path, Toy(), epochs=10, max_steps=6, resume="auto")
+    shorter.fit()
+    assert shorter.step == 8 and shorter.task.lrs == {} and snapshot(tmp_path / "checkpoints") == before

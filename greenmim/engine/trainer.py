@@ -164,7 +164,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Build everything :meth:`fit` needs. The order matters: nothing is written before the
-        output folder is checked, and the model is built under the same seed on every rank."""
+        output folder is checked and locked (rank 0; :meth:`fit` releases the lock when it ends), and
+        the model is built under the same seed on every rank."""
         self.dist = init_distributed(self.cfg.device)
         self.device = self.dist.device
         self._prepare_output_dir()
@@ -423,6 +424,10 @@ class Trainer:
         saved.resumed_at, saved.progress_at_resume = record.get("resumed_at"), float(record.get("progress_at_resume") or 0.0)
         if saved.total_steps == self.total_steps:
             self.schedule = saved
+            return
+        if self.step >= self.total_steps:
+            log.warning("the run's length changed on resume (%d steps, was %d): the checkpoint is already at step %d, "
+                        "nothing is left to train", self.total_steps, saved.total_steps, self.step)
             return
         self.schedule = saved.retimed(self.step, self.total_steps)
         log.warning(
