@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +46,11 @@ def assert_one_line(code, err, prog, pattern, exit_code=2, prefix="error: "):
     assert code == exit_code, err
     assert len(err) == 1 and err[0].startswith(f"{prog}: {prefix}"), err
     assert re.search(pattern, err[0]), err[0]
+
+
+def held(folder: Path) -> bool:
+    """Whether this process still holds ``folder``'s run lock."""
+    return str(folder.resolve()) in _HELD
 
 
 def snapshot(root: Path):
@@ -136,13 +140,13 @@ def test_a_lock_left_by_a_killed_run_does_not_block_and_the_trainer_locks_too(ho
     out, proc = holder
     with pytest.raises(UserError, match=rf"in use by another greenmim run \(pid {proc.pid}\)"):
         toy(out).fit()  # the engine alone (no CLI) takes the lock as well
-    assert not (out / "checkpoints").exists() and not _HELD
+    assert not (out / "checkpoints").exists() and not held(out)
     proc.kill()  # kill -9: no cleanup; the stale .lock file naming the dead pid stays
     proc.wait()
     assert (out / ".lock").read_text().startswith(f"{proc.pid} ")
     trainer = toy(out)
     trainer.fit()
-    assert trainer.step == 8 and not (out / ".lock").exists() and not _HELD  # released (and removed) on exit
+    assert trainer.step == 8 and not (out / ".lock").exists() and not held(out)  # released (and removed) on exit
 
 
 def test_the_lock_is_released_when_the_run_fails(tmp_path):
@@ -152,7 +156,7 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
 
     with pytest.raises(OSError):
         toy(tmp_path, Failing()).fit()
-    assert not _HELD and not (tmp_path / ".lock").exists()
+    assert not held(tmp_path) and not (tmp_path / ".lock").exists()
     resumed = toy(tmp_path, resume="auto")
     resumed.fit()
     assert resumed.step == 8
@@ -230,20 +234,24 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, monkeypatch, 
     code, err = run_cli(monkeypatch, capsys, "pretrain", "greenmim-pretrain", *TINY, f"output_dir={tmp_path / 'r'}")
     assert_one_line(code, err, "greenmim-pretrain", r"interrupted \(Ctrl-C\) before training started.*run the same command again",
                     exit_code=130, prefix="")
-    assert not _HELD and not (tmp_path / "r" / ".lock").exists()
+    assert not held(tmp_path / "r") and not (tmp_path / "r" / ".lock").exists()
 
 
 def test_ctrl_c_while_the_command_imports_is_one_line_and_exit_130(tmp_path):
-    """A real SIGINT to a real process, ~1 s in: torch and Hydra are still importing."""
-    proc = subprocess.Popen([sys.executable, "-m", "greenmim.cli.pretrain", *TINY, f"output_dir={tmp_path / 'r'}"],
+    """A real SIGINT to a real process while torch and Hydra import: sent as soon as ``-X importtime``
+    reports ``greenmim.cli`` imported (the package the console scripts import first), long before training."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "greenmim.cli.pretrain", *TINY, f"output_dir={tmp_path / 'r'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    time.sleep(1.0)
+    for line in proc.stderr:
+        if line.rstrip().endswith("| greenmim.cli"):
+            break
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    lines = stderr.strip().splitlines()
-    assert proc.returncode == 130, stderr
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert lines[0].startswith("greenmim-pretrain: interrupted (Ctrl-C) before training started"), stderr
+    _, rest = proc.communicate(timeout=120)
+    lines = [ln for ln in rest.strip().splitlines() if not ln.startswith("import time:")]
+    assert proc.returncode == 130, rest[-2000:]
+    assert len(lines) == 1 and "Traceback" not in rest, lines
+    assert lines[0].startswith("greenmim-pretrain: interrupted (Ctrl-C) before training started"), lines
+    assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------ 18 resume refuses what it cannot continue exactly

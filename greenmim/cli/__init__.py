@@ -24,7 +24,14 @@ def interrupted_line(prog: str) -> str:
 
 
 def _prog() -> str:
-    name = Path(sys.argv[0] if sys.argv and sys.argv[0] else "greenmim").stem
+    """The command's name: the console script's, or ``greenmim-X`` for ``python -m greenmim.cli.X``
+    (whose ``sys.argv[0]`` is still ``-m`` while the module imports)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    orig = list(getattr(sys, "orig_argv", []))
+    if argv0 in ("", "-m", "-c") and "-m" in orig[:-1]:
+        name = orig[orig.index("-m") + 1].rsplit(".", 1)[-1]
+    else:
+        name = Path(argv0 or "greenmim").stem
     return name if name.startswith("greenmim") else f"greenmim-{name}"
 
 
