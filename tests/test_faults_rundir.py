@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ def toy(out, task=None, **kw):
 
 # ------------------------------------------------------------------ 18.1 one process per output_dir
 HOLD = ("import fcntl, os, socket, sys, time\n"
-        "f = open(os.path.join(sys.argv[1], '.lock'), 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f = open(os.path.join(sys.argv[1], '.lock'), 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
         "f.write(f'{os.getpid()} {socket.gethostname()}'); f.flush(); print('locked', flush=True); time.sleep(120)\n")
 
 
@@ -147,6 +148,26 @@ def test_a_lock_left_by_a_killed_run_does_not_block_and_the_trainer_locks_too(ho
     trainer = toy(out)
     trainer.fit()
     assert trainer.step == 8 and not (out / ".lock").exists() and not held(out)  # released (and removed) on exit
+
+
+def test_forked_loader_workers_do_not_keep_the_lock(tmp_path):
+    """A fork (as DataLoader workers are made) inherits descriptors; the run's lock must not go with them,
+    or workers still alive after their parent was killed would block the next run."""
+    from greenmim.engine.rundir import acquire_lock
+
+    acquire_lock(tmp_path)
+    child = os.fork()
+    if child == 0:  # a worker that outlives its parent's lock
+        time.sleep(30)
+        os._exit(0)
+    try:
+        _HELD.pop(str(tmp_path.resolve())).file.close()  # the parent dies (kill -9): the kernel closes its files
+        assert (tmp_path / ".lock").exists()
+        probe = "import fcntl, sys; fcntl.lockf(open(sys.argv[1] + '/.lock', 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+        assert subprocess.run([sys.executable, "-c", probe, str(tmp_path)]).returncode == 0
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
 
 
 def test_the_lock_is_released_when_the_run_fails(tmp_path):

@@ -1,10 +1,13 @@
 """A run folder belongs to one run at a time: an exclusive lock, and the folders a run never writes into.
 
 * :func:`run_folder` (a context manager): ``output_dir`` created and probed for writing, then held
-  under an exclusive ``fcntl.flock`` on ``output_dir/.lock`` until the block ends. The lock file
-  holds ``<pid> <host>`` of its holder, for the message a second process gets; the lock itself is
-  the kernel's, so it is released when the holder exits or is killed (``kill -9`` included): a stale
-  ``.lock`` file from a crash never blocks a later run (its pid is not trusted, only the flock). The
+  under an exclusive POSIX lock (``fcntl.lockf``) on ``output_dir/.lock`` until the block ends. The
+  lock file holds ``<pid> <host>`` of its holder, for the message a second process gets; the lock
+  itself is the kernel's, so it is released when the holder exits or is killed (``kill -9``
+  included): a stale ``.lock`` file from a crash never blocks a later run (its pid is not trusted,
+  only the lock). A POSIX lock belongs to the process, not to the descriptor: forked DataLoader
+  workers do not inherit it (a ``flock`` would stay held by them after their parent's death), and it
+  works on NFS. The
   file is deleted on release, so a refused run leaves the folder as it was; a lock taken on a file
   that was deleted meanwhile is retried on the new one (:func:`_open_locked`). Nested calls for
   the same folder in one process share the lock (the CLIs take it first, the trainer again inside).
@@ -56,13 +59,13 @@ def _holder(path: Path) -> str:
 
 
 def _open_locked(path: Path):
-    """The lock file opened and flock-ed (non-blocking), or None when another process holds it. A file
-    replaced or deleted (by its holder's release) between our open and our flock is retried: the lock
+    """The lock file opened and locked (non-blocking), or None when another process holds it. A file
+    replaced or deleted (by its holder's release) between our open and our lock is retried: the lock
     counts only on the file the path names."""
     while True:
         f = open(path, "a+")
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             f.close()
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -114,7 +117,7 @@ def release_lock(output_dir: os.PathLike) -> None:
     del _HELD[key]
     with contextlib.suppress(OSError):
         os.unlink(Path(key) / LOCK_NAME)
-    held.file.close()  # closing the last descriptor releases the flock
+    held.file.close()  # closing the file releases the lock
 
 
 @contextlib.contextmanager
