@@ -7,7 +7,8 @@
   included): a stale ``.lock`` file from a crash never blocks a later run (its pid is not trusted,
   only the lock). A POSIX lock belongs to the process, not to the descriptor: forked DataLoader
   workers do not inherit it (a ``flock`` would stay held by them after their parent's death), and it
-  works on NFS. The
+  works on NFS; the price: closing *any* descriptor of ``.lock`` in the holding process drops the lock,
+  so nothing but this module opens that file. The
   file is deleted on release, so a refused run leaves the folder as it was; a lock taken on a file
   that was deleted meanwhile is retried on the new one (:func:`_open_locked`). Nested calls for
   the same folder in one process share the lock (the CLIs take it first, the trainer again inside).
