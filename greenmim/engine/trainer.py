@@ -90,6 +90,7 @@ from .schedule import LRSchedule, apply_lr, build_schedule
 from .signals import StopSignals, with_ignored_stop_signals
 from .task import TrainTask
 from .threads import leave_cores_for_loader_workers
+from .workers import shutdown_loader_workers
 
 __all__ = ["Trainer", "TrainTask", "TrainerConfig", "OptimConfig", "unwrap", "enable_grad_checkpointing"]
 
@@ -370,6 +371,7 @@ class Trainer:
                     if not self._should_stop():
                         self._stop_if_signalled()
         finally:
+            shutdown_loader_workers(self.loader)  # an error must not leave workers that block the exit
             self.writer.close()
         log.info("done: %d steps, output in %s", self.step, self.output_dir)
         return self.history[-1] if self.history else {}
