@@ -371,7 +371,7 @@ class Trainer:
                     if not self._should_stop():
                         self._stop_if_signalled()
         finally:
-            shutdown_loader_workers(self.loader)  # an error must not leave workers that block the exit
+            shutdown_loader_workers(getattr(self, "loader", None))  # an error must not leave workers that block the exit
             self.writer.close()
         log.info("done: %d steps, output in %s", self.step, self.output_dir)
         return self.history[-1] if self.history else {}
