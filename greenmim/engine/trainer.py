@@ -96,6 +96,7 @@ from .schedule import LRSchedule, apply_lr, build_schedule
 from .signals import StopSignals, with_ignored_stop_signals
 from .task import TrainTask
 from .threads import leave_cores_for_loader_workers
+from .workers import shutdown_loader_workers
 
 __all__ = ["Trainer", "TrainTask", "TrainerConfig", "OptimConfig", "unwrap", "enable_grad_checkpointing"]
 
@@ -450,6 +451,7 @@ class Trainer:
                     if not self._should_stop():
                         self._stop_if_signalled()
         finally:
+            shutdown_loader_workers(getattr(self, "loader", None))  # an error must not leave workers that block the exit
             if hasattr(self, "writer"):
                 self.writer.close()
             self._release_lock()
