@@ -9,6 +9,24 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # A Swin small enough for CPU tests, with two blocks per stage so every stage has a shifted block.
 TINY_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4))
 SWIN_NAME = "swin_tiny_patch4_window7_224"
+# tiny pretraining models for step-level tests (hot path, static plans)
+TINY_TWINS = dict(
+    img_size=(96, 128), embed_dims=(16, 24, 32, 40), num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
+    depths=(2, 1, 2, 1), wss=(4, 4, 2, 1),
+)
+MODELS = {
+    "swin": (SWIN_NAME, dict(TINY_SWIN, img_size=224)),
+    "twins": ("twins_svt_small", TINY_TWINS),
+}
+
+
+def tiny_model(kind, **kw):
+    """A seeded tiny pretraining model, kind 'swin' or 'twins'; ``kw`` go to create_pretrain_model."""
+    from greenmim.models import create_pretrain_model
+
+    name, cfg = MODELS[kind]
+    torch.manual_seed(0)
+    return create_pretrain_model(name, decoder_dim=32, decoder_heads=2, **cfg, **kw)
 
 # Real photos used where present (the shared folder next to the checkout); tests that need them skip otherwise.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -5,29 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SWIN_NAME, TINY_SWIN
+from conftest import SWIN_NAME, TINY_SWIN, tiny_model
 from greenmim.data.mim_batches import MaskCollator, planner_for
 from greenmim.engine.optim import build_optimizer
 from greenmim.masking import random_mask, seeded_masks, unit_grid
-from greenmim.models import create_pretrain_model
 from greenmim.ops.group_attention import GroupLayout, plan_group_slots, relative_position_bias
 from greenmim.ops.windows import stage_windows
-
-TINY_TWINS = dict(
-    img_size=(96, 128), embed_dims=(16, 24, 32, 40), num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
-    depths=(2, 1, 2, 1), wss=(4, 4, 2, 1),
-)
-MODELS = {
-    "swin": (SWIN_NAME, dict(TINY_SWIN, img_size=224)),
-    "twins": ("twins_svt_small", TINY_TWINS),
-}
-
-
-def tiny_model(kind, **kw):
-    name, cfg = MODELS[kind]
-    torch.manual_seed(0)
-    return create_pretrain_model(name, decoder_dim=32, decoder_heads=2, **cfg, **kw)
-
 
 def stage1_layout(batch=4, shift=3):
     mask = random_mask(batch, 49, 0.5, generator=torch.Generator().manual_seed(0)).numpy()

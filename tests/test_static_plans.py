@@ -12,8 +12,8 @@ from greenmim.models import create_encoder
 from greenmim.ops.windows import stage_windows
 from greenmim.planning import HostPlan
 from greenmim.static_shapes import StaticShape, max_window_count
-from test_hot_path import tiny_model
-from test_twins import SVT, build, dense_masked_reference
+from conftest import tiny_model
+from twins_reference import SVT, build, dense_masked_reference
 
 
 
