@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw
-from .data.mim_batches import MaskCollator, MIMBatch, planner_for
+from .data.mim_batches import MaskCollator, MIMBatch, planner_for, pretrain_loss
 from .data.prefetch import maybe_prefetch
 from .engine import ConfigError, DistInfo, TrainTask
 from .masking import num_visible_units, unit_grid
@@ -151,9 +151,7 @@ class PretrainTask(TrainTask):
         return maybe_prefetch(loader, dist.device, self.data_cfg.get("device_prefetch"))
 
     def training_step(self, model: nn.Module, batch: MIMBatch, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
-        images = batch.images.to(trainer.device, non_blocking=True)
-        loss, _, _ = model(images, plan=batch.plan)
-        return loss, {}
+        return pretrain_loss(model, batch, trainer.device), {}
 
     def visualization_images(self) -> torch.Tensor:
         """A fixed set of centre-cropped images spread over the dataset."""

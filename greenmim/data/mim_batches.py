@@ -72,6 +72,13 @@ class MaskCollator:
         return MIMBatch(images, plan_masks(mask, self.grid, self.planner))
 
 
+def pretrain_loss(model, batch: MIMBatch, device: torch.device) -> torch.Tensor:
+    """The pretraining loss of ``batch`` (what :meth:`~greenmim.pretrain_task.PretrainTask.training_step`
+    and the benchmark's step compute): ``model(images, plan=batch.plan)``'s loss, images on ``device``."""
+    loss, _, _ = model(batch.images.to(device, non_blocking=True), plan=batch.plan)
+    return loss
+
+
 def planner_for(model, device: torch.device) -> Optional[VisiblePlanner]:
     """The planner a loader uses for pretraining ``model`` on ``device``: the visible-only encoder's,
     with group sizes in multiples of 8 on CUDA (aligned keys for the fused attention kernels);
