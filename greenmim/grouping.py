@@ -108,6 +108,7 @@ def solve_grouping(
     node_limit: int = 300,
     exact_max_windows: int = 64,
     group_multiple: int = 1,
+    group_size: Optional[int] = None,
 ) -> GroupingPlan:
     """Find the group size and packing of windows that minimise ``attention_cost``.
 
@@ -121,6 +122,9 @@ def solve_grouping(
             bound) only on instances with at most this many windows.
         group_multiple: consider only group sizes that are multiples of this (fused GPU attention
             kernels want the key length aligned to 8); optimality is over those sizes.
+        group_size: pack into groups of exactly this size (static plans: see
+            :mod:`greenmim.static_shapes`) instead of searching ``g``; it must hold the largest
+            count. Optimality (``plan.optimal``, ``plan.lower_bound``) is then over this size only.
     """
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)
     if counts.size == 0:
@@ -130,13 +134,15 @@ def solve_grouping(
         raise ValueError(f"group_multiple must be >= 1, got {group_multiple}")
     if counts.min() < 1 or counts.max() > capacity:
         raise ValueError(f"window counts must lie in [1, capacity={capacity}], got [{counts.min()}, {counts.max()}]")
+    if group_size is not None and group_size < counts.max():
+        raise ValueError(f"group_size {group_size} cannot hold a window of {counts.max()} tokens")
     hist = np.bincount(counts, minlength=capacity + 1)
     total = int(counts.sum())
     max_count = int(counts.max())
 
     best: Optional[Tuple[float, int, Dict[Pattern, int]]] = None  # (cost, g, patterns)
     proven_floor = float("inf")  # min over searched g of f(g) * (proven minimal groups for g)
-    g = -(-max_count // group_multiple) * group_multiple
+    g = group_size if group_size is not None else -(-max_count // group_multiple) * group_multiple
     while True:
         volume_floor = total * (cost_model.a * g + cost_model.b)  # n >= total/g for this and every larger g
         if best is not None and volume_floor >= best[0]:
@@ -153,7 +159,7 @@ def solve_grouping(
             if best is None or f_g * n < best[0]:
                 best = (f_g * n, g, patterns)
         proven_floor = min(proven_floor, f_g * lb)
-        if g >= total:  # one group holds everything: larger groups only cost more
+        if group_size is not None or g >= total:  # fixed size, or one group holds everything
             break
         g += group_multiple
 
@@ -168,6 +174,12 @@ def solve_grouping(
         lower_bound=float(min(proven_floor, cost)),
         counts=counts,
     )
+
+
+def best_fit_groups(counts: np.ndarray, group_size: int) -> int:
+    """Groups of ``group_size`` that best-fit decreasing packs ``counts`` into: an upper bound on the
+    groups :func:`solve_grouping` needs at that size (which never does worse than best-fit)."""
+    return int(sum(_best_fit_decreasing(np.bincount(counts), group_size).values()))
 
 
 def _min_groups_lower_bound(hist: np.ndarray, g: int, total: int) -> int:

@@ -25,6 +25,7 @@ from .masking import UnitGrid, check_mask, visible_indices
 from .ops.group_attention import GroupLayout, GroupSlots, plan_group_slots
 from .ops.sparse_conv import neighbour_index
 from .ops.windows import stage_windows
+from .static_shapes import StaticShape, fit_static_shapes
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ class HostPlan:
         tokens = sum(s.tokens for stage in self.layouts for s in stage.values())
         return {"ms": self.plan_ms, "efficiency": tokens / slots if slots else 1.0, "inline": float(self.inline)}
 
+    @property
+    def overflow(self) -> int:
+        """Layouts of a static plan that outgrew their static shape (0 for a free plan)."""
+        return sum(s.overflow for stage in self.layouts for s in stage.values())
+
 
 @dataclass
 class DevicePlan:
@@ -134,6 +140,13 @@ class VisiblePlanner:
             the fused attention kernels; 1 on CPU).
         pad_groups_to: pad the group count to a multiple of this (bucketed shapes), 0 = off.
         relative_bias: the windowed attentions add Swin's relative position bias (Twins': none).
+        static: fixed shapes: every plan of one batch size and visible count has the same tensor
+            shapes (one ``(n_g, g)`` per layout, sized once per batch shape by
+            :func:`~greenmim.static_shapes.fit_static_shapes`; a rare overflowing batch gets a
+            larger shape, still exact). For ``torch.compile`` and CUDA graphs; the free solver
+            (False) does less attention work.
+        shared_mask: every row of a mask is the same (one mask per batch): the layouts are planned
+            on one sample and broadcast over the batch.
     """
 
     grid: UnitGrid
@@ -144,6 +157,22 @@ class VisiblePlanner:
     group_multiple: int = 1
     pad_groups_to: int = 0
     relative_bias: bool = True
+    static: bool = False
+    shared_mask: bool = False
+    _static_shapes: Dict[Tuple[int, int], Dict[Tuple[int, Hashable], StaticShape]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def static_shapes(self, rows: int, num_visible: int) -> Dict[Tuple[int, Hashable], StaticShape]:
+        """``{(stage, partition key): StaticShape}`` for ``rows`` planned masks of ``num_visible``
+        visible units (sized on first use, then cached; deterministic)."""
+        key = (rows, num_visible)
+        if key not in self._static_shapes:
+            self._static_shapes[key] = fit_static_shapes(
+                self.partitions, (self.grid.height, self.grid.width), self.tokens_per_unit, rows, num_visible,
+                self.cost_model, self.group_multiple,
+            )
+        return self._static_shapes[key]
 
     def plan(self, mask: torch.Tensor) -> HostPlan:
         """Plan a batch from its host mask ``(B, num_units)`` bool (True = masked).
@@ -154,14 +183,22 @@ class VisiblePlanner:
         t0 = time.perf_counter()
         mask = check_mask(mask.detach().cpu(), mask.shape[0], self.grid.num_units)
         mask_np = mask.numpy()
+        if self.shared_mask and not (mask_np == mask_np[:1]).all():
+            raise ValueError(
+                "this planner is for shared masks (one per batch) but the mask rows differ: "
+                "draw the masks with shared=True or plan with shared_mask=False"
+            )
+        grouped = mask_np[:1] if self.shared_mask else mask_np  # the rows the layouts are planned on
+        shapes = self.static_shapes(grouped.shape[0], int((~grouped[0]).sum())) if self.static else {}
         hw = (self.grid.height, self.grid.width)
         layouts: List[Dict[Hashable, GroupSlots]] = [{} for _ in self.tokens_per_unit]
         for part in self.partitions:
             if part.key in layouts[part.stage]:
                 continue
-            win = stage_windows(mask_np, hw, self.tokens_per_unit[part.stage], part.window, part.shift)
+            win = stage_windows(grouped, hw, self.tokens_per_unit[part.stage], part.window, part.shift)
             layouts[part.stage][part.key] = plan_group_slots(
-                win, self.cost_model, group_multiple=self.group_multiple, pad_groups_to=self.pad_groups_to
+                win, self.cost_model, group_multiple=self.group_multiple, pad_groups_to=self.pad_groups_to,
+                static=shapes.get((part.stage, part.key)), broadcast=self.shared_mask,
             )
         neighbours = {}
         for stage in self.peg_stages:

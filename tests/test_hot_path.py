@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SWIN_NAME, TINY_SWIN
-from greenmim.data.mim_batches import MaskCollator
+from greenmim.data.mim_batches import MaskCollator, planner_for
 from greenmim.engine.optim import build_optimizer
 from greenmim.masking import random_mask, seeded_masks, unit_grid
 from greenmim.models import create_pretrain_model
@@ -101,7 +101,7 @@ def test_planned_batches_equal_inline_planning(kind, shared):
     h, w = model.encoder.patch_embed.img_size
     grid = unit_grid((h, w), model.unit)
     images = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(0))
-    batch = MaskCollator(grid, 0.75, model.encoder.planner(), shared=shared)([(img, 100 + i) for i, img in enumerate(images)])
+    batch = MaskCollator(grid, 0.75, planner_for(model, "cpu"), shared=shared)([(img, 100 + i) for i, img in enumerate(images)])
     assert torch.equal(batch.mask, seeded_masks([100, 101, 102], grid.num_units, 0.75, shared=shared))
     assert (batch.mask.sum(1) == grid.num_units - max(1, int(grid.num_units * 0.25))).all()
     assert shared == bool((batch.mask == batch.mask[:1]).all())

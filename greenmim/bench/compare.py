@@ -55,6 +55,8 @@ class BenchConfig:
         """Constructor arguments: the overrides, the image size, and for a Swin whose window does
         not tile the new size the window from :func:`window_for`."""
         kwargs = dict(self.overrides)
+        if self.shared_mask:  # the model's planner then broadcasts one sample's layouts
+            kwargs["shared_mask"] = True
         if self.img_size is not None:
             kwargs["img_size"] = self.img_size
             window = window_for(self.model, self.overrides, self.img_size)

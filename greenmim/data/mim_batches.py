@@ -81,12 +81,15 @@ def pretrain_loss(model, batch: MIMBatch, device: torch.device) -> torch.Tensor:
 
 def planner_for(model, device: torch.device) -> Optional[VisiblePlanner]:
     """The planner a loader uses for pretraining ``model`` on ``device``: the visible-only encoder's,
-    with group sizes in multiples of 8 on CUDA (aligned keys for the fused attention kernels);
-    None for the all-token baseline (masks only)."""
+    on CUDA with group sizes in multiples of 8 (aligned keys for the fused attention kernels) and
+    static shapes (one shape per batch size and mask ratio, for ``torch.compile`` and CUDA graphs;
+    on the CPU the free solver's smaller attention work wins); broadcasting one sample's layouts
+    when the model shares one mask per batch. None for the all-token baseline (masks only)."""
     encoder = model.encoder
     if not encoder.visible_only:
         return None
-    return encoder.planner(group_multiple=8 if torch.device(device).type == "cuda" else 1)
+    cuda = torch.device(device).type == "cuda"
+    return encoder.planner(group_multiple=8 if cuda else 1, static=cuda, shared_mask=model.shared_mask)
 
 
 def plan_masks(mask: torch.Tensor, grid: UnitGrid, planner: Optional[VisiblePlanner]) -> HostPlan:

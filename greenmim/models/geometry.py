@@ -48,6 +48,14 @@ class EncoderGeometryMixin:
             )
         return grid
 
+    def use_fused_attention(self) -> None:
+        """Make every timm attention module of this encoder run ``F.scaled_dot_product_attention``
+        (timm's Swin defaults to its unfused bmm + softmax: a weak baseline). Same weights, same
+        results up to float rounding."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fused_attn"):
+                module.fused_attn = True
+
 
 
 class VisibleEncoderMixin(EncoderGeometryMixin):
@@ -80,8 +88,12 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
         """The windowed attentions to plan (possibly repeated keys)."""
         raise NotImplementedError
 
-    def planner(self, group_multiple: int = 1, pad_groups_to: int = 0) -> VisiblePlanner:
-        """A picklable planner for this encoder's geometry (see :class:`~greenmim.planning.VisiblePlanner`)."""
+    def planner(
+        self, group_multiple: int = 1, pad_groups_to: int = 0, static: bool = False, shared_mask: bool = False
+    ) -> VisiblePlanner:
+        """A picklable planner for this encoder's geometry (see :class:`~greenmim.planning.VisiblePlanner`:
+        ``static`` fixes every plan's shapes per batch size and mask ratio, ``shared_mask`` plans one
+        sample of a batch that shares one mask)."""
         return VisiblePlanner(
             grid=unit_grid(tuple(self.patch_embed.img_size), self.unit),
             tokens_per_unit=tuple(self.tokens_per_unit(i) for i in range(self.num_stages)),
@@ -91,6 +103,8 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
             group_multiple=group_multiple,
             pad_groups_to=pad_groups_to,
             relative_bias=self.relative_bias,
+            static=static,
+            shared_mask=shared_mask,
         )
 
     @torch.compiler.disable
@@ -99,13 +113,16 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
 
         ``plan`` (from a loader, see :mod:`greenmim.data.mim_batches`) is used as given; without one
         the mask is planned here, on the training thread (fine for inference and tests; a mask
-        on an accelerator then costs a device sync). Runs eagerly under ``torch.compile``.
+        on an accelerator then costs a device sync), broadcast over the batch when its rows are
+        all equal (a shared mask). Runs eagerly under ``torch.compile``.
         """
         grid = self.check_images(images)
         if plan is None:
             if mask is None:
                 raise ValueError("pass a mask (B, num_units) or a plan")
-            plan = self.planner().plan(mask)
+            mask = mask.detach().cpu()
+            shared = mask.dim() == 2 and mask.shape[0] > 1 and bool((mask == mask[:1]).all())
+            plan = self.planner(shared_mask=shared).plan(mask)
             plan.inline = True
         host = host_plan(plan)
         if host.grid != grid:

@@ -129,6 +129,7 @@ class AllTokenSwin(EncoderGeometryMixin, SwinTransformer):
     """The SimMIM-style baseline: timm's Swin over all tokens, a mask token in place of hidden patches.
 
     ``forward(images, mask, mask_token)`` -> ``(B, num_units, C)`` final features of every unit.
+    Its window attention runs fused (``scaled_dot_product_attention``), like the visible-only one.
     """
 
     visible_only = False
@@ -137,6 +138,7 @@ class AllTokenSwin(EncoderGeometryMixin, SwinTransformer):
         super().__init__(*args, **kwargs)
         self.patch_stride = self.patch_embed.patch_size[0]
         self.num_stages = self.num_layers
+        self.use_fused_attention()
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         """``mask`` is checked where it lives: give a host mask (or one already checked) to keep the

@@ -210,6 +210,7 @@ class AllTokenTwins(TwinsEncoderMixin, Twins):
     (inserted after the first patch embedding, as :class:`~greenmim.models.swin.AllTokenSwin` does).
 
     ``forward(images, mask, mask_token)`` -> ``(B, num_units, C)`` final features of every unit.
+    Its attention runs fused (``scaled_dot_product_attention``) whatever timm's global setting.
     """
 
     visible_only = False
@@ -217,6 +218,7 @@ class AllTokenTwins(TwinsEncoderMixin, Twins):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._init_geometry()
+        self.use_fused_attention()
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         grid = self.check_images(images)

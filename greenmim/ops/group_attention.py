@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel, solve_grouping
+from ..static_shapes import StaticShape, static_packing
 from .windows import StageWindows
 
 
@@ -47,6 +48,9 @@ class GroupSlots:
             the difference of two slots' values indexes Swin's relative position table.
         tokens: visible tokens planned (for statistics).
         optimal: whether the solver proved its plan optimal.
+        overflow: a static plan's batch did not fit its static shape (the shape is larger).
+        broadcast: the slots index one sample's ``N`` tokens and serve every sample of the batch
+            (shared masks: the attention runs on ``(B * n_g, heads, g, g)`` with one bias for all).
     """
 
     num_groups: int
@@ -58,6 +62,8 @@ class GroupSlots:
     slot_pos: torch.Tensor
     tokens: int = 0
     optimal: bool = True
+    overflow: bool = False
+    broadcast: bool = False
 
     @property
     def num_slots(self) -> int:
@@ -77,6 +83,8 @@ def plan_group_slots(
     cost_model: CostModel = DEFAULT_COST_MODEL,
     group_multiple: int = 1,
     pad_groups_to: int = 0,
+    static: Optional[StaticShape] = None,
+    broadcast: bool = False,
 ) -> GroupSlots:
     """Solve the grouping of ``windows`` and lay its tokens out in slots (host only, O(N)).
 
@@ -86,12 +94,21 @@ def plan_group_slots(
         group_multiple: only group sizes that are multiples of this (8 suits fused GPU kernels).
         pad_groups_to: if > 0, append all-padding groups up to a multiple of this count (bucketed
             shapes for CUDA graphs / ``torch.compile``); they cost attention work only.
+        static: pack into this fixed shape instead (see :mod:`greenmim.static_shapes`; a batch that
+            overflows it gets a larger shape and ``overflow`` set); ``pad_groups_to`` is then unused.
+        broadcast: ``windows`` are one sample's, and the layout serves every sample of the batch
+            (shared masks).
     """
-    plan = solve_grouping(windows.counts, windows.capacity, cost_model, group_multiple=group_multiple)
+    overflow = False
+    if static is None:
+        plan = solve_grouping(windows.counts, windows.capacity, cost_model, group_multiple=group_multiple)
+        n_g = plan.num_groups
+        if pad_groups_to > 0:
+            n_g = -(-n_g // pad_groups_to) * pad_groups_to
+    else:
+        plan, shape, overflow = static_packing(windows.counts, windows.capacity, static, cost_model, group_multiple)
+        n_g = shape.num_groups
     g = plan.group_size
-    n_g = plan.num_groups
-    if pad_groups_to > 0:
-        n_g = -(-n_g // pad_groups_to) * pad_groups_to
     n_slots = n_g * g
     tw = windows.token_window
     n_tok = tw.size
@@ -117,6 +134,8 @@ def plan_group_slots(
         slot_pos=torch.from_numpy(slot_pos),
         tokens=int(n_tok),
         optimal=plan.optimal,
+        overflow=overflow,
+        broadcast=broadcast,
     )
 
 
@@ -247,7 +266,8 @@ def group_window_attention(
     """Multi-head self-attention inside windows, on visible tokens only.
 
     Args:
-        x: ``(N, C)`` visible tokens (the layout's token order).
+        x: ``(N, C)`` visible tokens (the layout's token order); with a broadcast layout (shared
+            masks) ``(B * N, C)``, sample-major, every sample laid out by the same slots.
         layout: where each token sits in the group slots.
         qkv, proj: the attention's projections (timm's ``attn.qkv`` / ``attn.proj``).
         num_heads: attention heads.
@@ -259,14 +279,18 @@ def group_window_attention(
         ``(N, C_out)`` attention output, projected.
     """
     n_g, g = layout.num_groups, layout.group_size
+    samples = x.shape[0] // layout.token_slot.shape[0] if layout.slots.broadcast else 1
     qkv_tok = qkv(x)  # projections on visible tokens only
-    head_dim = qkv_tok.shape[1] // (3 * num_heads)
-    slots = qkv_tok.index_select(0, layout.slot_token)
-    q, k, v = slots.view(n_g, g, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    qkv_tok = qkv_tok.view(samples, -1, qkv_tok.shape[-1])
+    head_dim = qkv_tok.shape[-1] // (3 * num_heads)
+    slots = qkv_tok.index_select(1, layout.slot_token)
+    q, k, v = slots.view(samples * n_g, g, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if rel_pos_table is None:
         bias = layout.window_mask.to(q.dtype)
     else:
         bias = relative_position_bias(layout, rel_pos_table, q.dtype)
+    if samples > 1:  # one sample's bias, gathered once, copied over the batch (backward: a sum)
+        bias = bias.unsqueeze(0).expand(samples, -1, -1, -1, -1).reshape(samples * n_g, -1, g, g)
     if fused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn_drop)
     else:
@@ -275,6 +299,6 @@ def group_window_attention(
         if attn_drop:
             attn = F.dropout(attn, attn_drop)
         out = attn @ v
-    out = out.transpose(1, 2).reshape(n_g * g, num_heads * head_dim)
-    out = out.index_select(0, layout.token_slot)
-    return proj(out)
+    out = out.transpose(1, 2).reshape(samples, n_g * g, num_heads * head_dim)
+    out = out.index_select(1, layout.token_slot)
+    return proj(out.view(x.shape[0], -1))
