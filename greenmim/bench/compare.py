@@ -118,7 +118,9 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
     if key and tuple(np.atleast_1d(kwargs.get(key, configured))) != tuple(np.atleast_1d(configured)):
         log(f"[bench] window {configured} does not tile {cfg.img_size} px: using {key}={kwargs[key]}")
     models = build_models(cfg.model, device, cfg.seed, METHODS, **kwargs)
-    steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.planning, cfg.clip_grad) for m in METHODS}
+    # a compiled step needs static plan shapes (CUDA's default); eager and compiled then time the same plans
+    static = True if cfg.compile else None
+    steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.planning, cfg.clip_grad, static) for m in METHODS}
     unit = models["greenmim"].unit
     extra = 2 + cfg.profile + (cfg.warmup + cfg.iters + 2) * cfg.compile
     batches = PlannedBatches(

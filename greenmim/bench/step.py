@@ -92,12 +92,13 @@ class TrainStep:
 
     ``dtype`` fp32 runs in full precision; bf16 and fp16 run under autocast (weights and optimizer
     stay fp32, as in mixed-precision training), fp16 with a gradient scaler. ``clip_grad`` as
-    ``trainer.clip_grad`` (the pretraining recipe's is None). ``planning="inline"`` re-plans the
+    ``trainer.clip_grad`` (the pretraining recipe's is None); ``static_plans`` as
+    :func:`~greenmim.data.mim_batches.planner_for`. ``planning="inline"`` re-plans the
     batch's mask inside the step, on the calling thread.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: str = "fp32", planning: str = "workers",
-                 clip_grad: Optional[float] = None):
+                 clip_grad: Optional[float] = None, static_plans: Optional[bool] = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
         if planning not in PLANNING:
@@ -106,7 +107,7 @@ class TrainStep:
         self.device = device
         self.dtype = dtype
         self.planning = planning
-        self.planner = planner_for(model, device)
+        self.planner = planner_for(model, device, static_plans)
         self.optimizer = make_optimizer(model)
         self.precision = Precision(dtype, device)
         self.clip_grad = clip_grad

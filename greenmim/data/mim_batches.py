@@ -79,17 +79,19 @@ def pretrain_loss(model, batch: MIMBatch, device: torch.device) -> torch.Tensor:
     return loss
 
 
-def planner_for(model, device: torch.device) -> Optional[VisiblePlanner]:
+def planner_for(model, device: torch.device, static: Optional[bool] = None) -> Optional[VisiblePlanner]:
     """The planner a loader uses for pretraining ``model`` on ``device``: the visible-only encoder's,
     on CUDA with group sizes in multiples of 8 (aligned keys for the fused attention kernels) and
     static shapes (one shape per batch size and mask ratio, for ``torch.compile`` and CUDA graphs;
     on the CPU the free solver's smaller attention work wins); broadcasting one sample's layouts
-    when the model shares one mask per batch. None for the all-token baseline (masks only)."""
+    when the model shares one mask per batch. None for the all-token baseline (masks only).
+    ``static=True`` asks for static shapes on any device (a compiled step: no recompiles)."""
     encoder = model.encoder
     if not encoder.visible_only:
         return None
     cuda = torch.device(device).type == "cuda"
-    return encoder.planner(group_multiple=8 if cuda else 1, static=cuda, shared_mask=model.shared_mask)
+    static = cuda if static is None else bool(static)
+    return encoder.planner(group_multiple=8 if cuda else 1, static=static, shared_mask=model.shared_mask)
 
 
 def plan_masks(mask: torch.Tensor, grid: UnitGrid, planner: Optional[VisiblePlanner]) -> HostPlan:
