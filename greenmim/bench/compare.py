@@ -122,7 +122,7 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
     static = True if cfg.compile else None
     steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.planning, cfg.clip_grad, static) for m in METHODS}
     unit = models["greenmim"].unit
-    extra = 2 + cfg.profile + (cfg.warmup + cfg.iters + 2) * cfg.compile
+    extra = 2 + cfg.profile + (cfg.warmup + cfg.iters + 3) * cfg.compile
     batches = PlannedBatches(
         cfg.batch_size, cfg.resolved_img_size(), unit, cfg.mask_ratio, device,
         {m: steps[m].planner for m in METHODS}, steps=cfg.warmup + cfg.iters + extra, seed=cfg.seed,
@@ -183,6 +183,8 @@ def compiled_comparison(steps: Dict[str, TrainStep], batches: PlannedBatches, cf
     """
     out: Dict[str, Any] = {}
     compiled: Dict[str, TrainStep] = {}
+    plans = batches.next_plans()
+    breaks = {m: step.graph_breaks(batches.images, plans[m]) for m, step in steps.items()}  # resets dynamo: first
     for m, step in steps.items():
         mode = step.compile(cfg.compile_mode)
         before = compile_counters()
@@ -196,8 +198,8 @@ def compiled_comparison(steps: Dict[str, TrainStep], batches: PlannedBatches, cf
             log(f"[bench] torch.compile failed for {m}: {message}")
             continue
         counts = compile_counters()
-        out[m] = {"mode": mode, "compile_s": time.perf_counter() - t0,
-                  **{k: counts[k] - before[k] for k in counts}}
+        out[m] = {"mode": mode, "compile_s": time.perf_counter() - t0, "graphs": counts["graphs"] - before["graphs"],
+                  "graph_breaks": breaks[m]}
         compiled[m] = step
     if compiled:
         modes = ", ".join(f"{m} mode {out[m]['mode']}" for m in compiled)

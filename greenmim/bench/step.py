@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.mim_batches import MIMBatch, plan_masks, planner_for, pretrain_loss
 from ..engine.optim import build_optimizer
 from ..engine.precision import Precision
-from ..engine.step import CUDAGRAPH_MODES, TrainingStep, compile_mode, compile_model
+from ..engine.step import CUDAGRAPH_MODES, TrainingStep, compile_mode, compile_model, count_graph_breaks
 from ..masking import seeded_masks, unit_grid
 from ..models import create_pretrain_model
 from ..data.prefetch import maybe_prefetch
@@ -122,6 +122,12 @@ class TrainStep:
         self.engine = TrainingStep(compile_model(self.model, self.compiled_mode), self.optimizer, self.precision,
                                    self.clip_grad, cudagraphs=self.compiled_mode in CUDAGRAPH_MODES)
         return self.compiled_mode
+
+    def graph_breaks(self, images: torch.Tensor, plan: "HostPlan | DevicePlan") -> int:
+        """Graph breaks of the model's forward on this batch (resets dynamo: call before :meth:`compile`)."""
+        batch = MIMBatch(images, self.device_plan(plan))
+        with self.precision.autocast():
+            return count_graph_breaks(self.model, batch.images, plan=batch.plan)
 
     def eager(self) -> None:
         """Back to the eager model (after a failed compilation); gradients are cleared."""
