@@ -143,7 +143,8 @@ class PretrainTask(TrainTask):
     def build_train_loader(self, dist: DistInfo, seed: int):
         dataset = self.dataset = build_pretrain_dataset(self.data_cfg)
         if dist.is_main:
-            log.info("data: %s, %d images of %s px", self.data_cfg["name"], len(dataset), image_hw(self.data_cfg["img_size"]))
+            log.info("data: %s, %d images of %s px, decoded on the %s", self.data_cfg["name"], len(dataset),
+                     image_hw(self.data_cfg["img_size"]), self.data_cfg.get("decode", "cpu"))
         loader = build_train_loader(
             dataset,
             int(self.data_cfg["batch_size"]),

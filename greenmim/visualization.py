@@ -10,6 +10,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 
 from .data import denormalize
+from .engine.files import atomic_write
 from .masking import unit_grid
 from .models.pretrain import unpatchify
 
@@ -53,8 +54,9 @@ def reconstruction_grid(model: nn.Module, images: torch.Tensor, mask_ratio: floa
 
 
 def save_png(picture: np.ndarray, path: Path) -> Path:
-    """Write an ``(H, W, 3)`` uint8 picture as PNG (creating its folder); returns the path."""
+    """Write an ``(H, W, 3)`` uint8 picture atomically (creating its folder), as PNG or in the format
+    ``path``'s suffix names (``.jpg``); returns the path. Write failures are :class:`OSError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write({path: lambda f: Image.fromarray(picture).save(f, format=image_format)})
     return path

@@ -30,7 +30,7 @@ def test_export_loads_into_timm(checkpoint, tmp_path, capsys):
     export_main([str(ckpt), "-o", str(out)])
     printed = capsys.readouterr().out
     assert "timm.create_model('swin_tiny_patch4_window7_224', pretrained=True" in printed
-    info = json.loads(out.with_suffix(".json").read_text())
+    info = json.loads((tmp_path / "encoder.safetensors.json").read_text())
     args = info["model_args"]
     assert args == {"embed_dim": 16, "window_size": 4, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "img_size": 64}
 

@@ -130,8 +130,11 @@ def test_sharded_evaluation_is_exact():
 
 def test_randaugment_posterize_at_top_magnitude():
     """m9-mstd0.5 reaches magnitude 10 -> 0 bits kept; Pillow >= 11 rejects that, greenmim restores a black image."""
-    import greenmim.finetune.data  # noqa: F401  (applies the patch)
     from timm.data.auto_augment import AugmentOp
+
+    from greenmim.finetune.compat import patch_timm_posterize
+
+    patch_timm_posterize()  # what building a RandAugment transform does (independent of test order)
 
     op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     assert op(Image.new("RGB", (4, 4), (200, 100, 50))).getpixel((0, 0)) == (0, 0, 0)

@@ -32,6 +32,7 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.mim_batches import MIMBatch, plan_masks, planner_for, pretrain_loss
+from ..data.transforms import normalize
 from ..engine.optim import build_optimizer
 from ..engine.precision import Precision
 from ..engine.step import CUDAGRAPH_MODES, TrainingStep, compile_mode, compile_model, count_graph_breaks
@@ -125,9 +126,8 @@ class TrainStep:
 
     def graph_breaks(self, images: torch.Tensor, plan: "HostPlan | DevicePlan") -> int:
         """Graph breaks of the model's forward on this batch (resets dynamo: call before :meth:`compile`)."""
-        batch = MIMBatch(images, self.device_plan(plan))
         with self.precision.autocast():
-            return count_graph_breaks(self.model, batch.images, plan=batch.plan)
+            return count_graph_breaks(self.model, normalize(images), plan=self.device_plan(plan))
 
     def eager(self) -> None:
         """Back to the eager model (after a failed compilation); gradients are cleared."""
@@ -222,7 +222,8 @@ class PlannedBatches:
     ):
         grid = unit_grid(img_size, unit)
         gen = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(batch_size, 3, *grid.img_size, generator=gen).to(device)
+        # uint8 pixels, as the loader hands them to the trainer's step (which normalises them on the device)
+        self.images = torch.randint(0, 256, (batch_size, 3, *grid.img_size), generator=gen, dtype=torch.uint8).to(device)
         self.workers = workers
         dataset = _PlanDataset(planners, grid, batch_size, mask_ratio, shared, seed, steps)
         self._loader = DataLoader(

@@ -17,6 +17,9 @@ Examples::
     # fit the solver's cost model (a, b) to measured group attention
     greenmim-bench --calibrate --model swin_base_patch4_window7_224 --batch-size 32
 
+    # input pipeline: ms per image of the MAE reference, data.decode=cpu and data.decode=device
+    greenmim-bench --loader /data/imagenet/train --img-size 224 --out results/loader
+
 The table goes to stdout, progress to stderr; ``--out PATH`` writes ``PATH.json`` (and ``PATH.png``
 for ``--sweep``).
 """
@@ -24,6 +27,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
+import inspect
+import os
 import sys
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
@@ -33,7 +39,10 @@ import torch
 from ..bench.compare import DEFAULT_SWEEP_RATIOS, DEFAULT_SWEEP_SIZES, BenchConfig, environment, run_comparison, run_sweep
 from ..bench.report import calibration_table, comparison_table, output_paths, plot_sweep, solver_table, sweep_table, write_json
 from ..bench.step import DTYPES
+from ..engine.errors import UserError
 from ..models import get_spec
+from ..models.pretrain import MIM_MODEL_KEYS
+from .common import output_file
 
 DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 DEFAULT_BATCH = 8
@@ -100,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--sweep", action="store_true", help="speedup and memory ratio vs mask ratio and image size (PNG plot)")
     mode.add_argument("--calibrate", action="store_true", help="fit the grouping solver's CostModel a, b to measured group attention")
     mode.add_argument("--solver-only", action="store_true", help="grouping solver time and packing efficiency only (no training)")
+    mode.add_argument("--loader", metavar="ROOT", default=None, help="input pipeline cost per image on the images under ROOT "
+                      "(reference MAE pipeline vs data.decode=cpu/device) and the loader workers needed per step rate")
+    r.add_argument("--loader-images", type=int, default=200, help="images timed by --loader (default: %(default)s)")
     sw = p.add_argument_group("sweep")
     sw.add_argument("--sweep-ratios", type=_floats, default=list(DEFAULT_SWEEP_RATIOS), help="mask ratios of --sweep, e.g. 0.5,0.75,0.9 "
                     f"(default: {','.join(map(str, DEFAULT_SWEEP_RATIOS))})")
@@ -118,13 +130,96 @@ def model_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     return overrides
 
 
+def model_name(args: argparse.Namespace) -> str:
+    """``--model``, else the default of the mode (Swin-B for ``--solver-only``, Swin-T otherwise)."""
+    return args.model or (SOLVER_MODEL if args.solver_only else DEFAULT_MODEL)
+
+
+def batch_size(args: argparse.Namespace) -> int:
+    """``--batch-size``, else the default of the mode."""
+    return args.batch_size or (SOLVER_BATCH if args.solver_only else DEFAULT_BATCH)
+
+
 def resolve_device(name: Optional[str]) -> torch.device:
+    """``--device`` as a device this machine has (default: cuda when available, else cpu); anything
+    else ends in one error line."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("greenmim-bench: --device cuda requested but CUDA is not available (use --device cpu)")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name} is not a device: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            fail(f"--device {name}: CUDA is not available on this machine: use --device cpu")
+        if device.index is not None and device.index >= count:
+            fail(f"--device {name}: this machine has {count} CUDA device(s): use cuda:0 .. cuda:{count - 1}")
+    elif device.type != "cpu":
+        fail(f"--device {name}: greenmim-bench runs on cpu or cuda: use --device cpu or --device cuda")
     return device
+
+
+def valid_model_arguments(model: str) -> List[str]:
+    """What ``--override`` may set for ``model``: its encoder's constructor arguments (timm's and
+    greenmim's) and the pretraining model's own keys; not ``num_classes`` (no classifier is built)
+    nor timm's ``device``/``dtype`` (``--device`` and ``--dtype`` decide those)."""
+    names = set(MIM_MODEL_KEYS)
+    for cls in get_spec(model).visible_cls.__mro__:
+        if cls is torch.nn.Module:
+            break
+        if "__init__" in vars(cls):
+            names.update(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
+    names.difference_update(("num_classes", "device", "dtype"))
+    return sorted(names)
+
+
+def check_overrides(model: str, overrides: Dict[str, Any]) -> None:
+    """Unknown keys (with a did-you-mean and the valid ones), and per-stage lists that disagree:
+    ``depths`` and ``num_heads`` (and Twins' ``embed_dims``) one value per stage, every stage's
+    width divisible by its heads."""
+    valid = valid_model_arguments(model)
+    for key in overrides:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            fail(f"--override {key}: {model} has no argument {key!r}: {hint}valid: {', '.join(valid)}")
+    arch = {**get_spec(model).args, **overrides}
+    depths, heads = tuple(arch.get("depths", ())), tuple(arch.get("num_heads", ()))
+    for flag, values in (("--depths", depths), ("--num-heads", heads)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            fail(f"{flag} {','.join(map(str, values))}: give positive integers, one per stage (e.g. 1,1,2,1)")
+    if "embed_dims" in arch:  # Twins: one width per stage
+        widths, width_flag = tuple(arch["embed_dims"]), "embed_dims"
+    else:  # Swin: the width doubles at every stage
+        widths, width_flag = tuple(int(arch["embed_dim"]) * 2 ** i for i in range(len(depths))), "--embed-dim"
+    if len(heads) != len(depths) or len(widths) != len(depths):
+        fail(f"--depths {','.join(map(str, depths))} has {len(depths)} stages but --num-heads {','.join(map(str, heads))} "
+             f"has {len(heads)}" + ("" if len(widths) == len(depths) else f" and embed_dims {len(widths)}")
+             + ": give one value per stage to each")
+    if arch.get("head_dim") is None:  # Swin's head_dim, when set, decouples heads from the width
+        for stage, (width, head) in enumerate(zip(widths, heads)):
+            if head < 1 or width % head:
+                fail(f"stage {stage + 1} is {width} wide, not divisible by its {head} head(s) (--num-heads): "
+                     f"choose heads that divide it, or another {width_flag}")
+
+
+def check_out(out: str) -> None:
+    """``--out PATH``: the folder of ``PATH.json`` must be creatable and writable (checked before the run)."""
+    json_path, _ = output_paths(out)
+    try:
+        output_file(json_path, os.path.basename(json_path), (".json",), [], option="--out")
+    except UserError as exc:
+        fail(str(exc))
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (CUDA's ``OutOfMemoryError``, the CPU allocator's
+    "not enough memory" / ``DefaultCPUAllocator``)."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    text = str(exc)
+    return isinstance(exc, (oom, MemoryError)) or (isinstance(exc, RuntimeError) and ("not enough memory" in text or "DefaultCPUAllocator" in text))
 
 
 def greenmim_encoder(cfg: BenchConfig):
@@ -183,6 +278,10 @@ def check_args(args: argparse.Namespace) -> None:
                              ("--plan-workers", args.plan_workers, 0), ("--threads", args.threads, 1), ("--img-size", args.img_size, 1)):
         if value is not None and value < low:
             fail(f"{flag} {value} must be >= {low}")
+    resolve_device(args.device)
+    check_overrides(model_name(args), model_overrides(args))
+    if args.out:
+        check_out(args.out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -192,6 +291,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(args)
     except ValueError as exc:  # a size, window or override the model refuses: its message names the fix
         fail(str(exc).splitlines()[0])
+    except (RuntimeError, MemoryError) as exc:
+        if not out_of_memory(exc):
+            raise
+        fail(f"out of memory at --batch-size {batch_size(args)} on {resolve_device(args.device)}: use a smaller --batch-size")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,11 +306,16 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         json_path, png_path = output_paths(args.out)
 
-    solver_defaults = args.solver_only
+    if args.loader:
+        from ..bench.loader import loader_benchmark, loader_table
+
+        result = loader_benchmark(args.loader, args.img_size or 224, args.loader_images, args.batch_size or 32, str(device))
+        print(loader_table(result))
+        return finish(result, json_path)
     cfg = BenchConfig(
-        model=args.model or (SOLVER_MODEL if solver_defaults else DEFAULT_MODEL),
+        model=model_name(args),
         img_size=args.img_size,
-        batch_size=args.batch_size or (SOLVER_BATCH if solver_defaults else DEFAULT_BATCH),
+        batch_size=batch_size(args),
         mask_ratio=args.mask_ratio,
         dtype=args.dtype,
         device=str(device),
@@ -240,6 +348,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = run_comparison(cfg)
         print(comparison_table(result))
+    return finish(result, json_path)
+
+
+def finish(result: Dict[str, Any], json_path: Optional[str]) -> int:
     if json_path:
         write_json(result, json_path)
         print(f"json: {json_path}")

@@ -18,7 +18,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -98,25 +98,42 @@ def load_pretrain_checkpoint(path: str) -> Dict[str, Any]:
     return ckpt
 
 
-def output_file(output: str, default_name: str, suffixes: Sequence[str], inputs: Sequence[str]) -> Path:
+def output_file(output: str, default_name: str, suffixes: Sequence[str], inputs: Sequence[str], option: str = "-o") -> Path:
     """The file an ``-o`` option names: ``default_name`` inside it when it is a folder; it must end in
     one of ``suffixes`` and must not be one of the ``inputs`` (a checkpoint would be replaced). Its
-    folder is created; failures are :class:`UserError`."""
+    folder is created; failures are :class:`UserError` naming ``option`` (the command-line argument)."""
     out = Path(output).expanduser()
     if out.is_dir():
         out = out / default_name
     if out.suffix.lower() not in suffixes:
-        raise UserError(f"-o {output}: the output file must end in {' or '.join(suffixes)}")
+        raise UserError(f"{option} {output}: the output file must end in {' or '.join(suffixes)}")
     for src in inputs:
         if out.exists() and Path(src).exists() and os.path.samefile(out, src):
-            raise UserError(f"-o {output} is the input {src}, which would be replaced: choose another output file")
+            raise UserError(f"{option} {output} is the input {src}, which would be replaced: choose another output file")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"-o {output}: cannot create {out.parent} ({exc.strerror or exc}): choose another output file") from None
+        raise UserError(f"{option} {output}: cannot create {out.parent} ({exc.strerror or exc}): choose another output file") from None
     if not os.access(out.parent, os.W_OK):
-        raise UserError(f"-o {output}: {out.parent} is not writable: choose another output file")
+        raise UserError(f"{option} {output}: {out.parent} is not writable: choose another output file")
     return out
+
+
+def check_replaceable(output: Path, files: Sequence[Path], force: bool, option: str = "-o",
+                      ours: Optional[Callable[[Path], bool]] = None) -> None:
+    """Refuse (:class:`UserError`) to write ``output`` while any of ``files`` (the output and what is
+    written with it) exists, unless ``force``; with ``ours`` given, ``force`` replaces only files for
+    which ``ours(path)`` is true (another program's file is never replaced)."""
+    existing = [p for p in files if p.exists()]
+    if not existing:
+        return
+    names = " and ".join(str(p) for p in existing) + (" already exists" if len(existing) == 1 else " already exist")
+    if not force:
+        what = "a previous export" if ours else "it"
+        raise UserError(f"{option} {output}: {names}: choose another output file, or pass --force to replace {what}")
+    foreign = [p for p in existing if ours is not None and not ours(p)]
+    if foreign:
+        raise UserError(f"{option} {output}: {foreign[0]} is not a greenmim export, so --force leaves it alone: choose another output file")
 
 
 def launch(prog: str, task: str, hydra_app) -> None:

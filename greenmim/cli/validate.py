@@ -202,7 +202,16 @@ def check_pretrain(cfg: DictConfig) -> None:
     check_mask_ratio(float(model.mask_ratio), _value(cfg, "data.img_size"), unit)
 
 
-TASK_CHECKS: dict = {"pretrain": (check_pretrain,)}
+def check_decode_mode(cfg: DictConfig) -> None:
+    """``data.decode``: cpu or device."""
+    from ..data import check_decode
+
+    value = _value(cfg, "data.decode")
+    if value is not _MISSING:
+        check_decode(value)
+
+
+TASK_CHECKS: dict = {"pretrain": (check_pretrain, check_decode_mode)}
 
 
 def check_config(cfg: DictConfig, task: str) -> None:

@@ -41,6 +41,8 @@ def collect_images(inputs: Sequence[str], max_images: int) -> List[str]:
 def visualize(checkpoint: str, inputs: Sequence[str], output: str, mask_ratio: Optional[float] = None,
               seed: int = 0, img_size: Optional[int] = None, max_images: int = 8) -> Path:
     """Render the reconstruction grid of ``inputs`` with the model of ``checkpoint`` into ``output``."""
+    if max_images < 1:
+        raise UserError(f"--max-images {max_images} must be >= 1 (the number of images to show)")
     ckpt = load_pretrain_checkpoint(checkpoint)
     config = ckpt["config"]
     out = output_file(output, "reconstructions.png", (".png", ".jpg", ".jpeg"), [checkpoint, *inputs])

@@ -1,6 +1,8 @@
 """Unlabelled image datasets for pretraining and their distributed loader.
 
-Every dataset returns one transformed image tensor ``(3, H, W)`` per index (labels are ignored).
+Every dataset returns one transformed image per index (labels are ignored): with the pretraining
+augmentation a uint8 ``(3, H, W)`` crop (``data.decode=cpu``) or the file's bytes and crop plan
+(``data.decode=device``, decoded batched in the main process: :mod:`greenmim.data.device_decode`).
 
 * ``imagefolder``: ImageNet layout ``root/<split>/<class>/<image>`` (``root`` itself when it has no
   ``<split>`` sub-folder); listed with torchvision's ``find_classes``/``make_dataset``.
@@ -23,12 +25,13 @@ from torchvision.datasets.folder import find_classes, make_dataset
 from ..engine.distributed import DistInfo
 from ..engine.sampler import ResumableDistributedSampler, SeededDataset
 from .images import IMAGE_EXTENSIONS, CorruptImageError, DataError, check_root, is_image_file, load_rgb
-from .transforms import image_hw, pretrain_transform
+from .transforms import PretrainCrop, image_hw
 
 log = logging.getLogger("greenmim")
 
 CORRUPT_POLICIES = ("skip", "error")
 DATASETS = ("imagefolder", "folder", "synthetic")
+DECODE_MODES = ("cpu", "device")
 
 
 class ImageFiles(Dataset):
@@ -36,7 +39,8 @@ class ImageFiles(Dataset):
 
     Args:
         paths: image files.
-        transform: PIL RGB image -> tensor.
+        transform: PIL RGB image -> sample; a transform with a ``from_file(path)`` method (the
+            pretraining crops: they decode only what the crop needs) is given the path instead.
         on_corrupt: ``skip`` (warn, count, and return the next readable image instead) or ``error``.
         max_consecutive_skips: give up after this many unreadable files in a row.
         targets: optional labels, one per path; then an item is ``(image, label)`` of the file
@@ -67,7 +71,7 @@ class ImageFiles(Dataset):
             i = (index + attempt) % len(self.paths)
             path = self.paths[i]
             try:
-                img = load_rgb(path)
+                sample = self.transform.from_file(path) if hasattr(self.transform, "from_file") else self.transform(load_rgb(path))
             except CorruptImageError as exc:
                 if self.on_corrupt == "error":
                     raise CorruptImageError(f"{exc}, {self.corrupt_hint}") from None
@@ -75,7 +79,7 @@ class ImageFiles(Dataset):
                 log.warning("skipping unreadable image %s (%d skipped in this process); set data.on_corrupt=error to stop instead",
                             path, self.skipped)
                 continue
-            return self.transform(img) if self.targets is None else (self.transform(img), self.targets[i])
+            return sample if self.targets is None else (sample, self.targets[i])
         raise DataError(
             f"{self.max_consecutive_skips + 1} unreadable images in a row near {self.paths[index]}: check the folder's files"
         )
@@ -163,12 +167,30 @@ class SyntheticImages(Dataset):
         return self.transform(self.image(index))
 
 
+def pretrain_augmentation(cfg: Dict[str, Any]) -> Callable:
+    """The pretraining crop of a ``data`` config: decoded in the workers (``decode: cpu``, the
+    default) or planned there and decoded batched in the main process (``decode: device``)."""
+    from .device_decode import DeviceCrop
+
+    decode = check_decode(cfg.get("decode", "cpu"))
+    crop = PretrainCrop if decode == "cpu" else DeviceCrop
+    return crop(cfg["img_size"], scale=cfg.get("crop_scale", (0.2, 1.0)), hflip=cfg.get("hflip", 0.5))
+
+
+def check_decode(value: Any) -> str:
+    """``data.decode`` as one of :data:`DECODE_MODES`; raises :class:`DataError` naming the choices."""
+    if value not in DECODE_MODES:
+        raise DataError(f"data.decode={value!r} is not one of {', '.join(DECODE_MODES)}: use data.decode=cpu (decode in the "
+                        "loader workers) or data.decode=device (workers read bytes, the main process decodes batched)")
+    return value
+
+
 def build_pretrain_dataset(cfg: Dict[str, Any], transform: Optional[Callable] = None) -> Dataset:
     """The dataset named by ``cfg["name"]`` (a ``data`` config: see ``configs/data/*.yaml``), with the
-    pretraining augmentation unless another ``transform`` is given."""
+    pretraining augmentation (:func:`pretrain_augmentation`) unless another ``transform`` is given."""
     name = cfg.get("name")
     if transform is None:
-        transform = pretrain_transform(cfg["img_size"], scale=cfg.get("crop_scale", (0.2, 1.0)), hflip=cfg.get("hflip", 0.5))
+        transform = pretrain_augmentation(cfg)
     on_corrupt = cfg.get("on_corrupt", "skip")
     if name == "synthetic":
         return SyntheticImages(cfg.get("num_samples", 1024), transform, size=cfg.get("synthetic_size", max(image_hw(cfg["img_size"])) * 5 // 4), seed=cfg.get("synthetic_seed", 0))

@@ -6,13 +6,16 @@ process. Unreadable files raise :class:`CorruptImageError`.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
-from typing import List, Sequence, Set, Tuple
+from typing import List, Sequence, Set, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..engine.errors import UserError
 
@@ -60,18 +63,59 @@ def to_rgb(img: Image.Image, path: str = "") -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` fully and return it as RGB; raises :class:`CorruptImageError` if it cannot be read."""
+def _unreadable(path: str, exc: Exception) -> CorruptImageError:
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return CorruptImageError(f"cannot read image {path} ({reason}); remove or replace the file")
+
+
+def read_image(path: str) -> Tuple[bytes, Image.Image]:
+    """The bytes of ``path`` and the image opened lazily on them (header only: size, mode, format;
+    :func:`decode_rgb` decodes the pixels). Raises :class:`CorruptImageError` if the file cannot be
+    read or is not an image PIL reads. Nothing stays open."""
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
+            data = f.read()
+        return data, Image.open(io.BytesIO(data))
     except Exception as exc:  # PIL raises many types for bad files
-        reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        raise CorruptImageError(
-            f"cannot read image {path} ({reason}); remove or replace the file"
-        ) from exc
+        raise _unreadable(path, exc) from exc
+
+
+def open_image(path: str) -> Image.Image:
+    """``path`` opened lazily (see :func:`read_image`)."""
+    return read_image(path)[1]
+
+
+def decode_rgb(img: Image.Image, path: str = "") -> Image.Image:
+    """Decode a lazily opened ``img`` (at the scale a ``draft`` set, if any) and return it as RGB;
+    raises :class:`CorruptImageError` naming ``path`` if its data cannot be decoded."""
+    try:
+        img.load()
+    except Exception as exc:  # PIL raises many types for bad files
+        raise _unreadable(path, exc) from exc
     return to_rgb(img, path)
+
+
+#: JPEG modes ``torchvision.io.decode_jpeg(mode=RGB)`` converts as PIL does (others go through PIL)
+TORCH_JPEG_MODES = ("RGB", "L")
+
+
+def torch_decodes(img: Image.Image) -> bool:
+    """Whether :func:`decode_jpeg_rgb` takes the file of lazily opened ``img``."""
+    return img.format == "JPEG" and img.mode in TORCH_JPEG_MODES
+
+
+def decode_jpeg_rgb(data: torch.Tensor, path: str = "", device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """JPEG bytes (uint8 ``(N,)``) -> RGB uint8 ``(3, H, W)`` on ``device`` with torchvision's decoder
+    (libjpeg-turbo on the CPU, nvJPEG on CUDA); raises :class:`CorruptImageError` naming ``path``."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode ``path`` fully and return it as RGB; raises :class:`CorruptImageError` if it cannot be read."""
+    return decode_rgb(open_image(path), path)
 
 
 #: validation sets up to this many images are decoded in full before training; larger ones only have

@@ -19,15 +19,21 @@ import torch
 from torch.utils.data import default_collate
 
 from ..masking import UnitGrid, seeded_masks, visible_indices
+from .device_decode import EncodedBatch, EncodedImage
+from .transforms import normalize
 from ..planning import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
 
 
 @dataclass
 class MIMBatch:
-    """Images ``(B, 3, H, W)`` and the plan of their masks (``plan.mask``: ``(B, num_units)`` bool,
-    True = masked). For the all-token baseline the plan holds the mask and visible indices only."""
+    """Images and the plan of their masks (``plan.mask``: ``(B, num_units)`` bool, True = masked).
+    For the all-token baseline the plan holds the mask and visible indices only.
 
-    images: torch.Tensor
+    ``images``: uint8 pixels ``(B, 3, H, W)`` (the step normalises them on the device:
+    :func:`~greenmim.data.transforms.normalize`), or with ``data.decode=device`` an
+    :class:`~greenmim.data.device_decode.EncodedBatch` that ``.to(device)`` decodes into them."""
+
+    images: "torch.Tensor | EncodedBatch"
     plan: "HostPlan | DevicePlan"
 
     @property
@@ -45,11 +51,12 @@ class MIMBatch:
         return MIMBatch(self.images.to(device, non_blocking=True), as_device_plan(self.plan, device))
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.images)
 
 
 class MaskCollator:
-    """``collate_fn`` for ``(image, seed)`` samples: stacks the images, draws each sample's mask from
+    """``collate_fn`` for ``(image, seed)`` samples: stacks the images (or gathers the encoded ones
+    of ``data.decode=device``), draws each sample's mask from
     its seed and plans the batch (picklable; runs in the loader workers).
 
     Args:
@@ -66,7 +73,8 @@ class MaskCollator:
         self.shared = bool(shared)
 
     def __call__(self, samples: Sequence[Tuple[torch.Tensor, int]]) -> MIMBatch:
-        images = default_collate([image for image, _ in samples])
+        images = [image for image, _ in samples]
+        images = EncodedBatch(images) if isinstance(images[0], EncodedImage) else default_collate(images)
         seeds: List[int] = [int(seed) for _, seed in samples]
         mask = seeded_masks(seeds, self.grid.num_units, self.mask_ratio, shared=self.shared)
         return MIMBatch(images, plan_masks(mask, self.grid, self.planner))
@@ -74,8 +82,10 @@ class MaskCollator:
 
 def pretrain_loss(model, batch: MIMBatch, device: torch.device) -> torch.Tensor:
     """The pretraining loss of ``batch`` (what :meth:`~greenmim.pretrain_task.PretrainTask.training_step`
-    and the benchmark's step compute): ``model(images, plan=batch.plan)``'s loss, images on ``device``."""
-    loss, _, _ = model(batch.images.to(device, non_blocking=True), plan=batch.plan)
+    and the benchmark's step compute): ``model(images, plan=batch.plan)``'s loss, the uint8 images
+    normalised on ``device``."""
+    images = normalize(batch.images.to(device, non_blocking=True))  # uint8 -> fp32 on the device
+    loss, _, _ = model(images, plan=batch.plan)
     return loss
 
 

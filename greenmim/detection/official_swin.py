@@ -52,6 +52,8 @@ from typing import Dict, Optional
 import torch
 from timm.models.swin_transformer import get_relative_position_index
 
+from ..cli.common import check_replaceable, output_file, report_errors
+from ..engine.checkpoint import atomic_save
 from ..engine.errors import UserError
 from ..weights.loading import read_checkpoint, split_pretrain_state, unwrap_state_dict
 
@@ -59,6 +61,7 @@ DETECTOR_TRUNK = "backbone.trunk.model."
 DETECTOR_NORMS = "backbone.trunk.out_norms."
 _DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 _NORM = re.compile(r"^norm(\d+)\.")
+PROG = "python -m greenmim.detection.official_swin"
 
 
 def timm_encoder_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -126,29 +129,31 @@ def official_to_timm_swin(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
     return out
 
 
-def export_official(source: str, out_path: str, model: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Read ``source`` (any greenmim/timm checkpoint), convert, write ``{"model": ...}`` to ``out_path``."""
+def export_official(source: str, out_path: str, model: Optional[str] = None, force: bool = False) -> Dict[str, torch.Tensor]:
+    """Read ``source`` (any greenmim/timm checkpoint), convert, write ``{"model": ...}`` to ``out_path``
+    (a ``.pth``/``.pt`` file that is not ``source``, replaced only with ``force``; checked before
+    ``source`` is read, written atomically)."""
+    out = output_file(out_path, "swin_official.pth", (".pth", ".pt"), [source], option="OUT")
+    check_replaceable(out, [out], force, option="OUT")
     state = timm_encoder_state(unwrap_state_dict(read_checkpoint(source)))
     if (model and not model.startswith("swin_")) or any(k.startswith("patch_embeds.") for k in state):
         raise UserError("only Swin needs a layout conversion: timm's Twins keys are the official ones (use the encoder as is)")
     if not any(k.startswith("layers.") for k in state):
         raise UserError(f"{source} holds no Swin encoder (no 'layers.*' keys)")
     official = timm_to_official_swin(state)
-    torch.save({"model": official}, out_path)
+    atomic_save({"model": official}, out, then="then run the command again", elsewhere="OUT")
     return official
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="greenmim pretraining / fine-tuning / detection checkpoint, exported encoder or timm checkpoint")
     parser.add_argument("out", help="output .pth ({'model': official-layout state dict})")
     parser.add_argument("--model", default=None, help="timm model name (only checked to be a Swin)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
-    try:
-        official = export_official(args.source, args.out, args.model)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with report_errors(PROG):
+        official = export_official(args.source, args.out, args.model, force=args.force)
     print(f"wrote {len(official)} tensors in the official Swin layout to {args.out}")
     return 0
 

@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import UserError, one_line
+from .files import atomic_write, temporary_name
 
 log = logging.getLogger(__name__)
 
@@ -57,31 +58,24 @@ CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"step-(\d+)\.pt$")
 
 
-def atomic_save(obj: Any, path: os.PathLike) -> Path:
-    """``torch.save`` to ``path`` via a temporary file and :func:`os.replace` (atomic on POSIX).
+def atomic_save(obj: Any, path: os.PathLike, **write_error_args: str) -> Path:
+    """``torch.save`` to ``path`` atomically (:func:`~greenmim.engine.files.atomic_write`: a temporary
+    file, fsync, the umask's mode, :func:`os.replace`).
 
-    On failure the temporary file is removed and an existing ``path`` is left as it was; a full disk
-    or a read-only folder raises :class:`UserError` ("no space left on <folder>" / "cannot write").
+    On failure an existing ``path`` is left as it was; a full disk or a read-only folder raises
+    :class:`UserError` ("no space left on <folder>" / "cannot write"; ``write_error_args``: the
+    ``then``/``elsewhere`` of :func:`write_error`, for callers other than training).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write({path: lambda f: torch.save(obj, f)})
     except OSError as exc:
-        raise write_error(exc, path) from exc
+        raise write_error(exc, path, **write_error_args) from exc
     except RuntimeError as exc:  # torch.save wraps the OSError of a failed write in a RuntimeError
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, OSError):
-            raise write_error(cause, path) from exc
+            raise write_error(cause, path, **write_error_args) from exc
         raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -278,7 +272,7 @@ class CheckpointManager:
         path = atomic_save(state, self.folder / f"step-{step:08d}.pt")
         if epoch_completed and self.keep_every_epochs > 0 and epoch_completed % self.keep_every_epochs == 0:
             periodic = self.folder / f"epoch-{epoch_completed:04d}-step-{step:08d}.pt"
-            tmp = periodic.with_name(f".{periodic.name}.tmp{os.getpid()}")
+            tmp = temporary_name(periodic)
             try:
                 os.link(path, tmp)
                 os.replace(tmp, periodic)
