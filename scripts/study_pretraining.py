@@ -194,6 +194,10 @@ def evaluate(args, root: Path, out: Path) -> None:
                 run = eval_dir(out, arm, seed, kind)
                 if (run / "results.json").is_file():
                     continue
+                if run.exists():  # an interrupted evaluation: start it again (a run never writes into another's folder)
+                    import shutil
+
+                    shutil.rmtree(run)
                 run_logged(eval_cmd(args, kind, seed, root, run, checkpoint), run.with_suffix(".log"), child_env(args.threads))
 
 

@@ -97,10 +97,10 @@ def test_detect_leaves_a_given_data_root_byte_identical(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)  # data=coco's default data.root is the relative data/coco
     root = make_coco_root(tmp_path / "coco")
     before = snapshot(root)
-    # the demo experiment's data.synthetic leaking into a real data root: refused, nothing generated
-    code, err = run_cli(monkeypatch, capsys, "detect", "greenmim-detect", "experiment=detect_quick", "data=coco", f"data.root={root}",
-                        f"output_dir={tmp_path / 'leak'}", *DETECT_TINY)
-    assert_one_line(code, err, "greenmim-detect", r"data.synthetic is set but data=coco reads your own files.*data.synthetic=null")
+    # the demo experiment with data=coco: its generated data is replaced whole (issue 17), nothing leaks
+    with initialize_config_module("greenmim.configs", version_base=None):
+        leak = compose("detect", overrides=["experiment=detect_quick", "data=coco", f"data.root={root}"])
+    assert leak.data.name == "coco" and leak.data.synthetic is None
     # a synthetic set may not be generated into a folder the user named either
     code, err = run_cli(monkeypatch, capsys, "detect", "greenmim-detect", "data=coco_synthetic", f"data.root={root}",
                         f"output_dir={tmp_path / 'gen'}", *DETECT_TINY)

@@ -7,7 +7,11 @@
 * :func:`report_errors`: turns :class:`~greenmim.engine.errors.UserError` (bad data, bad config),
   non-finite losses and handled stop signals into one ``<prog>: ...`` line on stderr and the
   documented exit code (2, 3, 128 + signal number).
-* :func:`run_app`: :mod:`.validate`'s range checks of every numeric key, then the task.
+* :func:`run_app`: every ``${...}`` resolved, :mod:`.validate`'s range checks of every numeric key,
+  the run folder checked (outside ``data.root``, writable) and locked (:mod:`greenmim.engine.rundir`),
+  then the task.
+* :func:`launch`: a Ctrl-C before training (or outside it) is one line and exit 130, no traceback
+  (:func:`interrupted_line`; :mod:`greenmim.cli` covers the imports before it).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..engine.checkpoint import CHECKPOINT_DIR, find_latest, load_checkpoint
 from ..engine.distributed import cleanup_distributed
 from ..engine.errors import EXIT_NONFINITE, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, Preempted, UserError, one_line
+from ..engine.rundir import check_outside_data, run_folder
+from . import EXIT_INTERRUPTED, interrupted_line
 from ..engine.trainer import OptimConfig, TrainerConfig
 from .validate import check_config
 
@@ -137,21 +143,51 @@ def check_replaceable(output: Path, files: Sequence[Path], force: bool, option: 
 
 
 def launch(prog: str, task: str, hydra_app) -> None:
-    """Console entry point of a Hydra CLI: one-line errors for config typos, then the app."""
-    precheck_overrides(prog, task, sys.argv[1:])
-    hydra_app()
+    """Console entry point of a Hydra CLI: one-line errors for config typos, then the app; a Ctrl-C
+    (``KeyboardInterrupt``: the training loop turns SIGINT into a checkpoint instead) is one line, exit 130."""
+    try:
+        precheck_overrides(prog, task, sys.argv[1:])
+        hydra_app()
+    except KeyboardInterrupt:
+        print(interrupted_line(prog), file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
     """Run ``run(cfg)`` with one-line errors, after checking the config is a ``task`` recipe (every
-    root config and experiment sets ``task``: an experiment of another entry point is refused)."""
+    root config and experiment sets ``task``: an experiment of another entry point is refused), that
+    it resolves and is in range, and with its ``output_dir`` prepared (:func:`prepare_run_folder`)."""
     with report_errors(prog):
+        check_resolves(cfg)
         if cfg.get("task", task) != task:
             raise ConfigError(
                 f"this experiment is a {cfg.task} recipe, not a {task} one: run it with greenmim-{cfg.task}"
             )
         check_config(cfg, task)
-        run(cfg)
+        with prepare_run_folder(cfg):
+            run(cfg)
+
+
+def check_resolves(cfg: DictConfig) -> None:
+    """Every ``${...}`` of the config resolves; the first that does not is a :class:`ConfigError` naming its key."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as exc:
+        key = getattr(exc, "full_key", None) or "a config value"
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{key}: {msg}; fix the ${{...}} reference, or escape a literal one as \\${{...}}") from None
+
+
+def prepare_run_folder(cfg: DictConfig):
+    """The run's ``output_dir``: refused inside ``data.root`` (generated data aside), then created,
+    checked writable and locked by rank 0 for the whole run (the lock is released on exit; see
+    :func:`greenmim.engine.rundir.run_folder`). A context manager."""
+    root = OmegaConf.select(cfg, "data.root", default=None, throw_on_missing=False)
+    if not OmegaConf.select(cfg, "data.synthetic", default=None) and root not in (None, "???"):
+        check_outside_data(str(cfg.output_dir), root)
+    return run_folder(str(cfg.output_dir), enabled=int(os.environ.get("RANK", "0")) == 0)
 
 
 @contextlib.contextmanager
@@ -207,6 +243,11 @@ def _friendly_composition_error(exc: BaseException, config_name: str, overrides:
         close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=1)
         hint = f"did you mean {parent_path + '.' if parent_path else ''}{close[0]}? " if close else ""
         return f"unknown config key '{key}': {hint}(`--cfg job` prints the config; prefix with + to add a new key)"
+    m = re.search(r"LexerNoViableAltException: (\S+?)=(.*?) \^", text)
+    if m:
+        key, value = m.groups()
+        return (f"cannot parse the override {key}={value} (a character Hydra's override grammar does not take unquoted): "
+                f"quote the value, e.g. '{key}=\"{value}\"' (the single quotes are for the shell)")
     m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
     if m:
         group, option = m.groups()

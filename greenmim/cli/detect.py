@@ -88,7 +88,8 @@ def check_coco_files(data: Dict[str, Any], splits) -> None:
 
 
 def prepare_data(data: Dict[str, Any], dist, output_dir: Path, eval_only: bool = False) -> Dict[str, Any]:
-    """Fill the four paths from ``data.root`` (standard COCO layout) and check they exist; with
+    """Fill the four paths from ``data.root`` (standard COCO layout; a path given relative is taken
+    relative to ``data.root``) and check they exist; with
     ``data.synthetic``, generate the set first (rank 0), only under ``output_dir`` or the cache folder."""
     data = dict(data)
     synthetic = data.get("synthetic")
@@ -102,12 +103,12 @@ def prepare_data(data: Dict[str, Any], dist, output_dir: Path, eval_only: bool =
             data[f"{split}_images"] = str(root / split)
             data[f"{split}_ann"] = str(root / "annotations" / f"instances_{split}.json")
     year = str(data.get("year", "2017"))
+    root = os.path.expanduser(str(data.get("root") or "."))
     for split in ("train", "val"):
-        images, ann = coco_paths(data.get("root") or ".", split, year)
-        if not data.get(f"{split}_images"):
-            data[f"{split}_images"] = images
-        if not data.get(f"{split}_ann"):
-            data[f"{split}_ann"] = ann
+        for key, default in zip((f"{split}_images", f"{split}_ann"), coco_paths(root, split, year)):
+            given = data.get(key)
+            # a relative path is relative to data.root (an absolute one stays as it is)
+            data[key] = os.path.join(root, os.path.expanduser(str(given))) if given else default
     check_coco_files(data, ("val",) if eval_only else ("train", "val"))
     return data
 
@@ -138,6 +139,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
                 f"{len(unexpected)} e.g. {unexpected[:2]}): use the model= and data= of the run that wrote it"
             )
         model.to(dist.device)
+        log.info("%s", task.data_summary())
         log.info("eval_only: %s on %d images", ckpt, len(task.val_set))
         metrics = evaluate_coco(model, task.val_set, dist.device, dist, batch_size=int(data.get("eval_batch_size", 1)),
                                 num_workers=int(data.get("num_workers", 0)), output_dir=str(output_dir), prefix="eval_",

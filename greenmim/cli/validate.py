@@ -7,6 +7,7 @@ must be. Task-specific checks (e.g. the mask ratio against the image's unit grid
 """
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
@@ -131,6 +132,20 @@ RULES: Sequence[Rule] = (
     count("detector.fpn_channels"),
 )
 
+#: the torchvision ``MaskRCNN`` arguments ``detector.maskrcnn`` may set (numbers), with their ranges;
+#: any other key there is refused (torchvision would swallow a misspelt one silently)
+MASKRCNN_RULES: Sequence[Rule] = tuple(
+    count(f"detector.maskrcnn.{name}") for name in (
+        "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test",
+        "rpn_batch_size_per_image", "box_batch_size_per_image", "box_detections_per_img",
+    )
+) + tuple(
+    fraction(f"detector.maskrcnn.{name}") for name in (
+        "rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_score_thresh",
+        "box_score_thresh", "box_nms_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh",
+    )
+) + tuple(fraction(f"detector.maskrcnn.{name}", low_open=True) for name in ("rpn_positive_fraction", "box_positive_fraction"))
+
 #: keys holding a list of numbers: ``(key, element rule, length or None)``
 LIST_RULES: Sequence[Tuple[Rule, Optional[int]]] = (
     (Rule("optim.betas", low=0.0, high=1.0, high_open=True), 2),
@@ -211,7 +226,26 @@ def check_decode_mode(cfg: DictConfig) -> None:
         check_decode(value)
 
 
-TASK_CHECKS: dict = {"pretrain": (check_pretrain, check_decode_mode)}
+def check_detect(cfg: DictConfig) -> None:
+    """``detector.maskrcnn``: only the keys of :data:`MASKRCNN_RULES` (a did-you-mean for a typo), each in range."""
+    given = _value(cfg, "detector.maskrcnn")
+    if given is _MISSING or given is None:
+        return
+    if not isinstance(given, dict):
+        raise ConfigError(f"detector.maskrcnn={given!r} is invalid: set it to a mapping of MaskRCNN arguments, e.g. {{box_detections_per_img: 100}}")
+    valid = sorted(rule.key.rsplit(".", 1)[1] for rule in MASKRCNN_RULES)
+    for key in given:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean detector.maskrcnn.{close[0]}? " if close else ""
+            raise ConfigError(f"unknown key detector.maskrcnn.{key}: {hint}valid keys: {', '.join(valid)}")
+    for rule in MASKRCNN_RULES:
+        value = _value(cfg, rule.key)
+        if value is not _MISSING and not rule.ok(value):
+            _fail(rule, value)
+
+
+TASK_CHECKS: dict = {"pretrain": (check_pretrain, check_decode_mode), "detect": (check_detect,)}
 
 
 def check_config(cfg: DictConfig, task: str) -> None:

@@ -5,8 +5,13 @@ augmentation a uint8 ``(3, H, W)`` crop (``data.decode=cpu``) or the file's byte
 (``data.decode=device``, decoded batched in the main process: :mod:`greenmim.data.device_decode`).
 
 * ``imagefolder``: ImageNet layout ``root/<split>/<class>/<image>`` (``root`` itself when it has no
-  ``<split>`` sub-folder); listed with torchvision's ``find_classes``/``make_dataset``.
+  ``<split>`` sub-folder); classes from torchvision's ``find_classes``, files in ``make_dataset``'s order.
 * ``folder``: every image file below ``root``, recursively, in sorted order.
+
+Both follow symbolic links to folders, but list each real folder once (:func:`walk_image_dirs`): a
+link to a folder already listed (a link to an ancestor loops, and would repeat every image once per
+level of nesting the file system allows) is skipped with a warning. Following them at most once keeps
+the common use (a data folder assembled from links to other disks) working.
 * ``synthetic``: deterministic generated pictures (gradients, shapes, stripes), no files needed.
 """
 from __future__ import annotations
@@ -14,13 +19,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.datasets.folder import find_classes
 
 from ..engine.distributed import DistInfo
 from ..engine.sampler import ResumableDistributedSampler, SeededDataset
@@ -85,6 +90,30 @@ class ImageFiles(Dataset):
         )
 
 
+def walk_image_dirs(top: str) -> List[Tuple[str, List[str]]]:
+    """``[(folder, sorted image file names), ...]`` below ``top``, top-down, sub-folders in sorted order,
+    hidden files and folders skipped. Folder links are followed, but each real folder is listed once:
+    a link to one already seen (e.g. to an ancestor: a loop) is skipped, with one warning for all."""
+    seen = {os.path.realpath(top)}
+    repeated: List[str] = []
+    listing = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in seen:
+                repeated.append(os.path.join(dirpath, name))
+            else:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
+        listing.append((dirpath, sorted(f for f in filenames if is_image_file(f) and not f.startswith("."))))
+    if repeated:
+        log.warning("%s: skipped %d linked folder(s) that lead to a folder already listed, e.g. %s -> %s "
+                    "(each real folder is read once)", top, len(repeated), repeated[0], os.path.realpath(repeated[0]))
+    return listing
+
+
 def list_imagefolder(root: str, split: Optional[str] = "train") -> List[str]:
     """Image paths of an ImageNet-layout folder (``root/split/class/*`` or ``root/class/*``)."""
     root = check_root(root)
@@ -96,23 +125,20 @@ def list_imagefolder(root: str, split: Optional[str] = "train") -> List[str]:
             f"{base} has no class sub-folders (ImageNet layout is root/{split or 'train'}/<class>/<image>); "
             "for a plain tree of images use data=folder"
         ) from None
-    try:
-        samples = make_dataset(base, class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
-    except TypeError:  # torchvision < 0.16 has no allow_empty
-        samples = make_dataset(base, class_to_idx, extensions=IMAGE_EXTENSIONS)
-    if not samples:
+    paths = []
+    for name in sorted(class_to_idx):  # make_dataset's order: classes, then folders by path, then files
+        for dirpath, filenames in sorted(walk_image_dirs(os.path.join(base, name))):
+            paths += [os.path.join(dirpath, f) for f in filenames]
+    if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {base}: check data.root")
-    return [path for path, _ in samples]
+    return paths
 
 
 def list_folder(root: str, what: str = "data.root") -> List[str]:
     """Every image file below ``root`` (recursive, sorted, hidden folders skipped); ``what`` names
     the option or argument that gave ``root``, for the error messages."""
     root = check_root(root, what)
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        paths += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f) and not f.startswith(".")]
+    paths = [os.path.join(dirpath, f) for dirpath, filenames in walk_image_dirs(root) for f in filenames]
     if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}: check {what}")
     return paths

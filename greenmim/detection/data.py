@@ -15,7 +15,9 @@ COCO conventions kept here:
 
 * category ids (sparse in COCO: 1..90 for 80 classes) are mapped to contiguous labels ``1..K`` in
   ascending id order; :attr:`CocoDetection.label_to_cat` maps them back for the results file;
-* masks come from polygons, uncompressed RLE or compressed RLE (``COCO.annToMask``);
+* ids of images, annotations and categories are integers (a string id is refused);
+* masks come from polygons, uncompressed RLE or compressed RLE (``COCO.annToMask``); an RLE must
+  have the image's ``[height, width]`` and runs covering it exactly (:mod:`.rle`);
 * crowd annotations (``iscrowd=1``) are left out of the training targets (their boxes are not
   trained on); evaluation sees them through the ground-truth file, where COCOeval ignores
   detections matched to them, as the official evaluation does;
@@ -26,7 +28,9 @@ Bad input is reported early, at construction: a missing or malformed annotation 
 the fix; images listed but absent on disk raise (``missing_images="error"``) or are dropped with a
 count (``"skip"``); malformed boxes (non-finite, zero or negative width/height, or empty after
 clipping to the image) and annotations without a segmentation are dropped with a count
-(``bad_boxes="skip"``) or raise (``"error"``).
+(``bad_boxes="skip"``) or raise (``"error"``). A training image that does not decode is met in a
+loader worker and follows pretraining's ``data.on_corrupt``: skipped with a warning and a count, the
+next readable image taking its place (``"skip"``), or a one-line error (``"error"``).
 """
 from __future__ import annotations
 
@@ -45,8 +49,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..data.datasets import ImageFiles
 from ..data.images import DECODE_CHECK_LIMIT
 from ..engine.errors import ConfigError, UserError
+from .rle import rle_problem
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +117,14 @@ def load_coco_json(ann_file: str) -> Dict[str, Any]:
                     f"annotation file {ann_file}: {what}[{i}] lacks {', '.join(missing)} "
                     f"(every entry of '{what}' needs {', '.join(required)})"
                 )
+    for what, keys in (("images", ("id",)), ("categories", ("id",)), ("annotations", ("id", "image_id", "category_id"))):
+        for item in data[what]:
+            for key in keys:
+                if not isinstance(item[key], int) or isinstance(item[key], bool):
+                    raise CocoFormatError(
+                        f"annotation file {ann_file}: {what[:-1]} {key} {item[key]!r} is not an integer "
+                        f"(COCO ids are integers): renumber the {what} with integer ids"
+                    )
     for what in ("images", "categories", "annotations"):
         ids = [item["id"] for item in data[what]]
         if len(set(ids)) != len(ids):
@@ -151,17 +165,14 @@ def check_box(ann: Dict[str, Any], width: int, height: int) -> Optional[str]:
     return None
 
 
-def check_segmentation(seg: Any) -> Optional[str]:
-    """Why a ``segmentation`` cannot be turned into a mask, or None when it can (an empty one is
-    :func:`check_box`'s concern). Polygons need an even number of finite coordinates and at least
-    3 points each; RLEs a ``size`` and ``counts``."""
+def check_segmentation(seg: Any, height: int, width: int) -> Optional[str]:
+    """Why a ``segmentation`` cannot be turned into a mask of its ``height`` x ``width`` image, or None
+    when it can (an empty one is :func:`check_box`'s concern). Polygons need an even number of finite
+    coordinates and at least 3 points each; RLEs the image's size and valid counts (:func:`~.rle.rle_problem`)."""
     if not seg:
         return None
     if isinstance(seg, dict):
-        size = seg.get("size")
-        if not (isinstance(size, (list, tuple)) and len(size) == 2) or "counts" not in seg:
-            return "RLE segmentation lacks size [h, w] or counts"
-        return None
+        return rle_problem(seg, height, width)
     if not isinstance(seg, list):
         return "segmentation is neither a list of polygons nor an RLE"
     for poly in seg:
@@ -181,6 +192,8 @@ class DataReport:
     """What construction dropped, for the log and the closing metrics."""
 
     images: int = 0
+    annotations: int = 0
+    categories: int = 0
     missing_images: int = 0
     empty_images_dropped: int = 0
     bad_annotations: int = 0
@@ -188,7 +201,7 @@ class DataReport:
     examples: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        parts = [f"{self.images} images"]
+        parts = [f"{self.images} images", f"{self.annotations} annotations", f"{self.categories} categories"]
         if self.missing_images:
             parts.append(f"{self.missing_images} listed images missing on disk (skipped)")
         if self.empty_images_dropped:
@@ -212,6 +225,8 @@ class CocoDetection(Dataset):
         bad_boxes: ``"skip"`` (count and drop) or ``"error"`` for malformed annotations.
         missing_images: ``"error"`` or ``"skip"`` (count and drop) for images absent on disk.
         max_images: keep only the first N images (ascending id) for quick runs; 0 keeps all.
+        on_corrupt: ``"skip"`` or ``"error"`` for an image that does not decode when it is loaded
+            (see the module docstring); validation sets are checked up front by :meth:`check_images`.
     """
 
     def __init__(
@@ -224,8 +239,9 @@ class CocoDetection(Dataset):
         bad_boxes: str = "skip",
         missing_images: str = "error",
         max_images: int = 0,
+        on_corrupt: str = "skip",
     ):
-        for name, value in (("bad_boxes", bad_boxes), ("missing_images", missing_images)):
+        for name, value in (("bad_boxes", bad_boxes), ("missing_images", missing_images), ("on_corrupt", on_corrupt)):
             if value not in POLICIES:
                 raise ConfigError(f"data.{name}={value!r}: choose one of {', '.join(POLICIES)}")
         if not os.path.isdir(img_dir):
@@ -246,12 +262,16 @@ class CocoDetection(Dataset):
         self.class_names: List[str] = [self.coco.cats[c].get("name", str(c)) for c in self.cat_ids]
         self.ids, self.anns = self._scan(bad_boxes, missing_images, filter_empty, max_images)
         self.report.images = len(self.ids)
+        self.report.annotations = sum(len(anns) for anns in self.anns.values())
+        self.report.categories = len(self.cat_ids)
+        # decoding (and on_corrupt) is pretraining's; an item is (image, id of the image actually read)
+        self.files = ImageFiles([os.path.join(img_dir, self.coco.imgs[i]["file_name"]) for i in self.ids], to_tensor,
+                                on_corrupt, targets=self.ids)
         if not self.ids:
             raise CocoFormatError(
                 f"no usable images in {ann_file} with images under {img_dir} ({self.report.summary()}); "
                 f"check data.root / the image folder, or set data.filter_empty=false"
             )
-        log.info("%s: %s", os.path.basename(ann_file), self.report.summary())
 
     @property
     def num_classes(self) -> int:
@@ -271,8 +291,9 @@ class CocoDetection(Dataset):
         than 3 points, odd coordinate counts, broken RLEs): pycocotools would crash on them in
         training and in evaluation, where the ground truth is this index."""
         kept = []
+        sizes = {im["id"]: (im["height"], im["width"]) for im in dataset["images"]}
         for ann in dataset["annotations"]:
-            why = check_segmentation(ann.get("segmentation"))
+            why = check_segmentation(ann.get("segmentation"), *sizes[ann["image_id"]])
             if why is None:
                 kept.append(ann)
             else:
@@ -346,18 +367,17 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def load_image(self, img_id: int) -> torch.Tensor:
+    def load_image(self, index: int) -> Tuple[torch.Tensor, int]:
+        """``(image, image id)`` of item ``index``, or of the next readable one when it does not
+        decode and ``on_corrupt="skip"``; a size other than the JSON's is an error."""
+        image, img_id = self.files[index]
         info = self.coco.imgs[img_id]
-        path = os.path.join(self.img_dir, info["file_name"])
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if (im.height, im.width) != (info["height"], info["width"]):
-                raise CocoFormatError(
-                    f"{path} is {im.width}x{im.height} but {self.ann_file} says {info['width']}x{info['height']}: "
-                    f"fix the file's width/height entries"
-                )
-            arr = np.asarray(im, dtype=np.uint8).copy()
-        return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+        if tuple(image.shape[1:]) != (info["height"], info["width"]):
+            raise CocoFormatError(
+                f"{os.path.join(self.img_dir, info['file_name'])} is {image.shape[2]}x{image.shape[1]} but {self.ann_file} "
+                f"says {info['width']}x{info['height']}: fix the file's width/height entries"
+            )
+        return image, img_id
 
     def target(self, img_id: int) -> Dict[str, torch.Tensor]:
         """The training target of one image (crowd and malformed annotations left out)."""
@@ -382,12 +402,17 @@ class CocoDetection(Dataset):
         }
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        img_id = self.ids[index]
-        image = self.load_image(img_id)
+        image, img_id = self.load_image(index)
         target = self.target(img_id)
         if self.train and self.flip_prob > 0 and random.random() < self.flip_prob:
             image, target = hflip(image, target)
         return image, target
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a ``(3, H, W)`` float tensor in ``[0, 1]``."""
+    arr = np.asarray(image, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
 def hflip(image: torch.Tensor, target: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -51,11 +52,12 @@ def build_datasets(data: Mapping[str, Any], train: bool = True) -> Tuple[Optiona
     if train:
         train_set = CocoDetection(
             data["train_images"], data["train_ann"], train=True, flip_prob=float(data.get("flip_prob", 0.5)),
-            filter_empty=bool(data.get("filter_empty", True)), max_images=int(data.get("max_images", 0) or 0), **common,
+            filter_empty=bool(data.get("filter_empty", True)), max_images=int(data.get("max_images", 0) or 0),
+            on_corrupt=data.get("on_corrupt", "skip"), **common,
         )
     val_set = CocoDetection(
         data["val_images"], data["val_ann"], train=False, flip_prob=0.0, filter_empty=False,
-        max_images=int(data.get("max_val_images", 0) or 0), **common,
+        max_images=int(data.get("max_val_images", 0) or 0), on_corrupt="error", **common,
     )
     val_set.check_images()  # a bad validation image fails now, not after the first epoch
     if train_set is not None and train_set.cat_ids != val_set.cat_ids:
@@ -173,6 +175,14 @@ class DetectionTask(TrainTask):
         self.num_classes = self.val_set.num_classes
         self.last_metrics: Dict[str, float] = {}
         self.load_report = None
+        self._first_step_start: Optional[float] = None  # when a fresh run's first step began
+        self._first_loss: Optional[torch.Tensor] = None  # its first micro-batch's loss, until logged
+
+    def data_summary(self) -> str:
+        """One line: images, annotations, categories and what was skipped, per split."""
+        sets = (("train", self.train_set), ("val", self.val_set))
+        return "data: " + " | ".join(f"{split} {os.path.basename(ds.ann_file)}: {ds.report.summary()}"
+                                     for split, ds in sets if ds is not None)
 
     # -- engine hooks ---------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -198,6 +208,8 @@ class DetectionTask(TrainTask):
         if self.train_set is None:
             raise ConfigError("this task was built with train=False (eval_only); no training loader")
         d = self.data_cfg
+        if dist.is_main:
+            log.info("%s", self.data_summary())
         sampler = ResumableDistributedSampler(len(self.train_set), dist.world_size, dist.rank, shuffle=True,
                                               seed=seed, drop_last=True, seeded=True)
         workers = int(d.get("num_workers", 0))
@@ -209,16 +221,30 @@ class DetectionTask(TrainTask):
                           persistent_workers=workers > 0, pin_memory=dist.device.type == "cuda")
 
     def training_step(self, model: nn.Module, batch: Any, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
+        if trainer.step == 0 and self._first_step_start is None:
+            self._first_step_start = time.perf_counter()
         images, targets = batch
         device = trainer.device
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         losses = model(images, targets)
         loss = sum(losses.values())
+        if trainer.step == 0 and self._first_loss is None:
+            self._first_loss = loss.detach()
         return loss, {k: v.detach() for k, v in losses.items()}  # read back only when the trainer logs
 
     def batch_size(self, batch: Any) -> int:
         return len(batch[0])
+
+    def on_step_end(self, model: nn.Module, trainer) -> None:
+        """A progress line after step 1 (a detection step is slow: the first ``trainer.log_every``
+        line may be minutes away); it reads the first loss back, once."""
+        if trainer.step != 1 or self._first_loss is None:
+            return
+        loss, self._first_loss = self._first_loss, None
+        if trainer.dist.is_main and trainer.cfg.log_every > 1:
+            log.info("step 1/%d | loss %.4f | %.1f s | next progress line at step %d (trainer.log_every)",
+                     trainer.total_steps, float(loss), time.perf_counter() - self._first_step_start, trainer.cfg.log_every)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> Optional[List[Dict[str, Any]]]:
         return detection_param_groups(model, weight_decay, self.layer_decay)

@@ -11,6 +11,7 @@
 * :mod:`.step` — one optimisation step (micro-steps, the optimizer step, `trainer.compile`).
 * :mod:`.signals` — graceful stop on SIGTERM / SIGINT / SIGUSR1 (preemption).
 * :mod:`.threads` — CPU intra-op threads left free for the loader workers.
+* :mod:`.workers` — loader worker processes shut down when ``fit`` ends and at exit (no hang after an error).
 """
 from .checkpoint import CheckpointManager, atomic_save, find_latest, load_checkpoint, resolve_resume, upgrade_checkpoint
 from .distributed import (

@@ -5,7 +5,7 @@ Layout: ``<output_dir>/checkpoints/step-00001234.pt`` (rolling, the newest ``kee
 in the same folder, flushed to disk and then renamed with :func:`os.replace`, so a run killed at
 any moment leaves either the previous file set or the new one, never a truncated "latest".
 
-**Format, version 2** (:data:`VERSION`; written by :meth:`greenmim.engine.Trainer.state_dict`, a
+**Format, version 3** (:data:`VERSION`; written by :meth:`greenmim.engine.Trainer.state_dict`, a
 ``torch.save`` dict; every key is read back by :meth:`~greenmim.engine.Trainer.load` unless noted):
 
 ==================  ==========================================================================
@@ -25,14 +25,25 @@ any moment leaves either the previous file set or the new one, never a truncated
 ``task_shared``     ``task.shared_state_dict()`` (e.g. EMA weights), stored once
 ``config``          the resolved run config (also ``config.yaml``; read by the CLIs that rebuild
                     the model from a checkpoint)
+``micro_batch``     the per-process micro-batch (``loader.batch_size``) and ``accum_steps``: a
+``accum_steps``     resume with other values is refused (positions and steps count these batches)
+``lr_schedule``     ``{"total_steps", "resumed_at", "progress_at_resume"}``: the lr schedule's length
+                    and where a resume with a changed length re-timed it
+                    (:meth:`~greenmim.engine.schedule.LRSchedule.retimed`)
 ==================  ==========================================================================
+
+**After evaluation**: the epoch's checkpoint is written once, before its evaluation; what evaluation
+and ``on_epoch_end`` change (the task's per-rank state, e.g. the best accuracy, and the RNG streams)
+goes to a small sidecar ``step-<step>.after-eval`` (``{"step", "rank_states", "metrics"}``) that
+:meth:`~greenmim.engine.Trainer.load` applies over the checkpoint's ``rank_states``.
 
 **Changing the format**: bump :data:`VERSION`, write the new keys in ``Trainer.state_dict``, and add
 an ``_upgrade_v<N>`` function to :data:`UPGRADES` that turns a version-N dict into version N+1
 (new keys with the value an old run implies, dropped keys popped). :func:`load_checkpoint` applies
 the chain, so every reader sees the current version and old checkpoints keep loading.
 
-Version 1 (before this table) also wrote ``schedule`` (``{step, total_steps, peak_lr}``, never
+Version 2 lacked ``micro_batch``, ``accum_steps`` and ``lr_schedule`` (taken from the config when it
+has them). Version 1 (before this table) also wrote ``schedule`` (``{step, total_steps, peak_lr}``, never
 read: the schedule is a function of ``step`` and the config) and its first releases lacked
 ``batch_in_epoch``, ``skipped_steps``, ``world_size`` and ``task_shared``.
 """
@@ -53,9 +64,16 @@ from .files import atomic_write, temporary_name
 log = logging.getLogger(__name__)
 
 FORMAT = "greenmim-checkpoint"
-VERSION = 2
+VERSION = 3
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"step-(\d+)\.pt$")
+AFTER_EVAL_SUFFIX = ".after-eval"
+#: what a file of another greenmim format is, and what to do with it instead of resuming it
+FOREIGN_FORMATS = {
+    "greenmim-classifier": "a fine-tuned classifier (like checkpoints/best.pt), not a training checkpoint: evaluate it with "
+                           "greenmim-finetune eval_only=true checkpoint=PATH, fine-tune from it with pretrained=PATH, or "
+                           "resume from the run's checkpoints/step-*.pt",
+}
 
 
 def atomic_save(obj: Any, path: os.PathLike, **write_error_args: str) -> Path:
@@ -100,6 +118,9 @@ def load_checkpoint(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, A
     except Exception as exc:  # truncated or foreign file
         raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        foreign = FOREIGN_FORMATS.get(ckpt.get("format")) if isinstance(ckpt, dict) else None
+        if foreign:
+            raise UserError(f"{path} is {foreign}")
         raise UserError(f"{path} is not a greenmim training checkpoint (no '{FORMAT}' marker)")
     return upgrade_checkpoint(ckpt, path)
 
@@ -118,8 +139,18 @@ def _upgrade_v1(ckpt: Dict[str, Any]) -> Dict[str, Any]:
     return ckpt
 
 
+def _upgrade_v2(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """Version 2 -> 3: the batch sizes from the stored config when it has them (else None: unchecked),
+    no schedule record (the resuming run's schedule is taken as the checkpoint's)."""
+    config = ckpt.get("config") or {}
+    ckpt.setdefault("micro_batch", (config.get("data") or {}).get("batch_size"))
+    ckpt.setdefault("accum_steps", (config.get("trainer") or {}).get("accum_steps"))
+    ckpt.setdefault("lr_schedule", None)
+    return ckpt
+
+
 #: ``version -> function`` turning a checkpoint of that version into the next version.
-UPGRADES = {1: _upgrade_v1}
+UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}
 
 
 def upgrade_checkpoint(ckpt: Dict[str, Any], path: Any = "checkpoint") -> Dict[str, Any]:
@@ -209,12 +240,42 @@ def set_aside(unreadable: List[Tuple[Path, str]]) -> List[Path]:
     what could not be read, and keep rotation and later ``resume=auto`` clear of them. Returns the new paths."""
     moved = []
     for path, why in unreadable:
-        target = path.parent / "unreadable" / path.name
+        target = _free_name(path.parent / "unreadable" / path.name)
         target.parent.mkdir(exist_ok=True)
         os.replace(path, target)
         log.warning("skipped unreadable checkpoint %s (%s); moved it to %s", path.name, why, target)
         moved.append(target)
     return moved
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``<stem>.<n><suffix>`` with the first ``n`` not taken (an earlier file is never replaced)."""
+    n = 1
+    target = path
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.stem}.{n}{path.suffix}")
+    return target
+
+
+def after_eval_path(checkpoint: os.PathLike) -> Path:
+    """The sidecar holding the post-evaluation state of the checkpoint of that step (see the format notes)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent / f"step-{checkpoint_step(checkpoint):08d}{AFTER_EVAL_SUFFIX}"
+
+
+def load_after_eval(checkpoint: os.PathLike) -> Optional[Dict[str, Any]]:
+    """The sidecar of ``checkpoint`` when there is a readable one for its step, else None (a run killed
+    during the evaluation resumes from the checkpoint as it is)."""
+    path = after_eval_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated sidecar: the checkpoint alone is still a valid position
+        log.warning("ignoring unreadable %s (%s): resuming with the state saved before that evaluation", path, one_line(exc))
+        return None
+    return state if isinstance(state, dict) and state.get("step") == checkpoint_step(checkpoint) else None
 
 
 def check_output_dir(output_dir: os.PathLike) -> None:
@@ -281,8 +342,17 @@ class CheckpointManager:
         self.prune()
         return path
 
+    def save_after_eval(self, state: Dict[str, Any], step: int) -> Path:
+        """Write the post-evaluation sidecar of step ``step`` (``state`` holds ``step``, ``rank_states``, ``metrics``)."""
+        return atomic_save(state, self.folder / f"step-{step:08d}{AFTER_EVAL_SUFFIX}")
+
     def prune(self) -> None:
-        """Delete the rolling checkpoints beyond the newest ``keep_last``."""
+        """Delete the rolling checkpoints beyond the newest ``keep_last``, and sidecars of steps no
+        checkpoint holds any more."""
         rolling = sorted(self.folder.glob("step-*.pt"), key=checkpoint_step, reverse=True)
         for old in rolling[self.keep_last :]:
             old.unlink(missing_ok=True)
+        kept = {checkpoint_step(p) for p in self.folder.glob("*.pt")}
+        for sidecar in self.folder.glob(f"step-*{AFTER_EVAL_SUFFIX}"):
+            if int(sidecar.name[len("step-"):-len(AFTER_EVAL_SUFFIX)]) not in kept:
+                sidecar.unlink(missing_ok=True)

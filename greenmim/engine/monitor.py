@@ -21,6 +21,23 @@ import torch
 LOGGER_NAME = "greenmim"
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of a non-UTF-8 file name (which ``os.listdir`` returns as lone surrogates,
+    unencodable) written as ``\\xNN`` escapes, so any stream or file can take it."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name produced
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class PrintableFormatter(logging.Formatter):
+    """A formatter whose lines are always encodable (:func:`printable`): a file name with invalid
+    bytes in a message must not make the handler fail."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def setup_logging(output_dir: Optional[Path], rank: int = 0, level: int = logging.INFO) -> logging.Logger:
     """Configure the ``greenmim`` logger for this process (idempotent: handlers are replaced)."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -29,7 +46,7 @@ def setup_logging(output_dir: Optional[Path], rank: int = 0, level: int = loggin
         h.close()
     logger.propagate = False
     prefix = "" if rank == 0 else f"[rank {rank}] "
-    fmt = logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
+    fmt = PrintableFormatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)
     logger.addHandler(stream)
@@ -37,7 +54,7 @@ def setup_logging(output_dir: Optional[Path], rank: int = 0, level: int = loggin
     if rank == 0 and output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(Path(output_dir) / "train.log")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(fh)
     return logger
 

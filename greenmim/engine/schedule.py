@@ -10,6 +10,7 @@ Warmup and milestones are given in epochs (fractions allowed) or steps; epochs a
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Type
@@ -21,10 +22,20 @@ from .errors import ConfigError
 
 @dataclass
 class LRSchedule:
-    """Base: linear warmup from 0 over ``warmup_steps``, then :meth:`after_warmup`."""
+    """Base: linear warmup from 0 over ``warmup_steps``, then :meth:`after_warmup`.
+
+    **A changed length on resume** (``trainer.max_steps`` or ``trainer.epochs``): the steps already
+    done keep the lr they had, and the rest of the schedule is re-timed to end at the new
+    ``total_steps`` (:meth:`retimed`): from the resume step on, :meth:`progress` goes on from the
+    value it had there to 1 at the new end, so the lr continues without a jump (a cosine that had
+    reached its end stays at ``min_lr``); a warmup not finished yet finishes as configured.
+    ``resumed_at`` / ``progress_at_resume`` record that point (None: never re-timed).
+    """
 
     total_steps: int
     warmup_steps: int = 0
+    resumed_at: Optional[int] = None
+    progress_at_resume: float = 0.0
 
     def factor(self, step: int) -> float:
         if self.warmup_steps > 0 and step < self.warmup_steps:
@@ -34,6 +45,22 @@ class LRSchedule:
     def after_warmup(self, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def progress(self, step: int) -> float:
+        """The share (0..1) of the post-warmup part done before ``step``."""
+        start, done = (self.warmup_steps, 0.0) if self.resumed_at is None else (self.resumed_at, self.progress_at_resume)
+        if step <= start:
+            return done
+        return min(1.0, done + (1.0 - done) * (step - start) / max(1, self.total_steps - start))
+
+    def retimed(self, step: int, total_steps: int) -> "LRSchedule":
+        """This schedule continued from ``step`` so that it ends at ``total_steps`` (see the class notes)."""
+        start = max(step, self.warmup_steps)
+        return dataclasses.replace(self, total_steps=int(total_steps), resumed_at=start, progress_at_resume=self.progress(start))
+
+    def record(self) -> Dict[str, Any]:
+        """What a checkpoint stores to rebuild this schedule (``lr_schedule`` in the checkpoint format)."""
+        return {"total_steps": self.total_steps, "resumed_at": self.resumed_at, "progress_at_resume": self.progress_at_resume}
+
 
 @dataclass
 class WarmupCosine(LRSchedule):
@@ -42,8 +69,7 @@ class WarmupCosine(LRSchedule):
     min_lr_ratio: float = 0.0
 
     def after_warmup(self, step: int) -> float:
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
+        t = self.progress(step)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 

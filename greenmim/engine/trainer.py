@@ -39,7 +39,10 @@ Conventions:
   sampler lacking ``set_start`` is refused with an error naming the fix (no replay of the epoch).
 * Only rank 0 writes; every rank calls every hook (they may contain collectives).
 * Nothing is lost: ``output_dir`` is checked (writable, no other run's checkpoints unless resuming)
-  before anything is written; an epoch's checkpoint is written before its evaluation; a stop signal
+  and locked against a second process (:mod:`greenmim.engine.rundir`, rank 0, until :meth:`fit`
+  returns) before anything is written; an epoch's checkpoint is written once, before its evaluation
+  (what the evaluation changes goes to a small sidecar); a run ending inside an epoch records its
+  true position, so a resume with a larger ``max_steps`` goes on from there; a stop signal
   (SIGTERM, SIGINT, SIGUSR1) during :meth:`Trainer.fit` ends it after the current step with a
   checkpoint and :class:`~greenmim.engine.errors.Preempted` (see :mod:`greenmim.engine.signals`).
 """
@@ -58,12 +61,14 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (
+    CHECKPOINT_DIR,
     FORMAT,
     VERSION,
     CheckpointManager,
     check_one_run,
     check_output_dir,
     checkpoint_step,
+    load_after_eval,
     load_checkpoint,
     resolve_resume,
     scan_latest,
@@ -85,11 +90,13 @@ from .errors import ConfigError, NonFiniteLossError, Preempted, UserError, one_l
 from .monitor import MetricsWriter, Throughput, format_eta, peak_memory_gb, setup_logging
 from .optim import build_optimizer, scaled_lr
 from .precision import Precision
+from .rundir import acquire_lock, release_lock, remove_orphan_temps
 from .schedule import LRSchedule, apply_lr, build_schedule
 from .signals import StopSignals, with_ignored_stop_signals
 from .step import CUDAGRAPH_MODES, TrainingStep, compile_mode, compile_model, unwrap
 from .task import TrainTask
 from .threads import leave_cores_for_loader_workers
+from .workers import shutdown_loader_workers
 
 __all__ = ["Trainer", "TrainTask", "TrainerConfig", "OptimConfig", "unwrap", "enable_grad_checkpointing"]
 
@@ -144,12 +151,14 @@ class Trainer:
         self.skipped_steps = 0
         self.last_checkpoint: Optional[Path] = None
         self.signals: Optional[StopSignals] = None  # installed while fit() runs
+        self._locked: Optional[Path] = None  # output_dir while this trainer holds its lock (rank 0)
         self.history: List[Dict[str, float]] = []  # per-epoch summaries
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Build everything :meth:`fit` needs. The order matters: nothing is written before the
-        output folder is checked, and the model is built under the same seed on every rank."""
+        output folder is checked and locked (rank 0; :meth:`fit` releases the lock when it ends), and
+        the model is built under the same seed on every rank."""
         self.dist = init_distributed(self.cfg.device)
         self.device = self.dist.device
         self._prepare_output_dir()
@@ -176,9 +185,13 @@ class Trainer:
         error, resume, unreadable = None, None, []
         if self.dist.is_main:
             try:
+                check_output_dir(self.output_dir)
+                acquire_lock(self.output_dir)
+                self._locked = self.output_dir
                 resume, unreadable = self._resolve_output_dir()
             except UserError as exc:
                 error = str(exc)
+                self._release_lock()
         error, self._resume_path = broadcast_object((error, str(resume) if resume else None))
         if error:
             raise UserError(error)
@@ -187,17 +200,24 @@ class Trainer:
             set_aside(unreadable)
 
     def _resolve_output_dir(self) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
-        """Rank 0, before anything is written: check ``output_dir`` is writable, resolve ``resume``
-        and refuse to mix runs. Returns ``(checkpoint to resume, [(newer unreadable checkpoint, why)])``."""
+        """Rank 0, holding the folder's lock, before anything is written: resolve ``resume``, refuse to
+        mix runs, then remove the temporary files of a checkpoint write that was killed. Returns
+        ``(checkpoint to resume, [(newer unreadable checkpoint, why)])``."""
         cfg = self.cfg
-        check_output_dir(self.output_dir)
         unreadable: List[Tuple[Path, str]] = []
         if str(cfg.resume) == "auto":
             resume, unreadable = scan_latest(self.output_dir)
         else:
             resume = resolve_resume(cfg.resume, self.output_dir)
         check_one_run(self.output_dir, cfg.resume, resume, ignore=[p for p, _ in unreadable])
+        for orphan in remove_orphan_temps(self.output_dir / CHECKPOINT_DIR):
+            log.info("removed %s, left by a checkpoint write that was interrupted", orphan)
         return resume, unreadable
+
+    def _release_lock(self) -> None:
+        if self._locked is not None:
+            release_lock(self._locked)
+            self._locked = None
 
     def _write_config(self) -> None:
         """``config.yaml`` (rank 0), once the model, data and optimizer were built from it."""
@@ -277,12 +297,6 @@ class Trainer:
     def state_dict(self) -> Dict[str, Any]:
         """The full training state, in the format :mod:`greenmim.engine.checkpoint` documents;
         collective (every rank must call it: per-rank RNG and task state are gathered)."""
-        rank_state = {"rng": get_rng_state(), "task": self.task.state_dict()}
-        if is_dist():
-            gathered: List[Any] = [None] * self.dist.world_size
-            tdist.all_gather_object(gathered, rank_state)
-        else:
-            gathered = [rank_state]
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -294,10 +308,22 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "skipped_steps": self.skipped_steps,
             "world_size": self.dist.world_size,
-            "rank_states": gathered,
+            "rank_states": self._rank_states(),
             "task_shared": self.task.shared_state_dict(),
             "config": self.cfg.config,
+            "micro_batch": self.loader.batch_size or 1,
+            "accum_steps": self.cfg.accum_steps,
+            "lr_schedule": self.schedule.record(),
         }
+
+    def _rank_states(self) -> List[Any]:
+        """Every rank's RNG and task state, gathered (collective)."""
+        rank_state = {"rng": get_rng_state(), "task": self.task.state_dict()}
+        if not is_dist():
+            return [rank_state]
+        gathered: List[Any] = [None] * self.dist.world_size
+        tdist.all_gather_object(gathered, rank_state)
+        return gathered
 
     def save(self, epoch_completed: Optional[int] = None) -> None:
         """Write a checkpoint of the current state (rank 0; collective). ``epoch_completed`` (1-based):
@@ -305,17 +331,27 @@ class Trainer:
         state = self.state_dict()
         if epoch_completed is not None:
             state["epoch"], state["batch_in_epoch"] = int(epoch_completed), 0
+        path = self._write_on_main(lambda: self.checkpoints.save(state, self.step, epoch_completed))
+        log.info("saved checkpoint %s", path)
+        self.last_checkpoint = path
+
+    def _save_after_eval(self, metrics: Dict[str, float]) -> None:
+        """The post-evaluation sidecar of the checkpoint just written (collective; see the format notes)."""
+        state = {"step": self.step, "rank_states": self._rank_states(), "metrics": dict(metrics)}
+        self._write_on_main(lambda: self.checkpoints.save_after_eval(state, self.step))
+
+    def _write_on_main(self, write) -> Path:
+        """``write()`` on rank 0, its path (or its :class:`UserError`, e.g. a full disk) shared with every rank."""
         error, path = None, None
         if self.dist.is_main:
             try:
-                path = str(self.checkpoints.save(state, self.step, epoch_completed))
-                log.info("saved checkpoint %s", path)
-            except UserError as exc:  # e.g. a full disk: every rank stops with the same message
+                path = str(write())
+            except UserError as exc:  # every rank stops with the same message
                 error = str(exc)
         error, path = broadcast_object((error, path))  # every rank knows the last checkpoint (same decisions)
         if error:
             raise UserError(error)
-        self.last_checkpoint = Path(path)
+        return Path(path)
 
     def _save_unless_saved(self) -> None:
         """Checkpoint the current step unless the last checkpoint already holds it."""
@@ -326,6 +362,7 @@ class Trainer:
         """Restore everything :meth:`state_dict` saved (model, optimizer, scaler, position, RNG);
         older checkpoint formats are upgraded by :func:`~greenmim.engine.checkpoint.load_checkpoint`."""
         ckpt = load_checkpoint(path, map_location="cpu")
+        self._check_resumable(path, ckpt)
         fix = "resume with the same model= (and model.encoder_args) as the run that wrote it"
         try:
             missing, unexpected = unwrap(self.model).load_state_dict(ckpt["model"], strict=False)
@@ -346,7 +383,9 @@ class Trainer:
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.batch_in_epoch, self.skipped_steps = int(ckpt["batch_in_epoch"]), int(ckpt["skipped_steps"])
         self.task.load_shared_state_dict(ckpt["task_shared"])
-        states = ckpt["rank_states"]
+        self._resume_schedule(ckpt["lr_schedule"])
+        after_eval = load_after_eval(path)
+        states = after_eval["rank_states"] if after_eval else ckpt["rank_states"]
         if ckpt["world_size"] == len(states) == self.dist.world_size:
             set_rng_state(states[self.dist.rank]["rng"])
             self.task.load_state_dict(states[self.dist.rank]["task"])
@@ -360,11 +399,53 @@ class Trainer:
         self.last_checkpoint = Path(path)
         log.info("resumed from %s (epoch %d, step %d, batch %d of the epoch)", path, self.epoch, self.step, self.batch_in_epoch)
 
+    def _check_resumable(self, path: Union[str, Path], ckpt: Dict[str, Any]) -> None:
+        """Refuse, before anything is restored, a checkpoint of another task, or one whose batches
+        differ from this run's: its position in the epoch, its step count and the lr schedule all
+        count batches of its size, so continuing with another size would skip or repeat samples."""
+        theirs, ours = (ckpt.get("config") or {}).get("task"), (self.cfg.config or {}).get("task")
+        if theirs and ours and theirs != ours:
+            raise UserError(
+                f"resume={path} is a greenmim-{theirs} checkpoint, not a greenmim-{ours} one: resume it with greenmim-{theirs} "
+                f"(same output_dir, resume=auto)" + (", or start from its weights with pretrained=" if ours != "pretrain" else "")
+            )
+        micro, accum = ckpt.get("micro_batch"), ckpt.get("accum_steps")
+        ours_micro = self.loader.batch_size or 1
+        if (micro is not None and int(micro) != ours_micro) or (accum is not None and int(accum) != self.cfg.accum_steps):
+            micro, accum = micro or ours_micro, accum or self.cfg.accum_steps
+            raise UserError(
+                f"resume={path} was written with data.batch_size={micro} x trainer.accum_steps={accum} per process, this run has "
+                f"{ours_micro} x {self.cfg.accum_steps}: its epoch position and steps count batches of that size; resume with "
+                f"data.batch_size={micro} trainer.accum_steps={accum}, or start a fresh output_dir= (e.g. with pretrained=)"
+            )
+
+    def _resume_schedule(self, record: Optional[Dict[str, Any]]) -> None:
+        """Rebuild the checkpoint's lr schedule; when this run's length differs, re-time its rest to end at
+        this run's ``total_steps`` (:meth:`~greenmim.engine.schedule.LRSchedule.retimed`), with a warning."""
+        if not record:
+            return
+        saved = build_schedule(self.sched_cfg, int(record["total_steps"]), self.steps_per_epoch)
+        saved.resumed_at, saved.progress_at_resume = record.get("resumed_at"), float(record.get("progress_at_resume") or 0.0)
+        if saved.total_steps == self.total_steps:
+            self.schedule = saved
+            return
+        if self.step >= self.total_steps:
+            log.warning("the run's length changed on resume (%d steps, was %d): the checkpoint is already at step %d, "
+                        "nothing is left to train", self.total_steps, saved.total_steps, self.step)
+            return
+        self.schedule = saved.retimed(self.step, self.total_steps)
+        log.warning(
+            "the run's length changed on resume (%d steps, was %d: trainer.max_steps / trainer.epochs): the lr schedule "
+            "continues from step %d (lr %.3g) and now ends at step %d",
+            self.total_steps, saved.total_steps, self.step, self.peak_lr * self.schedule.factor(self.step), self.total_steps,
+        )
+
     # ------------------------------------------------------------------ training
     def fit(self) -> Dict[str, float]:
-        """Set up, train to ``total_steps`` (or ``stop_at_step``), return the last epoch's summary."""
-        self.setup()
+        """Set up, train to ``total_steps`` (or ``stop_at_step``), return the last epoch's summary.
+        The folder's lock (rank 0) is held from :meth:`setup` until this returns or raises."""
         try:
+            self.setup()
             with StopSignals() as self.signals:
                 while self.epoch < self.epochs and not self._should_stop():
                     summary = self.train_one_epoch()
@@ -373,7 +454,10 @@ class Trainer:
                     if not self._should_stop():
                         self._stop_if_signalled()
         finally:
-            self.writer.close()
+            shutdown_loader_workers(getattr(self, "loader", None))  # an error must not leave workers that block the exit
+            if hasattr(self, "writer"):
+                self.writer.close()
+            self._release_lock()
         log.info("done: %d steps, output in %s", self.step, self.output_dir)
         return self.history[-1] if self.history else {}
 
@@ -493,14 +577,17 @@ class Trainer:
         raise Preempted(message, signum)
 
     def _end_epoch(self, mean_loss: float) -> Dict[str, float]:
-        """Checkpoint the finished epoch first, then evaluate: an evaluation failure (an unreadable
-        validation image, a bug in a metric) must not lose the epoch's training. When the evaluation
-        produced metrics, the checkpoint is rewritten so it holds the task's post-evaluation state
-        (e.g. the best accuracy so far) and RNG, exactly as an uninterrupted run continues."""
+        """Checkpoint the epoch first (once), then evaluate: an evaluation failure (an unreadable
+        validation image, a bug in a metric) must not lose the epoch's training. What evaluation and
+        ``on_epoch_end`` change (the task's state, e.g. the best accuracy so far, and the RNG) is then
+        written to the checkpoint's small sidecar, so a resume continues exactly as an uninterrupted
+        run. An epoch cut short by the end of the run (``max_steps`` inside an epoch) is saved at its
+        true position: a resume with a larger ``max_steps`` finishes that epoch first."""
         summary = {"loss": all_reduce_mean(mean_loss), "epoch": self.epoch + 1}
         due = self.is_last_epoch or (self.epoch + 1) % max(1, self.cfg.ckpt_every_epochs) == 0
+        complete = self.batch_in_epoch >= self.steps_per_epoch * self.cfg.accum_steps
         if due:
-            self.save(epoch_completed=self.epoch + 1)
+            self.save(epoch_completed=self.epoch + 1 if complete else None)
         unwrapped = unwrap(self.model)
         unwrapped.eval()
         with torch.no_grad():
@@ -510,10 +597,10 @@ class Trainer:
         unwrapped.train()
         self.writer.add_scalars(self.step, {k: v for k, v in summary.items() if k != "epoch"}, prefix="epoch")
         log.info("epoch %d/%d done: %s", self.epoch + 1, self.epochs, " ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"))
+        if due:
+            self._save_after_eval(metrics)
         self.epoch += 1
         self.batch_in_epoch = 0
-        if due and metrics:
-            self.save(epoch_completed=self.epoch)
         return summary
 
     def _log_step(self, epoch: "_EpochLog") -> None:

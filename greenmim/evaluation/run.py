@@ -11,6 +11,8 @@ globally pooled features), freeze it, extract the features of the train and val 
 * ``linear_probe``: MAE's BatchNorm + linear head trained on the train features for ``probe.epochs``
   (``probe.blr`` x ``probe.batch_size`` / 256, SGD momentum, warmup + cosine), val metrics per epoch.
 
+The ``output_dir`` must be new to runs (no checkpoints, ``config.yaml``, ``metrics.jsonl``,
+``results.json`` of another run or protocol: refused with one line) and is locked while the run writes.
 Writes (rank 0) ``train.log``, ``metrics.jsonl`` (``knn/acc1``...; ``probe/val_acc1`` per epoch)
 and ``results.json`` (``metrics``: the final top-1 [top-5 with more than 5 classes]; ``majority_acc1``:
 the share of the most frequent val class, i.e. the best constant answer; the load report; timings).
@@ -32,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..engine import MetricsWriter, Precision, init_distributed, setup_logging
 from ..engine.distributed import seed_everything
 from ..engine.errors import ConfigError
+from ..engine.rundir import check_no_other_run, run_folder
 from ..finetune.data import build_classification_data
 from ..finetune.model import create_classifier
 from ..finetune.task import model_kwargs
@@ -70,9 +73,15 @@ def run_frozen_eval(cfg: DictConfig) -> Dict[str, Any]:
         raise ConfigError(f"protocol={protocol} is not a frozen-feature evaluation: use one of {', '.join(FROZEN_PROTOCOLS)}")
     if cfg.get("eval_only", False):
         raise ConfigError(f"eval_only=true evaluates a fine-tuned checkpoint; protocol={protocol} already only evaluates: drop eval_only")
-    t0 = time.time()
     dist = init_distributed(str(cfg.trainer.get("device", "auto")))
     output_dir = Path(cfg.output_dir).expanduser().resolve()
+    with run_folder(output_dir, enabled=dist.is_main, check=lambda: check_no_other_run(output_dir, f"protocol={protocol}")):
+        return _run(cfg, protocol, dist, output_dir)
+
+
+def _run(cfg: DictConfig, protocol: str, dist, output_dir: Path) -> Dict[str, Any]:
+    """:func:`run_frozen_eval` in its checked and locked ``output_dir``."""
+    t0 = time.time()
     setup_logging(output_dir, dist.rank)
     if dist.is_main:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -87,6 +87,12 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
     RNG states and the resolved config, so on failure they are re-read with ``weights_only=False``
     (only load checkpoints you trust).
     """
+    if os.path.isdir(path):
+        from ..engine.checkpoint import list_checkpoints
+
+        newest = list_checkpoints(path) or list_checkpoints(os.path.dirname(os.path.abspath(path)))
+        hint = f"e.g. the newest checkpoint inside, {newest[0]}" if newest else "e.g. a run's checkpoints/step-*.pt"
+        raise UserError(f"'{path}' is a folder, not a checkpoint file: pass a file to pretrained= (or checkpoint=), {hint}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint file '{path}' does not exist: check the path given to pretrained= (or checkpoint=)")
     try:
@@ -207,6 +213,11 @@ def load_pretrained(
     report.missing = list(result.missing_keys)
     report.loaded = len(state) - len(report.unexpected)
     bad_missing = [k for k in report.missing if not (allow_missing_head and k.startswith(head))]
+    if bad_missing and not report.unexpected and all(k.startswith(head) for k in bad_missing):
+        raise UserError(
+            f"'{path}' holds no classifier head: it is a {'greenmim-pretrain' if is_pretrain else kind} checkpoint (an encoder), "
+            f"not a fine-tuned classifier: fine-tune it first with pretrained={path}, then evaluate the fine-tuned run's checkpoint"
+        )
     if bad_missing or report.unexpected:
         problems = []
         if bad_missing:
