@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw, normalize
-from .data.mim_batches import MaskCollator, MIMBatch, planner_for
+from .data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw
+from .data.mim_batches import MaskCollator, MIMBatch, planner_for, pretrain_loss
 from .data.prefetch import maybe_prefetch
 from .engine import ConfigError, DistInfo, TrainTask
 from .masking import num_visible_units, unit_grid
@@ -110,18 +110,22 @@ class PretrainTask(TrainTask):
         data_cfg: a ``data`` config (``name``, ``root``, ``img_size``, ``batch_size``, ``num_workers``, ...).
         vis_every_epochs: write ``reconstructions/epoch_XXXX.png`` every this many epochs and at the end (0: never).
         vis_num_images: rows in that grid.
+        static_plans: plan static shapes (True: as a compiled step needs, ``trainer.compile=true``;
+            None: the device's default, static on CUDA).
 
     Masks are drawn and planned in the loader workers (:class:`~greenmim.data.mim_batches.MaskCollator`)
     from each sample's seed, a function of ``(seed, epoch, index)``: nothing to checkpoint, and a
     resumed run sees the same masks.
     """
 
-    def __init__(self, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], vis_every_epochs: int = 1, vis_num_images: int = 8):
+    def __init__(self, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], vis_every_epochs: int = 1, vis_num_images: int = 8,
+                 static_plans: Optional[bool] = None):
         self.model_cfg = dict(model_cfg)
         self.data_cfg = dict(data_cfg)
         self.mask_ratio = float(self.model_cfg.get("mask_ratio", 0.75))
         self.vis_every_epochs = int(vis_every_epochs)
         self.vis_num_images = int(vis_num_images)
+        self.static_plans = static_plans
         self.dataset = None
         self.model: Optional[nn.Module] = None
         self._vis_images: Optional[torch.Tensor] = None
@@ -134,7 +138,7 @@ class PretrainTask(TrainTask):
         """Draws and plans the masks in the loader workers (planner: :func:`planner_for`)."""
         encoder = self.model.encoder
         grid = unit_grid(tuple(encoder.patch_embed.img_size), encoder.unit)
-        return MaskCollator(grid, self.mask_ratio, planner_for(self.model, device), shared=self.model.shared_mask)
+        return MaskCollator(grid, self.mask_ratio, planner_for(self.model, device, self.static_plans), shared=self.model.shared_mask)
 
     def build_train_loader(self, dist: DistInfo, seed: int):
         dataset = self.dataset = build_pretrain_dataset(self.data_cfg)
@@ -152,9 +156,7 @@ class PretrainTask(TrainTask):
         return maybe_prefetch(loader, dist.device, self.data_cfg.get("device_prefetch"))
 
     def training_step(self, model: nn.Module, batch: MIMBatch, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
-        images = normalize(batch.images.to(trainer.device, non_blocking=True))  # uint8 -> fp32 on the device
-        loss, _, _ = model(images, plan=batch.plan)
-        return loss, {}
+        return pretrain_loss(model, batch, trainer.device), {}
 
     def visualization_images(self) -> torch.Tensor:
         """A fixed set of centre-cropped images spread over the dataset."""

@@ -16,7 +16,8 @@ from ..models import get_spec
 from .flops import count_step_flops
 from .memory import measure_step_memory
 from .profile import profile_steps
-from .step import METHODS, PlannedBatches, TrainStep, build_models, time_interleaved
+from ..engine.step import compile_counters
+from .step import METHODS, PlannedBatches, TrainStep, build_models, time_interleaved, timed_step
 
 Log = Callable[[str], None]
 
@@ -40,7 +41,9 @@ class BenchConfig:
     iters: int = 5
     seed: int = 0
     overrides: Dict[str, Any] = field(default_factory=dict)
-    compile: bool = False
+    compile: bool = False  # also time the steps compiled as trainer.compile=true does
+    compile_mode: str = "auto"  # trainer.compile_mode
+    clip_grad: Optional[float] = None  # trainer.clip_grad (the pretraining recipe's: none)
     memory: bool = True
     flops: bool = True
     profile: int = 0  # profiled steps per method (0: no profile)
@@ -106,7 +109,7 @@ def _git_commit() -> str:
 
 def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
     """Build both models with the same weights, time interleaved full steps, then measure peak
-    memory and FLOPs of each (and, with ``cfg.compile``, the compiled encoders' steps)."""
+    memory and FLOPs of each (and, with ``cfg.compile``, the compiled steps)."""
     device = torch.device(cfg.device)
     env = environment(device)  # before the run: the load average says how busy the machine was
     kwargs = cfg.model_kwargs()
@@ -115,9 +118,11 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
     if key and tuple(np.atleast_1d(kwargs.get(key, configured))) != tuple(np.atleast_1d(configured)):
         log(f"[bench] window {configured} does not tile {cfg.img_size} px: using {key}={kwargs[key]}")
     models = build_models(cfg.model, device, cfg.seed, METHODS, **kwargs)
-    steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.planning) for m in METHODS}
+    # a compiled step needs static plan shapes (CUDA's default); eager and compiled then time the same plans
+    static = True if cfg.compile else None
+    steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.planning, cfg.clip_grad, static) for m in METHODS}
     unit = models["greenmim"].unit
-    extra = 2 + cfg.profile + 2 * (cfg.warmup + cfg.iters + 1) * cfg.compile
+    extra = 2 + cfg.profile + (cfg.warmup + cfg.iters + 3) * cfg.compile
     batches = PlannedBatches(
         cfg.batch_size, cfg.resolved_img_size(), unit, cfg.mask_ratio, device,
         {m: steps[m].planner for m in METHODS}, steps=cfg.warmup + cfg.iters + extra, seed=cfg.seed,
@@ -168,34 +173,46 @@ def ratios(methods: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
 
 
 def compiled_comparison(steps: Dict[str, TrainStep], batches: PlannedBatches, cfg: BenchConfig, eager: Dict[str, Dict[str, Any]], log: Log) -> Dict[str, Any]:
-    """``torch.compile`` each encoder, time the steps again and report the gain over eager.
+    """Compile each method's step as ``trainer.compile=true`` does (:meth:`TrainStep.compile`), time
+    both again, interleaved on the same masks, and report per method the img/s, the gain over eager,
+    the compile time, the graphs and graph breaks compiled and the graphs compiled after warm-up
+    (recompiles, 0 with static plans), and ``speedup`` next to the eager run's ``speedup_eager``.
 
-    A method whose compiled encoder fails (graph capture or code generation) gets its error
-    recorded and keeps its eager encoder, so one failure does not hide the other method's figures.
+    A method whose compiled step fails (graph capture or code generation) gets its error recorded
+    and goes back to eager, so one failure does not hide the other method's figures.
     """
     out: Dict[str, Any] = {}
     compiled: Dict[str, TrainStep] = {}
+    plans = batches.next_plans()
+    breaks = {m: step.graph_breaks(batches.images, plans[m]) for m, step in steps.items()}  # resets dynamo: first
     for m, step in steps.items():
-        encoder = step.model.encoder
-        step.model.encoder = torch.compile(encoder)
+        mode = step.compile(cfg.compile_mode)
+        before = compile_counters()
         t0 = time.perf_counter()
         try:
-            step(batches.images, batches.next_plans()[m])  # compiles
+            timed_step(step, batches.images, batches.next_plans()[m], None)  # compiles forward and backward
         except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report
-            step.model.encoder = encoder
-            step.optimizer.zero_grad(set_to_none=True)
+            step.eager()
             message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
-            out[m] = {"error": message}
+            out[m] = {"mode": mode, "error": message}
             log(f"[bench] torch.compile failed for {m}: {message}")
             continue
-        out[m] = {"compile_s": time.perf_counter() - t0}
+        counts = compile_counters()
+        out[m] = {"mode": mode, "compile_s": time.perf_counter() - t0, "graphs": counts["graphs"] - before["graphs"],
+                  "graph_breaks": breaks[m]}
         compiled[m] = step
     if compiled:
-        log(f"[bench] compiled encoders ({', '.join(compiled)}): timing again")
-        times = time_interleaved(compiled, batches, cfg.warmup, cfg.iters, on_step=_progress(log))
+        modes = ", ".join(f"{m} mode {out[m]['mode']}" for m in compiled)
+        log(f"[bench] compiled steps ({modes}): timing again")
+        warm: Dict[str, int] = {}
+        times = time_interleaved(compiled, batches, cfg.warmup, cfg.iters, on_step=_progress(log),
+                                 on_warm=lambda: warm.update(compile_counters()))
+        recompiles = compile_counters()["graphs"] - warm["graphs"]
         for m in compiled:
             summary = times[m].summary(cfg.batch_size)
             out[m].update(summary, gain=summary["img_per_s"] / eager[m]["img_per_s"])
+        out["graphs_after_warmup"] = recompiles  # both methods together (dynamo's counters are process-wide)
+    out["speedup_eager"] = eager["greenmim"]["img_per_s"] / eager["simmim"]["img_per_s"]
     if len(compiled) == len(steps):
         out["speedup"] = out["greenmim"]["img_per_s"] / out["simmim"]["img_per_s"]
     return out

@@ -105,16 +105,22 @@ def _planning(cfg: Dict[str, Any]) -> str:
 
 
 def compile_line(c: Dict[str, Any]) -> str:
-    """One line on the torch.compile'd encoders: img/s, gain over eager, compile time or the error."""
+    """The compiled steps (``trainer.compile=true``): per method img/s, gain over eager, mode, compile
+    time, graphs and graph breaks (or the error); the compiled speedup next to the eager one and the
+    graphs compiled after warm-up (recompiles)."""
     parts = []
     for m in ("greenmim", "simmim"):
         if "error" in c.get(m, {}):
             parts.append(f"{m} FAILED ({c[m]['error']})")
         elif m in c:
-            parts.append(f"{m} {c[m]['img_per_s']:.2f} img/s ({c[m]['gain']:.2f}x eager, compile {c[m]['compile_s']:.0f} s)")
-    line = "torch.compile (encoder): " + ", ".join(parts)
+            parts.append(f"{m} {c[m]['step_ms']:.1f} ms, {c[m]['img_per_s']:.2f} img/s ({c[m]['gain']:.2f}x eager; "
+                         f"{c[m]['mode']}, compile {c[m]['compile_s']:.0f} s, {c[m]['graphs']} graphs, "
+                         f"{c[m]['graph_breaks']} graph breaks)")
+    line = "torch.compile (the trainer's step): " + ", ".join(parts)
     if "speedup" in c:
-        line += f"; speedup {c['speedup']:.2f}x"
+        line += f"; speedup compiled {c['speedup']:.2f}x (eager {c['speedup_eager']:.2f}x)"
+    if "graphs_after_warmup" in c:
+        line += f"; graphs compiled after warm-up: {c['graphs_after_warmup']}"
     return line
 
 

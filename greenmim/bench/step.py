@@ -1,7 +1,10 @@
 """Full pretraining steps of greenmim and its all-token baseline, timed side by side.
 
-A :class:`TrainStep` is one optimisation step of a pretraining model (forward, backward,
-``optimizer.step``, ``zero_grad``) under the requested precision. :func:`build_models` makes the
+A :class:`TrainStep` is the trainer's own step (:class:`~greenmim.engine.step.TrainingStep`: the
+pretraining loss under the requested precision, the non-finite check, backward with the gradient
+scaler, clipping, the fused AdamW step skipped on the device when non-finite, ``zero_grad``), plus
+what the training thread does with the loader's plan; :meth:`TrainStep.compile` compiles it as
+``trainer.compile=true`` does. :func:`build_models` makes the
 greenmim and simmim models of one backbone with the same weights, and :func:`time_interleaved`
 times their steps alternately in one process, so that slow drifts of a shared machine (other
 jobs, thermal state, allocator warm-up) hit both methods alike.
@@ -18,19 +21,21 @@ the plan. A step whose host time is close to its wall time is host-bound.
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.mim_batches import plan_masks, planner_for
+from ..data.mim_batches import MIMBatch, plan_masks, planner_for, pretrain_loss
+from ..data.transforms import normalize
 from ..engine.optim import build_optimizer
+from ..engine.precision import Precision
+from ..engine.step import CUDAGRAPH_MODES, TrainingStep, compile_mode, compile_model, count_graph_breaks
 from ..masking import seeded_masks, unit_grid
 from ..models import create_pretrain_model
 from ..data.prefetch import maybe_prefetch
@@ -84,14 +89,17 @@ def make_optimizer(model: nn.Module, lr: float = 1.5e-4, weight_decay: float = 0
 
 
 class TrainStep:
-    """One full pretraining step of ``model``: forward, backward, ``optimizer.step``, ``zero_grad``.
+    """One full pretraining step of ``model``, run by the trainer's :class:`~greenmim.engine.step.TrainingStep`.
 
     ``dtype`` fp32 runs in full precision; bf16 and fp16 run under autocast (weights and optimizer
-    stay fp32, as in mixed-precision training), fp16 with a gradient scaler. ``planning="inline"``
-    re-plans the batch's mask inside the step, on the calling thread.
+    stay fp32, as in mixed-precision training), fp16 with a gradient scaler. ``clip_grad`` as
+    ``trainer.clip_grad`` (the pretraining recipe's is None); ``static_plans`` as
+    :func:`~greenmim.data.mim_batches.planner_for`. ``planning="inline"`` re-plans the
+    batch's mask inside the step, on the calling thread.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: str = "fp32", planning: str = "workers"):
+    def __init__(self, model: nn.Module, device: torch.device, dtype: str = "fp32", planning: str = "workers",
+                 clip_grad: Optional[float] = None, static_plans: Optional[bool] = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
         if planning not in PLANNING:
@@ -100,16 +108,32 @@ class TrainStep:
         self.device = device
         self.dtype = dtype
         self.planning = planning
-        self.planner = planner_for(model, device)
+        self.planner = planner_for(model, device, static_plans)
         self.optimizer = make_optimizer(model)
-        self.scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+        self.precision = Precision(dtype, device)
+        self.clip_grad = clip_grad
+        self.compiled_mode: Optional[str] = None
+        self.engine = TrainingStep(model, self.optimizer, self.precision, clip_grad)
         self.plan_thread_ms = 0.0  # training-thread time spent on the last step's plan
 
-    def autocast(self):
-        """The forward's precision context (a no-op for fp32)."""
-        if self.dtype == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
+    def compile(self, mode: str = "auto") -> str:
+        """Run the model compiled as ``trainer.compile=true`` with ``trainer.compile_mode=mode`` does;
+        returns the resolved mode. :meth:`eager` undoes it."""
+        self.compiled_mode = compile_mode(mode, self.device)
+        self.engine = TrainingStep(compile_model(self.model, self.compiled_mode), self.optimizer, self.precision,
+                                   self.clip_grad, cudagraphs=self.compiled_mode in CUDAGRAPH_MODES)
+        return self.compiled_mode
+
+    def graph_breaks(self, images: torch.Tensor, plan: "HostPlan | DevicePlan") -> int:
+        """Graph breaks of the model's forward on this batch (resets dynamo: call before :meth:`compile`)."""
+        with self.precision.autocast():
+            return count_graph_breaks(self.model, normalize(images), plan=self.device_plan(plan))
+
+    def eager(self) -> None:
+        """Back to the eager model (after a failed compilation); gradients are cleared."""
+        self.compiled_mode = None
+        self.engine = TrainingStep(self.model, self.optimizer, self.precision, self.clip_grad)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def device_plan(self, plan: "HostPlan | DevicePlan"):
         """What the training thread does with a loader's plan: copy it unless the prefetcher already
@@ -123,25 +147,19 @@ class TrainStep:
         self.plan_thread_ms = (time.perf_counter() - t0) * 1e3
         return plan
 
-    def forward_backward(self, images: torch.Tensor, plan: HostPlan) -> torch.Tensor:
+    def forward_backward(self, images: torch.Tensor, plan: HostPlan) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The trainer's micro-step on one batch: ``(loss, finite)``, device tensors."""
         with record_function("plan"):
             plan = self.device_plan(plan)
-        with record_function("forward"), self.autocast():
-            loss, _, _ = self.model(images, plan=plan)
-        with record_function("backward"):
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return loss.detach()
+        batch = MIMBatch(images, plan)
+        loss, finite, _ = self.engine.micro_step(lambda model: (pretrain_loss(model, batch, self.device), {}))
+        return loss, finite
 
     def __call__(self, images: torch.Tensor, plan: HostPlan) -> torch.Tensor:
         """One step; its phases are profiler ranges ``plan``, ``forward``, ``backward`` and ``optimizer``."""
-        loss = self.forward_backward(images, plan)
-        with record_function("optimizer"):
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.engine.begin()
+        loss, finite = self.forward_backward(images, plan)
+        self.engine.optimizer_step(~finite)
         return loss
 
     @property
@@ -204,7 +222,8 @@ class PlannedBatches:
     ):
         grid = unit_grid(img_size, unit)
         gen = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(batch_size, 3, *grid.img_size, generator=gen).to(device)
+        # uint8 pixels, as the loader hands them to the trainer's step (which normalises them on the device)
+        self.images = torch.randint(0, 256, (batch_size, 3, *grid.img_size), generator=gen, dtype=torch.uint8).to(device)
         self.workers = workers
         dataset = _PlanDataset(planners, grid, batch_size, mask_ratio, shared, seed, steps)
         self._loader = DataLoader(
@@ -307,18 +326,22 @@ def time_interleaved(
     warmup: int,
     iters: int,
     on_step: Optional[Callable[[str, int, float], None]] = None,
+    on_warm: Optional[Callable[[], None]] = None,
 ) -> Dict[str, StepTimes]:
     """Time ``iters`` steps of every method after ``warmup`` untimed ones, interleaved.
 
     Iteration ``i`` takes one planned mask batch and runs every method on it; the order of the
     methods is reversed on odd iterations (A B, B A, A B, ...) so neither method always runs right
-    after the other. ``on_step(method, i, seconds)`` is called after each timed step (progress).
+    after the other. ``on_step(method, i, seconds)`` is called after each timed step (progress),
+    ``on_warm()`` once after the warm-up steps.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     names = list(steps)
     times = {name: StepTimes() for name in names}
     for i in range(warmup + iters):
+        if i == warmup and on_warm is not None:
+            on_warm()
         plans = batches.next_plans()
         order = names if i % 2 == 0 else names[::-1]
         for name in order:

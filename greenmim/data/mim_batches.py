@@ -20,6 +20,7 @@ from torch.utils.data import default_collate
 
 from ..masking import UnitGrid, seeded_masks, visible_indices
 from .device_decode import EncodedBatch, EncodedImage
+from .transforms import normalize
 from ..planning import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
 
 
@@ -79,17 +80,28 @@ class MaskCollator:
         return MIMBatch(images, plan_masks(mask, self.grid, self.planner))
 
 
-def planner_for(model, device: torch.device) -> Optional[VisiblePlanner]:
+def pretrain_loss(model, batch: MIMBatch, device: torch.device) -> torch.Tensor:
+    """The pretraining loss of ``batch`` (what :meth:`~greenmim.pretrain_task.PretrainTask.training_step`
+    and the benchmark's step compute): ``model(images, plan=batch.plan)``'s loss, the uint8 images
+    normalised on ``device``."""
+    images = normalize(batch.images.to(device, non_blocking=True))  # uint8 -> fp32 on the device
+    loss, _, _ = model(images, plan=batch.plan)
+    return loss
+
+
+def planner_for(model, device: torch.device, static: Optional[bool] = None) -> Optional[VisiblePlanner]:
     """The planner a loader uses for pretraining ``model`` on ``device``: the visible-only encoder's,
     on CUDA with group sizes in multiples of 8 (aligned keys for the fused attention kernels) and
     static shapes (one shape per batch size and mask ratio, for ``torch.compile`` and CUDA graphs;
     on the CPU the free solver's smaller attention work wins); broadcasting one sample's layouts
-    when the model shares one mask per batch. None for the all-token baseline (masks only)."""
+    when the model shares one mask per batch. None for the all-token baseline (masks only).
+    ``static=True`` asks for static shapes on any device (a compiled step: no recompiles)."""
     encoder = model.encoder
     if not encoder.visible_only:
         return None
     cuda = torch.device(device).type == "cuda"
-    return encoder.planner(group_multiple=8 if cuda else 1, static=cuda, shared_mask=model.shared_mask)
+    static = cuda if static is None else bool(static)
+    return encoder.planner(group_multiple=8 if cuda else 1, static=static, shared_mask=model.shared_mask)
 
 
 def plan_masks(mask: torch.Tensor, grid: UnitGrid, planner: Optional[VisiblePlanner]) -> HostPlan:

@@ -8,6 +8,7 @@
 * :mod:`.optim`, :mod:`.schedule`, :mod:`.precision` — AdamW groups, lr schedules, autocast/scaler.
 * :mod:`.sampler` — resumable distributed sampler and per-sample augmentation seeds.
 * :mod:`.monitor` — logging, TensorBoard, throughput.
+* :mod:`.step` — one optimisation step (micro-steps, the optimizer step, `trainer.compile`).
 * :mod:`.signals` — graceful stop on SIGTERM / SIGINT / SIGUSR1 (preemption).
 * :mod:`.threads` — CPU intra-op threads left free for the loader workers.
 * :mod:`.workers` — loader worker processes shut down when ``fit`` ends and at exit (no hang after an error).
@@ -30,10 +31,11 @@ from .sampler import ResumableDistributedSampler, SeededDataset
 from .schedule import SCHEDULES, LRSchedule, WarmupCosine, WarmupStep, apply_lr, build_schedule
 from .config import OptimConfig, TrainerConfig
 from .task import TrainTask
+from .step import TrainingStep, compile_model
 from .trainer import Trainer, enable_grad_checkpointing, unwrap
 
 __all__ = [
-    "Trainer", "TrainerConfig", "OptimConfig", "TrainTask", "unwrap", "enable_grad_checkpointing",
+    "Trainer", "TrainerConfig", "OptimConfig", "TrainTask", "TrainingStep", "compile_model", "unwrap", "enable_grad_checkpointing",
     "DistInfo", "init_distributed", "cleanup_distributed", "barrier", "all_reduce_mean",
     "broadcast_object", "seed_everything",
     "CheckpointManager", "atomic_save", "load_checkpoint", "upgrade_checkpoint", "find_latest", "resolve_resume",

@@ -35,6 +35,10 @@ class TrainerConfig:
         seed: base seed; rank ``r`` uses ``seed + r`` for its own streams.
         resume: None (fresh run), ``auto`` (latest valid checkpoint in ``output_dir``, if any) or a path.
         find_unused_parameters: passed to DDP.
+        compile: compile the model's forward and backward once with ``torch.compile``
+            (:mod:`greenmim.engine.step`); best with static plans.
+        compile_mode: ``auto`` (CUDA graphs on one CUDA process without accumulation, else
+            ``default``) or a ``torch.compile`` mode.
         config: the resolved full config, stored in checkpoints and written to ``config.yaml``.
     """
 
@@ -57,6 +61,8 @@ class TrainerConfig:
     seed: int = 0
     resume: Optional[str] = None
     find_unused_parameters: bool = False
+    compile: bool = False
+    compile_mode: str = "auto"
     config: Dict[str, Any] = field(default_factory=dict)
 
 

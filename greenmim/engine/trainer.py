@@ -22,7 +22,8 @@ One step, in order (:meth:`Trainer.train_one_epoch`, one optimizer step per accu
 2. ``_micro_step`` x ``accum_steps``: ``task.training_step`` under autocast, the loss's finiteness
    all-reduced on the device, backward (``no_sync`` under DDP except on the last micro-batch).
 3. ``_optimizer_step``: unscale/clip/step, skipped *on the device* when the window was non-finite;
-   zero grads; ``step += 1``; ``task.on_step_end`` (EMA); the step's values queued on the device.
+   zero grads (2 and 3 are :class:`~greenmim.engine.step.TrainingStep`, which the benchmark times
+   too); ``step += 1``; ``task.on_step_end`` (EMA); the step's values queued on the device.
 4. ``_after_step``: if a log line, checkpoint, ``stop_at_step`` or the epoch's end is due, read the
    queued values back (the only host read) and log; checkpoint if due; stop on a signal if pending.
 5. After the last window, ``_end_epoch``: checkpoint first, then evaluate, ``task.on_epoch_end``.
@@ -47,7 +48,6 @@ Conventions:
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -77,7 +77,6 @@ from .checkpoint import (
 )
 from .config import NONFINITE_POLICIES, OptimConfig, TrainerConfig
 from .distributed import (
-    all_reduce_all_finite,
     all_reduce_max,
     all_reduce_mean,
     broadcast_object,
@@ -94,6 +93,7 @@ from .precision import Precision
 from .rundir import acquire_lock, release_lock, remove_orphan_temps
 from .schedule import LRSchedule, apply_lr, build_schedule
 from .signals import StopSignals, with_ignored_stop_signals
+from .step import CUDAGRAPH_MODES, TrainingStep, compile_mode, compile_model, unwrap
 from .task import TrainTask
 from .threads import leave_cores_for_loader_workers
 from .workers import shutdown_loader_workers
@@ -102,17 +102,6 @@ __all__ = ["Trainer", "TrainTask", "TrainerConfig", "OptimConfig", "unwrap", "en
 
 log = logging.getLogger("greenmim")
 _END = object()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def enable_grad_checkpointing(model: nn.Module, stages: Union[bool, Sequence[int]]) -> None:
@@ -149,6 +138,9 @@ class Trainer:
             raise ConfigError(f"trainer.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got '{cfg.nonfinite}'")
         if cfg.accum_steps < 1:
             raise ConfigError(f"trainer.accum_steps must be >= 1, got {cfg.accum_steps}")
+        if not isinstance(cfg.compile, bool):
+            raise ConfigError(f"trainer.compile must be true or false, got {cfg.compile!r}")
+        compile_mode(cfg.compile_mode, torch.device("cpu"))  # an unknown mode is refused before anything runs
         self.task = task
         self.cfg = cfg
         self.optim_cfg = optim or OptimConfig()
@@ -174,7 +166,9 @@ class Trainer:
         model = self._build_model()
         self._build_loader()
         self._build_optimizer(model)
-        self.model = self._wrap_ddp(model)
+        self.model = self._compile(self._wrap_ddp(model))
+        self.train_step = TrainingStep(self.model, self.optimizer, self.precision, self.cfg.clip_grad, self.cfg.accum_steps,
+                                  cudagraphs=self.compile_mode in CUDAGRAPH_MODES)
         self.writer = MetricsWriter(self.output_dir, enabled=self.dist.is_main, tensorboard=self.cfg.tensorboard)
         self.checkpoints = CheckpointManager(self.output_dir, self.cfg.keep_last, self.cfg.keep_every_epochs)
         if self._resume_path:
@@ -279,6 +273,15 @@ class Trainer:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters)
+
+    def _compile(self, model: nn.Module) -> nn.Module:
+        """``trainer.compile``: the model's forward and backward compiled once (see :mod:`.step`)."""
+        self.compile_mode = None
+        if not self.cfg.compile:
+            return model
+        self.compile_mode = compile_mode(self.cfg.compile_mode, self.device, self.dist.distributed, self.cfg.accum_steps)
+        log.info("trainer.compile: torch.compile(mode=%s, dynamic=False); the first steps compile", self.compile_mode)
+        return compile_model(model, self.compile_mode)
 
     def _log_setup(self) -> None:
         cfg, n_params = self.cfg, sum(p.numel() for p in unwrap(self.model).parameters())
@@ -468,6 +471,7 @@ class Trainer:
             if self._should_stop():
                 break
             epoch.lr, window = self._lr(), _Window(self.device)
+            self.train_step.begin()
             for k, batch in enumerate(window_batches):
                 self._micro_step(batch, window, epoch, sync=k == self.cfg.accum_steps - 1)
             self._optimizer_step(window, epoch)
@@ -502,25 +506,17 @@ class Trainer:
         return apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
 
     def _micro_step(self, batch: Any, window: "_Window", epoch: "_EpochLog", sync: bool) -> None:
-        """Forward and backward of one micro-batch. Under DDP gradients are all-reduced only when
-        ``sync`` (the window's last micro-batch). A non-finite loss (on any rank: every rank takes
-        the same decision) contributes no gradient, and the window's step is skipped on the device."""
-        model = self.model
-        no_sync = model.no_sync() if not sync and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
-        with no_sync:
-            with self.precision.autocast():
-                loss, metrics = self.task.training_step(model, batch, self)
-            finite = all_reduce_all_finite(loss.detach())
-            self.precision.backward(torch.where(finite, loss, torch.zeros_like(loss)) / self.cfg.accum_steps)
-        window.add(loss.detach(), finite, metrics)
+        """Forward and backward of one micro-batch (:meth:`TrainingStep.micro_step`). A non-finite
+        loss (on any rank: every rank takes the same decision) contributes no gradient, and the
+        window's step is skipped on the device."""
+        loss, finite, metrics = self.train_step.micro_step(lambda model: self.task.training_step(model, batch, self), sync)
+        window.add(loss, finite, metrics)
         epoch.meter.update(self.task.batch_size(batch) * self.dist.world_size, steps=0)
 
     def _optimizer_step(self, window: "_Window", epoch: "_EpochLog") -> None:
         """Unscale, clip and step (skipped on the device if the window was non-finite), then count the
         step, run ``task.on_step_end`` and queue the step's device values for the next read."""
-        params = unwrap(self.model).parameters()
-        grad_norm, skipped = self.precision.step(self.optimizer, params, self.cfg.clip_grad, ~window.finite)
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = self.train_step.optimizer_step(~window.finite)
         self.step += 1
         self.batch_in_epoch += self.cfg.accum_steps
         self.task.on_step_end(unwrap(self.model), self)
