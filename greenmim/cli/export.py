@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from ..engine.checkpoint import write_error
 from ..engine.errors import UserError
+from ..models.registry import timm_args
 from .common import load_pretrain_checkpoint, output_file, report_errors
 
 PROG = "greenmim-export"
@@ -33,7 +34,7 @@ GREENMIM_ONLY_ARGS = ("cost_model", "fused_attn", "sparse_backend")
 
 def timm_model_args(config: Dict[str, Any]) -> Dict[str, Any]:
     """The ``timm.create_model`` keyword arguments that rebuild the pretrained encoder's architecture."""
-    args = {k: v for k, v in dict(config["model"].get("encoder_args") or {}).items() if k not in GREENMIM_ONLY_ARGS}
+    args = {k: v for k, v in timm_args(config["model"].get("encoder_args")).items() if k not in GREENMIM_ONLY_ARGS}
     args.pop("drop_path_rate", None)  # a training choice, not architecture
     img = config.get("data", {}).get("img_size")
     if img is not None:
