@@ -101,7 +101,7 @@ def test_single_class_is_refused_naming_the_folder(monkeypatch, capsys, two_clas
     (root / "train" / "class0").unlink()
     (root / "train" / "class0").mkdir()
     (root / "train" / "class0" / "0.jpg").symlink_to(two_classes / "train" / "class0" / "0.jpg")
-    code, err = run_cli(monkeypatch, capsys, "finetune", FT, "experiment=linear_probe", f"data.root={root}", f"output_dir={tmp_path / 'run'}")
+    code, err = finetune_cli(monkeypatch, capsys, tmp_path / "run", "experiment=linear_probe", f"data.root={root}")
     assert_one_line(code, err, FT, r"single class folder \(class0\)")
 
 

@@ -72,13 +72,13 @@ def run_frozen_eval(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.get("eval_only", False):
         raise ConfigError(f"eval_only=true evaluates a fine-tuned checkpoint; protocol={protocol} already only evaluates: drop eval_only")
     t0 = time.time()
+    data = build_classification_data(cfg.data, None, need_train=True, train_augment=False)  # bad data: refused before any write
     dist = init_distributed(str(cfg.trainer.device))
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     setup_logging(output_dir, dist.rank)
     if dist.is_main:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(int(cfg.seed))  # random init (pretrained=null) depends on the seed only
-    data = build_classification_data(cfg.data, None, need_train=True, train_augment=False)
     model, report = build_frozen_encoder(cfg, data.num_classes)
     log.info("%s: %s", protocol, report.summary() if report else f"no pretrained weights: random {cfg.model.name}")
     model.to(dist.device)
