@@ -22,7 +22,7 @@ from .data.mim_batches import MaskCollator, MIMBatch, planner_for, pretrain_loss
 from .data.prefetch import maybe_prefetch
 from .engine import ConfigError, DistInfo, TrainTask
 from .masking import num_visible_units, unit_grid
-from .models import UnknownModelError, create_pretrain_model, get_spec
+from .models import UnknownModelError, create_pretrain_model, get_spec, timm_args
 from .models.pretrain import MIM_MODEL_KEYS
 from .visualization import reconstruction_grid, save_png
 
@@ -32,7 +32,7 @@ log = logging.getLogger("greenmim")
 
 def expected_unit(name: str, encoder_args: Mapping[str, Any]) -> int:
     """The mask unit (total stride) a timm Swin/Twins name will have: ``patch_size * 2 ** (stages - 1)``."""
-    args = {**get_spec(name).args, **dict(encoder_args)}
+    args = {**get_spec(name).args, **timm_args(encoder_args)}
     patch = args.get("patch_size", 4)
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     return int(patch) * 2 ** (len(args.get("depths", (0, 0, 0, 0))) - 1)
@@ -72,7 +72,7 @@ def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Modu
         unit = expected_unit(name, model_cfg.get("encoder_args") or {})
         unit_grid(image_hw(img_size), unit)
         kwargs = {k: model_cfg[k] for k in MIM_MODEL_KEYS if k in model_cfg}
-        enc_args = dict(model_cfg.get("encoder_args") or {})
+        enc_args = timm_args(model_cfg.get("encoder_args"))
         for key in ("depths", "num_heads"):
             if key in enc_args:
                 enc_args[key] = tuple(enc_args[key])
@@ -150,7 +150,7 @@ class PretrainTask(TrainTask):
             int(self.data_cfg["batch_size"]),
             dist,
             seed,
-            num_workers=int(self.data_cfg.get("num_workers", 4)),
+            num_workers=int(self.data_cfg["num_workers"]),
             collate_fn=self.mask_collator(dist.device),
         )
         return maybe_prefetch(loader, dist.device, self.data_cfg.get("device_prefetch"))

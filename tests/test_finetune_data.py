@@ -108,7 +108,7 @@ def test_sharded_evaluation_is_exact():
     class Table(torch.utils.data.Dataset):
         def __init__(self):
             g = torch.Generator().manual_seed(0)
-            self.x, self.y = torch.randn(n, 5, generator=g), torch.randint(0, 5, (n,), generator=g)
+            self.x, self.y = torch.randn(n, 7, generator=g), torch.randint(0, 7, (n,), generator=g)  # > 5 classes: top-5 reported
 
         def __len__(self):
             return n

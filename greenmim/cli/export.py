@@ -32,6 +32,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..engine.checkpoint import write_error
 from ..engine.errors import UserError
 from ..engine.files import atomic_write, write_bytes
+from ..models.registry import timm_args
 from .common import check_replaceable, load_pretrain_checkpoint, output_file, report_errors
 
 PROG = "greenmim-export"
@@ -43,7 +44,7 @@ INFO_KEYS = ("timm_name", "model_args", "step", "checkpoint")
 
 def timm_model_args(config: Dict[str, Any]) -> Dict[str, Any]:
     """The ``timm.create_model`` keyword arguments that rebuild the pretrained encoder's architecture."""
-    args = {k: v for k, v in dict(config["model"].get("encoder_args") or {}).items() if k not in GREENMIM_ONLY_ARGS}
+    args = {k: v for k, v in timm_args(config["model"].get("encoder_args")).items() if k not in GREENMIM_ONLY_ARGS}
     args.pop("drop_path_rate", None)  # a training choice, not architecture
     img = config.get("data", {}).get("img_size")
     if img is not None:

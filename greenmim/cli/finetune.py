@@ -33,7 +33,7 @@ from ..engine import MetricsWriter, Precision, Trainer, init_distributed, setup_
 from ..engine.errors import ConfigError
 from ..weights.loading import load_pretrained, read_checkpoint
 from ..finetune.data import build_classification_data
-from ..finetune.evaluate import build_eval_loader, evaluate
+from ..finetune.evaluate import build_eval_loader, describe_accuracy, evaluate
 from ..finetune.model import create_classifier
 from ..finetune.task import BEST_NAME, FinetuneTask, check_validation_images, model_kwargs
 from .common import CONFIG_PATH, eval_checkpoint, launch, optim_config, run_app, sched_config, trainer_config
@@ -61,9 +61,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     if trainer.dist.is_main:
         (trainer.output_dir / "results.json").write_text(json.dumps(results, indent=2))
         if task.last_metrics:
-            log.info("val top-1 %.2f%% (best %.2f%% at epoch %d), top-5 %.2f%%; results in %s",
-                     task.last_metrics["val_acc1"], task.best["acc1"], task.best["epoch"], task.last_metrics["val_acc5"],
-                     trainer.output_dir / "results.json")
+            log.info("val %s (best top-1 %.2f%% at epoch %d); results in %s", describe_accuracy(task.last_metrics, "val_"),
+                     task.best["acc1"], task.best["epoch"], trainer.output_dir / "results.json")
     return results
 
 
@@ -81,20 +80,19 @@ def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
     if classes is not None and list(classes) != data.classes:
         raise ConfigError(f"{path} was trained on classes {classes[:5]}... but data.root has {data.classes[:5]}...: evaluate it on its own dataset")
     model, _ = create_classifier(cfg.model.name, data.num_classes, drop_path_rate=0.0, **model_kwargs(cfg))
-    report = load_pretrained(model, path, use_ema=bool(cfg.get("eval_ema", False)), allow_missing_head=False, checkpoint=raw)
+    report = load_pretrained(model, path, use_ema=bool(cfg.eval_ema), allow_missing_head=False, checkpoint=raw)
     model.to(dist.device)
     d = cfg.data
-    loader = build_eval_loader(data.val, int(d.get("eval_batch_size") or d.batch_size), int(d.get("num_workers", 4)),
+    loader = build_eval_loader(data.val, int(d.get("eval_batch_size") or d.batch_size), int(d.num_workers),
                                dist.rank, dist.world_size, pin_memory=dist.device.type == "cuda")
     t0 = time.time()
     metrics = evaluate(model, loader, dist.device, Precision(tcfg.precision, dist.device).autocast)
-    result = {"checkpoint": path, "ema": bool(cfg.get("eval_ema", False)), **metrics, "wall_s": time.time() - t0}
+    result = {"checkpoint": path, "ema": bool(cfg.eval_ema), **metrics, "wall_s": time.time() - t0}
     if dist.is_main:
-        log.info("eval %s (%s): top-1 %.2f%% top-5 %.2f%% loss %.4f on %d images",
-                 path, report.kind, metrics["acc1"], metrics["acc5"], metrics["loss"], metrics["count"])
+        log.info("eval %s (%s): %s, loss %.4f on %d images", path, report.kind, describe_accuracy(metrics), metrics["loss"], metrics["count"])
         (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
         writer = MetricsWriter(output_dir, tensorboard=tcfg.tensorboard)
-        writer.add_scalars(0, {k: metrics[k] for k in ("loss", "acc1", "acc5")}, prefix="eval")
+        writer.add_scalars(0, {k: v for k, v in metrics.items() if k != "count"}, prefix="eval")
         writer.close()
     return result
 

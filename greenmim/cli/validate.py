@@ -130,6 +130,17 @@ RULES: Sequence[Rule] = (
     fraction("aug.hflip"),
     count("aug.recount", low=0),
     count("detector.fpn_channels"),
+    count("knn.k"),
+    positive("knn.temperature"),
+    count("probe.epochs"),
+    count("probe.batch_size", low=2),  # the probe's BatchNorm needs more than one sample per batch
+    positive("probe.blr"),
+    positive("probe.lr", optional=True),
+    count("probe.base_batch"),
+    Rule("probe.momentum", low=0.0, high=1.0, high_open=True),
+    Rule("probe.weight_decay", low=0.0),
+    count("probe.warmup_epochs", low=0),
+    count("probe.log_every"),
 )
 
 #: the torchvision ``MaskRCNN`` arguments ``detector.maskrcnn`` may set (numbers), with their ranges;
@@ -191,6 +202,34 @@ def check_numbers(cfg: DictConfig) -> None:
     if isinstance(scale, list) and len(scale) == 2 and scale[0] > scale[1]:
         raise ConfigError(f"data.crop_scale={scale} is invalid: set it to [min, max] with min <= max")
     check_img_size(cfg)
+    check_grad_checkpointing(cfg)
+    check_model(cfg)
+
+
+def check_grad_checkpointing(cfg: DictConfig) -> None:
+    """``trainer.grad_checkpointing``: ``true``/``false`` or a list of stage indices (integers >= 0)."""
+    value = _value(cfg, "trainer.grad_checkpointing")
+    if value is _MISSING or isinstance(value, bool):
+        return
+    if not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ConfigError(f"trainer.grad_checkpointing={value!r} is invalid: set it to true (all stages), false, or a list of stage indices, e.g. [0,1]")
+
+
+def check_model(cfg: DictConfig) -> None:
+    """The architecture of ``model.name`` with ``model.encoder_args`` (sizes >= 1, one value per stage,
+    heads dividing widths) and the decoder's ``decoder_heads`` dividing ``decoder_dim``."""
+    from ..models import check_architecture
+
+    name = _value(cfg, "model.name")
+    if isinstance(name, str) and name != "???":
+        try:
+            check_architecture(name, _value(cfg, "model.encoder_args") or {})
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    dim, heads = _value(cfg, "model.decoder_dim"), _value(cfg, "model.decoder_heads")
+    if isinstance(dim, int) and isinstance(heads, int) and heads > 0 and dim % heads:
+        divisors = [h for h in (1, 2, 4, 8, 16, 32) if dim % h == 0]
+        raise ConfigError(f"model.decoder_heads={heads} does not divide model.decoder_dim={dim}: use one of {', '.join(map(str, divisors))} (or change decoder_dim)")
 
 
 def check_img_size(cfg: DictConfig) -> None:

@@ -50,8 +50,8 @@ def extract_features(
     model: nn.Module,
     dataset: Dataset,
     device: torch.device,
-    batch_size: int = 128,
-    num_workers: int = 2,
+    batch_size: int,
+    num_workers: int,
     autocast=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, C) float32, labels (N,) int64)`` of an ``(image, label)`` dataset, on the CPU,

@@ -11,6 +11,8 @@ from typing import Dict, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..finetune.evaluate import reported_topk
+
 
 @torch.no_grad()
 def knn_scores(
@@ -59,13 +61,10 @@ def knn_predict(train_features, train_labels, query_features, num_classes: int, 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> Dict[str, float]:
     """``{"acc1": ..., "acc5": ...}`` in percent. Top-``k`` for ``k > 1`` is reported only with more than
-    ``k`` classes (otherwise it is 100% by definition and says nothing)."""
+    ``k`` classes (:func:`~greenmim.finetune.evaluate.reported_topk`: otherwise it is 100% by definition)."""
     out = {}
     labels = labels.to(scores.device)
-    num_classes = scores.shape[1]
-    for k in topk:
-        if k > 1 and k >= num_classes:
-            continue
+    for k in reported_topk(scores.shape[1], topk):
         hit = scores.topk(k, dim=1).indices.eq(labels[:, None]).any(dim=1)
         out[f"acc{k}"] = 100.0 * hit.float().mean().item()
     return out

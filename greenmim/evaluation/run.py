@@ -36,6 +36,7 @@ from ..engine.distributed import seed_everything
 from ..engine.errors import ConfigError
 from ..engine.rundir import check_no_other_run, run_folder
 from ..finetune.data import build_classification_data
+from ..finetune.evaluate import describe_accuracy
 from ..finetune.model import create_classifier
 from ..finetune.task import model_kwargs
 from .features import extract_features
@@ -53,7 +54,7 @@ def build_frozen_encoder(cfg: DictConfig, num_classes: int):
     its head removed (``model(x)`` -> ``(B, C)`` pooled features), in eval mode, gradients off."""
     model, report = create_classifier(
         cfg.model.name, num_classes, drop_path_rate=0.0, pretrained=cfg.get("pretrained") or None,
-        use_ema=bool(cfg.get("pretrained_use_ema", False)), **model_kwargs(cfg),
+        use_ema=bool(cfg.pretrained_use_ema), **model_kwargs(cfg),
     )
     model.reset_classifier(0)
     model.requires_grad_(False)
@@ -73,32 +74,32 @@ def run_frozen_eval(cfg: DictConfig) -> Dict[str, Any]:
         raise ConfigError(f"protocol={protocol} is not a frozen-feature evaluation: use one of {', '.join(FROZEN_PROTOCOLS)}")
     if cfg.get("eval_only", False):
         raise ConfigError(f"eval_only=true evaluates a fine-tuned checkpoint; protocol={protocol} already only evaluates: drop eval_only")
-    dist = init_distributed(str(cfg.trainer.get("device", "auto")))
+    t0 = time.time()
+    data = build_classification_data(cfg.data, None, need_train=True, train_augment=False)  # bad data: refused before any write
+    dist = init_distributed(str(cfg.trainer.device))
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     with run_folder(output_dir, enabled=dist.is_main, check=lambda: check_no_other_run(output_dir, f"protocol={protocol}")):
-        return _run(cfg, protocol, dist, output_dir)
+        return _run(cfg, protocol, dist, output_dir, data, t0)
 
 
-def _run(cfg: DictConfig, protocol: str, dist, output_dir: Path) -> Dict[str, Any]:
-    """:func:`run_frozen_eval` in its checked and locked ``output_dir``."""
-    t0 = time.time()
+def _run(cfg: DictConfig, protocol: str, dist, output_dir: Path, data, t0: float) -> Dict[str, Any]:
+    """:func:`run_frozen_eval` in its checked and locked ``output_dir``, on the listed ``data``, timed from ``t0``."""
     setup_logging(output_dir, dist.rank)
     if dist.is_main:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    seed_everything(int(cfg.get("seed", 0)))  # random init (pretrained=null) depends on the seed only
-    data = build_classification_data(cfg.data, None, need_train=True, train_augment=False)
+    seed_everything(int(cfg.seed))  # random init (pretrained=null) depends on the seed only
     model, report = build_frozen_encoder(cfg, data.num_classes)
     log.info("%s: %s", protocol, report.summary() if report else f"no pretrained weights: random {cfg.model.name}")
     model.to(dist.device)
-    precision = Precision(str(cfg.trainer.get("precision", "fp32")), dist.device)
+    precision = Precision(str(cfg.trainer.precision), dist.device)
     d = cfg.data
-    batch, workers = int(d.get("eval_batch_size") or d.batch_size), int(d.get("num_workers", 2))
+    batch, workers = int(d.get("eval_batch_size") or d.batch_size), int(d.num_workers)
     train_x, train_y = extract_features(model, data.train, dist.device, batch, workers, precision.autocast)
     val_x, val_y = extract_features(model, data.val, dist.device, batch, workers, precision.autocast)
     t_feat = time.time() - t0
     log.info("features: train %s, val %s (%.1f s)", tuple(train_x.shape), tuple(val_x.shape), t_feat)
 
-    writer = MetricsWriter(output_dir, enabled=dist.is_main, tensorboard=bool(cfg.trainer.get("tensorboard", True)))
+    writer = MetricsWriter(output_dir, enabled=dist.is_main, tensorboard=bool(cfg.trainer.tensorboard))
     try:
         if protocol == "knn":
             k, temp = int(cfg.knn.k), float(cfg.knn.temperature)
@@ -107,17 +108,17 @@ def _run(cfg: DictConfig, protocol: str, dist, output_dir: Path) -> Dict[str, An
             settings = {"k": k, "temperature": temp}
         else:
             p = cfg.probe
-            lr = float(p.lr) if p.get("lr") is not None else float(p.blr) * int(p.batch_size) / int(p.get("base_batch", 256))
+            lr = float(p.lr) if p.get("lr") is not None else float(p.blr) * int(p.batch_size) / int(p.base_batch)
 
             def on_epoch(epoch: int, row: Dict[str, float]) -> None:
                 writer.add_scalars(epoch, row, prefix="probe")
-                if epoch % max(1, int(p.get("log_every", 10))) == 0 or epoch == int(p.epochs):
+                if epoch % max(1, int(p.log_every)) == 0 or epoch == int(p.epochs):
                     log.info("probe epoch %d/%d: train loss %.4f, val top-1 %.2f%%", epoch, int(p.epochs), row["train_loss"], row["val_acc1"])
 
             _, history = train_linear_probe(
                 train_x, train_y, val_x, val_y, data.num_classes, epochs=int(p.epochs), batch_size=int(p.batch_size), lr=lr,
                 weight_decay=float(p.weight_decay), momentum=float(p.momentum), warmup_epochs=int(p.warmup_epochs),
-                seed=int(cfg.get("seed", 0)), on_epoch=on_epoch,
+                seed=int(cfg.seed), on_epoch=on_epoch,
             )
             metrics = {k[len("val_"):]: v for k, v in history[-1].items() if k.startswith("val_acc")}
             settings = {**OmegaConf.to_container(p, resolve=True), "lr": lr}
@@ -140,5 +141,5 @@ def _run(cfg: DictConfig, protocol: str, dist, output_dir: Path) -> Dict[str, An
     if dist.is_main:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info("%s: val %s (majority class %.2f%%); results in %s", protocol,
-                 ", ".join(f"top-{k[3:]} {v:.2f}%" for k, v in metrics.items()), results["majority_acc1"], output_dir / "results.json")
+                 describe_accuracy(metrics), results["majority_acc1"], output_dir / "results.json")
     return results

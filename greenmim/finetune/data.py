@@ -71,18 +71,29 @@ def list_class_folder(directory: str, class_to_idx: Optional[Dict[str, int]] = N
     return samples, dict(class_to_idx)
 
 
+LABEL_FILE_FORMAT = "UTF-8 text with one '<file name> <class folder or index>' line per image, or Kaggle's LOC_val_solution.csv"
+
+
 def read_label_file(path: str) -> Dict[str, str]:
-    """``{file name or stem: class}`` from a flat-validation label file (see the module docstring)."""
+    """``{file name or stem: class}`` from a flat-validation label file (see the module docstring);
+    a file that is not UTF-8 text (a binary file, an archive) is a :class:`DataError` naming the format."""
     if not os.path.isfile(path):
         raise DataError(f"data.val_labels={path} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+        if "\0" in text:  # decodes as UTF-8 but holds NUL bytes: binary all the same
+            raise UnicodeError(path)
+    except UnicodeError:
+        raise DataError(f"data.val_labels={path} is not a text file: expected {LABEL_FILE_FORMAT}") from None
     labels: Dict[str, str] = {}
-    with open(path, newline="") as f:
-        for row in csv.reader(f) if path.endswith(".csv") else (line.split() for line in f):
-            if not row or row[0].startswith("#") or row[0] == "ImageId":
-                continue
-            if len(row) < 2:
-                raise DataError(f"{path}: expected '<file> <class>' per line, got '{' '.join(row)}'")
-            labels[row[0].strip()] = row[1].split()[0]
+    lines = text.splitlines()
+    for row in csv.reader(lines) if path.endswith(".csv") else (line.split() for line in lines):
+        if not row or row[0].startswith("#") or row[0] == "ImageId":
+            continue
+        if len(row) < 2:
+            raise DataError(f"{path}: expected '<file> <class>' per line, got '{' '.join(row)}'")
+        labels[row[0].strip()] = row[1].split()[0]
     if not labels:
         raise DataError(f"label file {path} is empty")
     return labels
@@ -174,6 +185,11 @@ def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True
     img_size = int(cfg["img_size"])
     train_samples, class_to_idx = list_class_folder(_split_dir(root, cfg.get("train_split", "train")))
     classes = sorted(class_to_idx, key=class_to_idx.get)
+    if len(classes) < 2:
+        raise DataError(
+            f"{root / cfg.get('train_split', 'train')} has a single class folder ({classes[0]}): a classifier needs at least 2 classes, "
+            "one sub-folder of images per class"
+        )
     expected = cfg.get("num_classes")
     if expected not in (None, "auto") and int(expected) != len(classes):
         raise ConfigError(
@@ -198,7 +214,7 @@ def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True
 def build_mixup(cfg: Any, num_classes: int) -> Optional[Mixup]:
     """timm's :class:`Mixup` (batch mode; label smoothing folded into the soft targets), or ``None``."""
     minmax = cfg.get("cutmix_minmax")
-    active = cfg.get("mixup", 0.0) > 0 or cfg.get("cutmix", 0.0) > 0 or minmax is not None
+    active = cfg.get("mixup", 0.8) > 0 or cfg.get("cutmix", 1.0) > 0 or minmax is not None
     if not active or cfg.get("mixup_prob", 1.0) <= 0:
         return None
     return Mixup(

@@ -1,5 +1,8 @@
 """Classification evaluation (top-1, top-5, cross-entropy) with an exact distributed reduction.
 
+Top-``k`` for ``k > 1`` is reported only with more than ``k`` classes (:func:`reported_topk`): with
+fewer it is 100% by definition. The fine-tuner, the k-NN and the linear probe all follow this rule.
+
 Each rank evaluates a disjoint shard of the validation set *without padding*
 (:class:`ShardSampler`: indices ``rank, rank + world, ...``), and the per-rank sums of correct
 predictions, losses and counts are all-reduced, so the result is exactly that of a single-process
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as tdist
@@ -46,15 +49,29 @@ def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank:
     )
 
 
+def reported_topk(num_classes: int, topk: Sequence[int] = (1, 5)) -> Tuple[int, ...]:
+    """The ``k`` of ``topk`` worth reporting for ``num_classes`` classes: 1, and ``k > 1`` only when ``num_classes > k``."""
+    return tuple(k for k in topk if k == 1 or num_classes > k)
+
+
+def describe_accuracy(metrics: Mapping[str, float], prefix: str = "") -> str:
+    """``"top-1 91.00%, top-5 99.00%"`` from the ``{prefix}acc{k}`` entries of ``metrics`` (those present)."""
+    keys = sorted((int(key[len(prefix) + 3:]), key) for key in metrics
+                  if key.startswith(f"{prefix}acc") and key[len(prefix) + 3:].isdigit())
+    return ", ".join(f"top-{k} {metrics[key]:.2f}%" for k, key in keys)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, autocast=None, topk=(1, 5)) -> Dict[str, float]:
-    """``{"loss", "acc1", "acc5", "count"}`` over ``loader`` (accuracies in percent), reduced over ranks.
+    """``{"loss", "acc1"[, "acc5"], "count"}`` over ``loader`` (accuracies in percent), reduced over ranks;
+    ``acc{k}`` for ``k > 1`` only with more than ``k`` classes (:func:`reported_topk`).
 
-    ``autocast``: a callable returning the precision context (e.g. ``Precision.autocast``).
+    ``autocast``: a callable returning the precision context (e.g. ``Precision.autocast``). The number
+    of classes is the logits' width (``model.num_classes`` on a rank whose shard is empty).
     """
     was_training = model.training
     model.eval()
-    num_classes: Optional[int] = None
+    num_classes: Optional[int] = getattr(model, "num_classes", None)
     sums = torch.zeros(2 + len(topk), dtype=torch.float64, device=device)  # loss, count, correct@k...
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
@@ -74,6 +91,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, a
     model.train(was_training)
     count = max(float(sums[1]), 1.0)
     out = {"loss": float(sums[0]) / count, "count": int(sums[1])}
+    shown = reported_topk(num_classes, topk) if num_classes else tuple(topk)
     for i, k in enumerate(topk):
-        out[f"acc{k}"] = 100.0 * float(sums[2 + i]) / count
+        if k in shown:
+            out[f"acc{k}"] = 100.0 * float(sums[2 + i]) / count
     return out

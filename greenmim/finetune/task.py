@@ -7,7 +7,7 @@ checkpoints, ``resume``, progress, TensorBoard / ``metrics.jsonl``); this task s
 * the training loader (RandAugment + random erasing, per-sample seeded so resume is exact);
 * the loss of a batch (timm Mixup/CutMix with label smoothing + SoftTargetCrossEntropy);
 * layer-decay parameter groups (:mod:`~greenmim.weights.layer_decay`);
-* evaluation (top-1/top-5/loss) after every epoch, optional model EMA (timm ``ModelEmaV3``) and a
+* evaluation (top-1, top-5 with more than 5 classes, loss) after every epoch, optional model EMA (timm ``ModelEmaV3``) and a
   ``checkpoints/best.pt`` holding the weights with the best validation top-1.
 
 ``best.pt`` (and :func:`save_classifier`) use the layout ``{"format": "greenmim-classifier", "model":
@@ -93,7 +93,7 @@ class FinetuneTask(TrainTask):
         self.mixup = build_mixup(aug, self.num_classes)
         if self.mixup is not None and int(cfg.data.batch_size) % 2:
             raise ConfigError(f"Mixup/CutMix needs an even data.batch_size, got {cfg.data.batch_size}: change it or set aug.mixup=0 aug.cutmix=0")
-        self.criterion = build_train_criterion(self.mixup, float(aug.get("smoothing", 0.0)))
+        self.criterion = build_train_criterion(self.mixup, float(aug.smoothing))
         self.ema: Optional[nn.Module] = None
         self.best: Dict[str, float] = {"acc1": -1.0, "epoch": 0}
         self.last_metrics: Dict[str, float] = {}
@@ -106,26 +106,26 @@ class FinetuneTask(TrainTask):
         model, self.load_report = create_classifier(
             m.name,
             self.num_classes,
-            drop_path_rate=float(m.get("drop_path_rate", 0.1)),
+            drop_path_rate=float(m.drop_path_rate),
             pretrained=self.cfg.get("pretrained") or None,
-            use_ema=bool(self.cfg.get("pretrained_use_ema", False)),
+            use_ema=bool(self.cfg.pretrained_use_ema),
             **model_kwargs(self.cfg),
         )
         if self.load_report is not None:
             log.info("pretrained: %s", self.load_report.summary())
         else:
             log.info("no pretrained weights (pretrained=null): training %s from random initialisation", m.name)
-        ema_cfg = self.cfg.get("ema") or {}
-        if ema_cfg.get("enabled", False):
+        ema_cfg = self.cfg.ema
+        if ema_cfg.enabled:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(model, decay=float(ema_cfg.get("decay", 0.9999)), use_warmup=bool(ema_cfg.get("warmup", False)))
+            self.ema = ModelEmaV3(model, decay=float(ema_cfg.decay), use_warmup=bool(ema_cfg.warmup))
         self._model = model
         return model
 
     def build_train_loader(self, dist: DistInfo, seed: int) -> torch.utils.data.DataLoader:
         d = self.cfg.data
-        return build_train_loader(self.data.train, int(d.batch_size), dist, seed=seed, num_workers=int(d.get("num_workers", 4)), pin_memory=bool(d.get("pin_memory", True)))
+        return build_train_loader(self.data.train, int(d.batch_size), dist, seed=seed, num_workers=int(d.num_workers), pin_memory=bool(d.pin_memory))
 
     def val_loader(self, dist: DistInfo) -> torch.utils.data.DataLoader:
         if self._val_loader is None:
@@ -133,7 +133,7 @@ class FinetuneTask(TrainTask):
             self._val_loader = build_eval_loader(
                 self.data.val,
                 int(d.get("eval_batch_size") or d.batch_size),
-                int(d.get("num_workers", 4)),
+                int(d.num_workers),
                 dist.rank,
                 dist.world_size,
                 pin_memory=dist.device.type == "cuda",
@@ -142,7 +142,7 @@ class FinetuneTask(TrainTask):
         return self._val_loader
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> Optional[List[Dict[str, Any]]]:
-        return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=float(self.cfg.optim.get("layer_decay", 1.0)))
+        return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=float(self.cfg.optim.layer_decay))
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, batch: Any, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -162,18 +162,18 @@ class FinetuneTask(TrainTask):
     # -- evaluation and best checkpoint -----------------------------------------------------------
     def evaluate(self, model: nn.Module, trainer) -> Dict[str, float]:
         """Validation metrics every ``eval_every`` epochs and after the last one (``{}`` otherwise)."""
-        every = int(self.cfg.get("eval_every", 1))
+        every = int(self.cfg.eval_every)
         if not (trainer.is_last_epoch or (every > 0 and (trainer.epoch + 1) % every == 0)):
             return {}
         loader = self.val_loader(trainer.dist)
         metrics = evaluate(model, loader, trainer.device, trainer.precision.autocast)
-        out = {"val_loss": metrics["loss"], "val_acc1": metrics["acc1"], "val_acc5": metrics["acc5"]}
+        out = {f"val_{k}": v for k, v in metrics.items() if k != "count"}  # val_loss, val_acc1[, val_acc5]
         if self.ema is not None:
             self.ema.to(trainer.device)
             ema = evaluate(self.ema.module, loader, trainer.device, trainer.precision.autocast)
-            out.update({"ema_val_loss": ema["loss"], "ema_val_acc1": ema["acc1"], "ema_val_acc5": ema["acc5"]})
+            out.update({f"ema_val_{k}": v for k, v in ema.items() if k != "count"})
         if out["val_acc1"] > self.best["acc1"]:
-            self.best = {"acc1": out["val_acc1"], "acc5": out["val_acc5"], "loss": out["val_loss"], "epoch": trainer.epoch + 1}
+            self.best = {**{k: v for k, v in metrics.items() if k != "count"}, "epoch": trainer.epoch + 1}
         out["best_acc1"] = self.best["acc1"]
         self.last_metrics = out
         return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Type
+from typing import Any, Dict, List, Mapping, Optional, Type
 
 import torch.nn as nn
 
@@ -70,3 +70,57 @@ def create_encoder(name: str, method: str = "greenmim", **overrides: Any) -> nn.
     for key in spec.visible_only_kwargs:
         kwargs.pop(key, None)
     return spec.dense_cls(**kwargs)
+
+
+def timm_args(encoder_args: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The constructor arguments a ``model.encoder_args`` node sets: its non-null values.
+
+    The model configs declare every architecture key (``configs/model/arch/``) with ``null`` meaning
+    "the timm default of the name", so that ``model.encoder_args.window_size=14`` works without ``+``;
+    every consumer of ``encoder_args`` reads it through this function.
+    """
+    return {k: v for k, v in dict(encoder_args or {}).items() if v is not None}
+
+
+def _positive_ints(value: Any) -> bool:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return bool(items) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items)
+
+
+def _positive_numbers(value: Any) -> bool:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return bool(items) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in items)
+
+
+def check_architecture(name: str, encoder_args: Optional[Mapping[str, Any]]) -> None:
+    """Raise ``ValueError`` (one line naming the key and the fix) when ``encoder_args`` over the
+    registered timm arguments of ``name`` cannot build: a size below 1, per-stage lists of different
+    lengths, or a stage width that its head count does not divide. Unregistered names are not checked."""
+    if name not in _REGISTRY:
+        return
+    given = timm_args(encoder_args)
+    args = {**_REGISTRY[name].args, **given}
+
+    def fail(key: str, what: str) -> None:
+        raise ValueError(f"model.encoder_args.{key}={given.get(key, args.get(key))!r} is invalid: {what}")
+
+    for key in ("window_size", "patch_size", "embed_dim", "depths", "num_heads", "embed_dims", "sr_ratios", "wss"):
+        if key in args and args[key] is not None and not _positive_ints(args[key]):
+            fail(key, "set it to a positive integer" + ("" if key in ("window_size", "patch_size", "embed_dim") else " per stage, e.g. [2, 2, 6, 2]"))
+    for key in ("mlp_ratio", "mlp_ratios"):
+        if key in args and not _positive_numbers(args[key]):
+            fail(key, "set it to a positive number" + (" per stage" if key == "mlp_ratios" else ""))
+    rate = args.get("drop_path_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        fail("drop_path_rate", "set it to a number in [0, 1)")
+    stages = len(args["depths"]) if isinstance(args["depths"], (list, tuple)) else 1
+    for key in ("num_heads", "embed_dims", "mlp_ratios", "sr_ratios", "wss"):
+        if isinstance(args.get(key), (list, tuple)) and len(args[key]) != stages:
+            fail(key, f"give one value per stage ({stages} stages: model.encoder_args.depths has {stages} entries)")
+    heads = args["num_heads"] if isinstance(args["num_heads"], (list, tuple)) else [args["num_heads"]] * stages
+    widths = args.get("embed_dims") or [args["embed_dim"] * 2 ** i for i in range(stages)]  # Swin doubles per stage
+    bad = [i for i, (w, h) in enumerate(zip(widths, heads)) if w % h]
+    if bad:
+        i = bad[0]
+        key = "num_heads" if "num_heads" in given else ("embed_dims" if "embed_dims" in args else "embed_dim")
+        fail(key, f"stage {i} has width {widths[i]} and {heads[i]} heads: the heads must divide the width")

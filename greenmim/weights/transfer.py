@@ -4,15 +4,15 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping
 
 from ..engine.errors import ConfigError
-from ..models.registry import get_spec
+from ..models.registry import get_spec, timm_args
 
 
 def transfer_kwargs(name: str, encoder_args: Mapping[str, Any], task: str) -> Dict[str, Any]:
     """timm constructor arguments from ``model.encoder_args`` (the architecture, as in pretraining):
-    lists become tuples and greenmim-only options (``cost_model``, ``sparse_backend``, ...) are dropped.
+    null values (timm's default) are dropped, lists become tuples and greenmim-only options (``cost_model``, ``sparse_backend``, ...) are dropped.
     The downstream task sets its own stochastic depth: ``drop_path_rate`` in ``encoder_args`` is a
     :class:`ConfigError` naming ``model.drop_path_rate`` (``task`` names the task in the message)."""
-    args = dict(encoder_args or {})
+    args = timm_args(encoder_args)
     if "drop_path_rate" in args:
         raise ConfigError(f"set the {task} drop path with model.drop_path_rate, not model.encoder_args.drop_path_rate")
     try:
