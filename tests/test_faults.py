@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from hydra import compose, initialize_config_module
 
+from cli_helpers import assert_one_line, run_cli
 from greenmim.detection.data import CocoDetection, CocoFormatError
 from greenmim.detection.synthetic import write_synthetic_coco
 from greenmim.engine import CheckpointManager, Trainer, TrainerConfig, TrainTask, UserError
@@ -44,23 +45,6 @@ def train_losses(out: Path):
 def snapshot(root: Path):
     """Every file under ``root`` with the SHA-256 of its bytes."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def run_cli(monkeypatch, capsys, module, prog, *args):
-    """Run a Hydra entry point in-process; returns (exit code, stderr lines)."""
-    import importlib
-
-    main = importlib.import_module(f"greenmim.cli.{module}").main
-    monkeypatch.setattr(sys, "argv", [prog, *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    return exc.value.code, capsys.readouterr().err.strip().splitlines()
-
-
-def assert_one_line(code, err, prog, pattern, exit_code=2):
-    assert code == exit_code, err
-    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
-    assert re.search(pattern, err[0]), err[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from finetune_helpers import TINY, compose, make_folders
-from test_faults import assert_one_line, run_cli
+from cli_helpers import assert_one_line, run_cli
 
 import greenmim
 from greenmim.engine import OptimConfig, TrainerConfig

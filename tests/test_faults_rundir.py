@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from hydra import compose, initialize_config_module
 
+from cli_helpers import assert_one_line, run_cli
 from greenmim.engine import Trainer, TrainerConfig, TrainTask, UserError
 from greenmim.engine import checkpoint as ckpt_mod
 from greenmim.engine.checkpoint import load_checkpoint, set_aside
@@ -30,23 +31,6 @@ TINY = [
 ]
 FT_TINY = "model.encoder_args={embed_dim:16,depths:[1,1,1,1],num_heads:[1,1,2,2],window_size:2}"
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-
-
-def run_cli(monkeypatch, capsys, module, prog, *args):
-    """Run a Hydra entry point in-process; returns (exit code, stderr lines)."""
-    import importlib
-
-    main = importlib.import_module(f"greenmim.cli.{module}").main
-    monkeypatch.setattr(sys, "argv", [prog, *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    return exc.value.code, capsys.readouterr().err.strip().splitlines()
-
-
-def assert_one_line(code, err, prog, pattern, exit_code=2, prefix="error: "):
-    assert code == exit_code, err
-    assert len(err) == 1 and err[0].startswith(f"{prog}: {prefix}"), err
-    assert re.search(pattern, err[0]), err[0]
 
 
 def held(folder: Path) -> bool:
