@@ -130,7 +130,8 @@ def run_folder(output_dir: os.PathLike, enabled: bool = True, check: Optional[Ca
     from .distributed import broadcast_object
 
     folder = Path(output_dir).expanduser()
-    error, held = None, False
+    error, held, failed = None, False, False
+    created = enabled and not folder.exists()  # a folder this run made is removed again if it fails empty
     if enabled:
         try:
             check_output_dir(folder)
@@ -145,9 +146,15 @@ def run_folder(output_dir: os.PathLike, enabled: bool = True, check: Optional[Ca
         if error:
             raise UserError(error)
         yield folder
+    except BaseException:
+        failed = True
+        raise
     finally:
         if held:
             release_lock(folder)
+        if created and failed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: a run that wrote anything keeps it
 
 
 def check_outside_data(output_dir: os.PathLike, data_root: Optional[os.PathLike]) -> None:
