@@ -102,7 +102,7 @@ def prepare_data(data: Dict[str, Any], dist, output_dir: Path, eval_only: bool =
         for split in ("train", "val"):
             data[f"{split}_images"] = str(root / split)
             data[f"{split}_ann"] = str(root / "annotations" / f"instances_{split}.json")
-    year = str(data.get("year", "2017"))
+    year = str(data["year"])
     root = os.path.expanduser(str(data.get("root") or "."))
     for split in ("train", "val"):
         for key, default in zip((f"{split}_images", f"{split}_ann"), coco_paths(root, split, year)):
@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         log.info("%s", task.data_summary())
         log.info("eval_only: %s on %d images", ckpt, len(task.val_set))
         metrics = evaluate_coco(model, task.val_set, dist.device, dist, batch_size=int(data.get("eval_batch_size", 1)),
-                                num_workers=int(data.get("num_workers", 0)), output_dir=str(output_dir), prefix="eval_",
+                                num_workers=int(data["num_workers"]), output_dir=str(output_dir), prefix="eval_",
                                 log_every=int(data.get("eval_log_every", 0) or 0))
     else:
         trainer = Trainer(task, tcfg, optim_config(cfg), sched_config(cfg))

@@ -41,7 +41,7 @@ def backbone_kwargs(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """timm constructor arguments of the trunk (:func:`~greenmim.weights.transfer_kwargs`) plus
     ``model.drop_path_rate``."""
     args = transfer_kwargs(model_cfg["name"], model_cfg.get("encoder_args") or {}, "detection")
-    args["drop_path_rate"] = float(model_cfg.get("drop_path_rate", 0.0) or 0.0)
+    args["drop_path_rate"] = float(model_cfg["drop_path_rate"] or 0.0)
     return args
 
 
@@ -194,7 +194,7 @@ class DetectionTask(TrainTask):
             use_ema=self.use_ema,
             out_norm=det.get("out_norm"),
             fpn_channels=int(det.get("fpn_channels", 256)),
-            min_size=self.data_cfg.get("min_size", 800),
+            min_size=self.data_cfg["min_size"],
             max_size=int(self.data_cfg.get("max_size", 1333)),
             detector_kwargs=dict(det.get("maskrcnn") or {}),
             **backbone_kwargs(self.model_cfg),
@@ -212,7 +212,7 @@ class DetectionTask(TrainTask):
             log.info("%s", self.data_summary())
         sampler = ResumableDistributedSampler(len(self.train_set), dist.world_size, dist.rank, shuffle=True,
                                               seed=seed, drop_last=True, seeded=True)
-        workers = int(d.get("num_workers", 0))
+        workers = int(d["num_workers"])
         # the loader's own generator: creating an iterator (every epoch, and after a resume) must not
         # draw from the global torch RNG, which Mask R-CNN's proposal/RoI samplers use (exact resume)
         generator = torch.Generator().manual_seed(seed + dist.rank)
@@ -260,7 +260,7 @@ class DetectionTask(TrainTask):
         d = self.data_cfg
         self.last_metrics = evaluate_coco(
             model, self.val_set, trainer.device, trainer.dist, batch_size=int(d.get("eval_batch_size", 1)),
-            num_workers=int(d.get("num_workers", 0)), output_dir=str(trainer.output_dir),
+            num_workers=int(d["num_workers"]), output_dir=str(trainer.output_dir),
             prefix="val_", log_every=int(d.get("eval_log_every", 0) or 0),
         )
         if trainer.dist.is_main:
