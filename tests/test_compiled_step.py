@@ -89,8 +89,11 @@ def test_compiled_step_equals_eager_and_never_recompiles():
     after = compile_counters()
     assert warm["graphs"] > before["graphs"]  # it did compile
     assert after["graphs"] == warm["graphs"]  # and never again over 5 batches of other masks
-    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):  # 6 optimizer steps later
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+    # 6 AdamW steps later. Adam's update m/sqrt(v) is ~lr in size even for gradients at rounding level, so
+    # fp differences of such elements (seen: 2.3e-5 on a cold inductor cache) are bounded by lr, not by
+    # the gradient tolerance: allow a tenth of one step (lr 1e-3); a wrong step moves weights by ~lr.
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
 def run_pretrain(monkeypatch, out, *args):
