@@ -27,6 +27,7 @@ from torchvision import transforms as T
 from ..data.datasets import list_folder
 from ..data.device_decode import DeviceCrop, EncodedBatch
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainCrop
+from .step import synchronize
 
 DEFAULT_RATES = (1000, 2000, 3400)
 
@@ -43,11 +44,6 @@ def reference_pipeline(img_size: int) -> Callable[[str], torch.Tensor]:
             return transform(Image.open(f).convert("RGB"))
 
     return run
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def loader_benchmark(root: str, img_size: int = 224, max_images: int = 200, batch_size: int = 32, device: str = "cpu",
@@ -78,11 +74,11 @@ def loader_benchmark(root: str, img_size: int = 224, max_images: int = 200, batc
                         encoded.append(sample)
         batches = [EncodedBatch(encoded[i:i + batch_size]) for i in range(0, len(encoded), batch_size)]
         batches[0].to(device)  # warm-up (CUDA decoder handles)
-        _synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for batch in batches:
             batch.to(device)
-        _synchronize(device)
+        synchronize(device)
         main_s = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)

@@ -137,7 +137,9 @@ def apply_crop(pixels: torch.Tensor, plan: CropPlan, out_hw: Tuple[int, int], ui
     rounded back to uint8."""
     top, left, bottom, right = crop_box(plan, tuple(pixels.shape[-2:]))
     crop = pixels[:, top:bottom, left:right].unsqueeze(0)
-    if pixels.device.type == "cpu" if uint8_resize is None else uint8_resize:  # the uint8 kernel wants channels-last
+    if uint8_resize is None:
+        uint8_resize = pixels.device.type == "cpu"
+    if uint8_resize:  # the uint8 kernel wants channels-last
         out = F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=out_hw, mode="bicubic", antialias=True, align_corners=False)
     else:
         out = F.interpolate(crop.float(), size=out_hw, mode="bicubic", antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)

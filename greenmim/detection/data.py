@@ -51,6 +51,7 @@ from torch.utils.data import Dataset
 
 from ..data.datasets import ImageFiles
 from ..data.images import DECODE_CHECK_LIMIT
+from ..data.transforms import rgb_pixels
 from ..engine.errors import ConfigError, UserError
 from .rle import rle_problem
 
@@ -411,8 +412,7 @@ class CocoDetection(Dataset):
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image as a ``(3, H, W)`` float tensor in ``[0, 1]``."""
-    arr = np.asarray(image, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    return rgb_pixels(image).float().div_(255.0)
 
 
 def hflip(image: torch.Tensor, target: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
