@@ -175,11 +175,12 @@ def test_data_summary_and_step_1_lines(coco, tmp_path, caplog):
     cfg = compose_detect("experiment=detect_quick", "data=coco", f"data.root={coco}", "data.train_images=train",
                          "data.train_ann=annotations/instances_train.json", "data.val_images=val",
                          "data.val_ann=annotations/instances_val.json", "data.min_size=[64]", "data.max_size=96",
-                         "model.encoder_args.depths=[1,1,1,1]", "detector.fpn_channels=16", "trainer.max_steps=1",
+                         "model.encoder_args.depths=[1,1,1,1]", "detector.fpn_channels=16", "trainer.max_steps=2",
                          "trainer.log_every=5", "trainer.tensorboard=false", f"output_dir={tmp_path / 'out'}")
     detect_cli.run(cfg)
     log = (tmp_path / "out" / "train.log").read_text()
     summary = next(line for line in log.splitlines() if "data: train" in line)
     assert "train instances_train.json: 4 images, " in summary and " annotations, 3 categories" in summary
     assert "| val instances_val.json: 2 images" in summary
-    assert "step 1/1 | loss " in log and "next progress line at step 5" in log
+    # the next line is the last step's (2), not trainer.log_every's 5, which a 2-step run never reaches
+    assert "step 1/2 | loss " in log and "next progress line at step 2" in log

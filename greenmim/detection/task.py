@@ -242,9 +242,10 @@ class DetectionTask(TrainTask):
         if trainer.step != 1 or self._first_loss is None:
             return
         loss, self._first_loss = self._first_loss, None
-        if trainer.dist.is_main and trainer.cfg.log_every > 1:
+        next_line = min(trainer.cfg.log_every, trainer.total_steps)
+        if trainer.dist.is_main and next_line > 1:  # else the trainer's own line for step 1 is due now
             log.info("step 1/%d | loss %.4f | %.1f s | next progress line at step %d (trainer.log_every)",
-                     trainer.total_steps, float(loss), time.perf_counter() - self._first_step_start, trainer.cfg.log_every)
+                     trainer.total_steps, float(loss), time.perf_counter() - self._first_step_start, next_line)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> Optional[List[Dict[str, Any]]]:
         return detection_param_groups(model, weight_decay, self.layer_decay)
