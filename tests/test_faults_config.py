@@ -66,6 +66,16 @@ def test_decoder_heads_must_divide_decoder_dim(monkeypatch, capsys, tmp_path):
     assert not out.exists()
 
 
+def test_model_check_without_encoder_args_still_checks_the_decoder():
+    """A model config without ``encoder_args`` (timm's defaults) is checked, not crashed on."""
+    from greenmim.cli.validate import check_model
+    from greenmim.engine.errors import ConfigError
+
+    cfg = OmegaConf.create({"model": {"name": "swin_tiny_patch4_window7_224", "decoder_dim": 64, "decoder_heads": 3}})
+    with pytest.raises(ConfigError, match=r"model\.decoder_heads=3 does not divide model\.decoder_dim=64"):
+        check_model(cfg)
+
+
 def test_grad_checkpointing_takes_bools_and_stage_lists():
     from greenmim.cli.validate import check_grad_checkpointing
 

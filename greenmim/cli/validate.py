@@ -180,12 +180,17 @@ def _fail(rule: Rule, value: Any, what: str = "") -> None:
     raise ConfigError(f"{rule.key}={value!r} is invalid: set it to {what or rule.describe()}")
 
 
-def check_numbers(cfg: DictConfig) -> None:
-    """Apply :data:`RULES` and :data:`LIST_RULES` to the keys ``cfg`` has."""
-    for rule in RULES:
+def _check_rules(cfg: DictConfig, rules) -> None:
+    """Each rule's key, where ``cfg`` has it, must satisfy the rule."""
+    for rule in rules:
         value = _value(cfg, rule.key)
         if value is not _MISSING and not rule.ok(value):
             _fail(rule, value)
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Apply :data:`RULES` and :data:`LIST_RULES` to the keys ``cfg`` has."""
+    _check_rules(cfg, RULES)
     for rule, length in LIST_RULES:
         value = _value(cfg, rule.key)
         if value is _MISSING or (value is None and rule.optional):
@@ -223,7 +228,8 @@ def check_model(cfg: DictConfig) -> None:
     name = _value(cfg, "model.name")
     if isinstance(name, str) and name != "???":
         try:
-            check_architecture(name, _value(cfg, "model.encoder_args") or {})
+            args = _value(cfg, "model.encoder_args")
+            check_architecture(name, None if args is _MISSING else args)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     dim, heads = _value(cfg, "model.decoder_dim"), _value(cfg, "model.decoder_heads")
@@ -278,10 +284,7 @@ def check_detect(cfg: DictConfig) -> None:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f"did you mean detector.maskrcnn.{close[0]}? " if close else ""
             raise ConfigError(f"unknown key detector.maskrcnn.{key}: {hint}valid keys: {', '.join(valid)}")
-    for rule in MASKRCNN_RULES:
-        value = _value(cfg, rule.key)
-        if value is not _MISSING and not rule.ok(value):
-            _fail(rule, value)
+    _check_rules(cfg, MASKRCNN_RULES)
 
 
 TASK_CHECKS: dict = {"pretrain": (check_pretrain, check_decode_mode), "detect": (check_detect,)}
