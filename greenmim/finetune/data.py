@@ -183,17 +183,18 @@ def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True
     if not root.is_dir():
         raise DataError(f"data.root={root} is not a folder: point it at the folder holding train/ and val/")
     img_size = int(cfg["img_size"])
-    train_samples, class_to_idx = list_class_folder(_split_dir(root, cfg.get("train_split", "train")))
+    train_dir = _split_dir(root, cfg.get("train_split", "train"))
+    train_samples, class_to_idx = list_class_folder(train_dir)
     classes = sorted(class_to_idx, key=class_to_idx.get)
     if len(classes) < 2:
         raise DataError(
-            f"{root / cfg.get('train_split', 'train')} has a single class folder ({classes[0]}): a classifier needs at least 2 classes, "
+            f"{train_dir} has a single class folder ({classes[0]}): a classifier needs at least 2 classes, "
             "one sub-folder of images per class"
         )
     expected = cfg.get("num_classes")
     if expected not in (None, "auto") and int(expected) != len(classes):
         raise ConfigError(
-            f"data.num_classes={expected} but {root / cfg.get('train_split', 'train')} has {len(classes)} class folders; "
+            f"data.num_classes={expected} but {train_dir} has {len(classes)} class folders; "
             f"set data.num_classes={len(classes)} (or null to infer it)"
         )
     val_dir = _split_dir(root, cfg.get("val_split", "val"))

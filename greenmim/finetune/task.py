@@ -167,13 +167,14 @@ class FinetuneTask(TrainTask):
             return {}
         loader = self.val_loader(trainer.dist)
         metrics = evaluate(model, loader, trainer.device, trainer.precision.autocast)
-        out = {f"val_{k}": v for k, v in metrics.items() if k != "count"}  # val_loss, val_acc1[, val_acc5]
+        scores = {k: v for k, v in metrics.items() if k != "count"}  # loss, acc1[, acc5]
+        out = {f"val_{k}": v for k, v in scores.items()}
         if self.ema is not None:
             self.ema.to(trainer.device)
             ema = evaluate(self.ema.module, loader, trainer.device, trainer.precision.autocast)
             out.update({f"ema_val_{k}": v for k, v in ema.items() if k != "count"})
         if out["val_acc1"] > self.best["acc1"]:
-            self.best = {**{k: v for k, v in metrics.items() if k != "count"}, "epoch": trainer.epoch + 1}
+            self.best = {**scores, "epoch": trainer.epoch + 1}
         out["best_acc1"] = self.best["acc1"]
         self.last_metrics = out
         return out

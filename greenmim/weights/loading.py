@@ -215,7 +215,7 @@ def load_pretrained(
     bad_missing = [k for k in report.missing if not (allow_missing_head and k.startswith(head))]
     if bad_missing and not report.unexpected and all(k.startswith(head) for k in bad_missing):
         raise UserError(
-            f"'{path}' holds no classifier head: it is a {'greenmim-pretrain' if is_pretrain else kind} checkpoint (an encoder), "
+            f"'{path}' holds no classifier head: it is a {kind} checkpoint (an encoder), "
             f"not a fine-tuned classifier: fine-tune it first with pretrained={path}, then evaluate the fine-tuned run's checkpoint"
         )
     if bad_missing or report.unexpected:
