@@ -74,13 +74,12 @@ def calibration_masks(batch: int, num_units: int, num_visible: int) -> List[np.n
 
 
 def fit_static_shape(
-    samples: Sequence[np.ndarray], capacity: int, bound: int, cost_model: CostModel, group_multiple: int
+    samples: Sequence[np.ndarray], bound: int, cost_model: CostModel, group_multiple: int
 ) -> StaticShape:
     """The cheapest ``(g, n_g)`` that packs every calibration batch with a margin.
 
     Args:
         samples: each calibration batch's window counts.
-        capacity: the window area.
         bound: the most tokens a window can hold (:func:`max_window_count`).
         cost_model: the attention cost to minimise.
         group_multiple: group sizes are multiples of this.
@@ -136,5 +135,5 @@ def fit_static_shapes(
         t = tokens_per_unit[part.stage]
         samples = [stage_windows(m, grid, t, part.window, part.shift) for m in masks]
         bound = max_window_count(grid, t, part.window, part.shift, num_visible)
-        shapes[key] = fit_static_shape([s.counts for s in samples], samples[0].capacity, bound, cost_model, group_multiple)
+        shapes[key] = fit_static_shape([s.counts for s in samples], bound, cost_model, group_multiple)
     return shapes

@@ -112,17 +112,16 @@ class TrainStep:
         self.optimizer = make_optimizer(model)
         self.precision = Precision(dtype, device)
         self.clip_grad = clip_grad
-        self.compiled_mode: Optional[str] = None
         self.engine = TrainingStep(model, self.optimizer, self.precision, clip_grad)
         self.plan_thread_ms = 0.0  # training-thread time spent on the last step's plan
 
     def compile(self, mode: str = "auto") -> str:
         """Run the model compiled as ``trainer.compile=true`` with ``trainer.compile_mode=mode`` does;
         returns the resolved mode. :meth:`eager` undoes it."""
-        self.compiled_mode = compile_mode(mode, self.device)
-        self.engine = TrainingStep(compile_model(self.model, self.compiled_mode), self.optimizer, self.precision,
-                                   self.clip_grad, cudagraphs=self.compiled_mode in CUDAGRAPH_MODES)
-        return self.compiled_mode
+        resolved = compile_mode(mode, self.device)
+        self.engine = TrainingStep(compile_model(self.model, resolved), self.optimizer, self.precision,
+                                   self.clip_grad, cudagraphs=resolved in CUDAGRAPH_MODES)
+        return resolved
 
     def graph_breaks(self, images: torch.Tensor, plan: "HostPlan | DevicePlan") -> int:
         """Graph breaks of the model's forward on this batch (resets dynamo: call before :meth:`compile`)."""
@@ -131,7 +130,6 @@ class TrainStep:
 
     def eager(self) -> None:
         """Back to the eager model (after a failed compilation); gradients are cleared."""
-        self.compiled_mode = None
         self.engine = TrainingStep(self.model, self.optimizer, self.precision, self.clip_grad)
         self.optimizer.zero_grad(set_to_none=True)
 
