@@ -138,7 +138,8 @@ class PretrainTask(TrainTask):
         """Draws and plans the masks in the loader workers (planner: :func:`planner_for`)."""
         encoder = self.model.encoder
         grid = unit_grid(tuple(encoder.patch_embed.img_size), encoder.unit)
-        return MaskCollator(grid, self.mask_ratio, planner_for(self.model, device, self.static_plans), shared=self.model.shared_mask)
+        return MaskCollator(grid, self.mask_ratio, planner_for(self.model, device, self.static_plans), shared=self.model.shared_mask,
+                            batch_size=int(self.data_cfg["batch_size"]))
 
     def build_train_loader(self, dist: DistInfo, seed: int):
         dataset = self.dataset = build_pretrain_dataset(self.data_cfg)

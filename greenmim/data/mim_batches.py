@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import default_collate
 
-from ..masking import UnitGrid, seeded_masks, visible_indices
+from ..masking import UnitGrid, num_visible_units, seeded_masks, visible_indices
 from .device_decode import EncodedBatch, EncodedImage
 from .transforms import normalize
 from ..planning import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
@@ -64,13 +64,19 @@ class MaskCollator:
         mask_ratio: fraction of masked units.
         planner: the visible-only encoder's planner, or None for the all-token baseline (mask only).
         shared: one mask per batch (the first sample's) instead of one per sample.
+        batch_size: the loader's batch size: a static planner sizes its shapes for it here, once, in
+            the process that builds the loader, instead of in every worker on its first batch.
     """
 
-    def __init__(self, grid: UnitGrid, mask_ratio: float, planner: Optional[VisiblePlanner] = None, shared: bool = False):
+    def __init__(self, grid: UnitGrid, mask_ratio: float, planner: Optional[VisiblePlanner] = None, shared: bool = False,
+                 batch_size: Optional[int] = None):
         self.grid = grid
         self.mask_ratio = float(mask_ratio)
         self.planner = planner
         self.shared = bool(shared)
+        if planner is not None and planner.static and batch_size:
+            rows = 1 if planner.shared_mask else int(batch_size)
+            planner.static_shapes(rows, num_visible_units(grid.num_units, self.mask_ratio))
 
     def __call__(self, samples: Sequence[Tuple[torch.Tensor, int]]) -> MIMBatch:
         images = [image for image, _ in samples]
