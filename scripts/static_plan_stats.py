@@ -14,6 +14,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from greenmim.masking import num_visible_units
 from greenmim.models import create_encoder
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +37,7 @@ blocks = Counter((part.stage, part.key) for part in enc.window_partitions())
 free = enc.planner(group_multiple=args.group_multiple, shared_mask=args.shared_mask)
 static = enc.planner(group_multiple=args.group_multiple, static=True, shared_mask=args.shared_mask)
 units = free.grid.num_units
-visible = units - int(round(units * args.mask_ratio))
+visible = num_visible_units(units, args.mask_ratio)  # the rounding training uses
 t0 = time.perf_counter()
 static.static_shapes(1 if args.shared_mask else args.batch_size, visible)
 calibration_s = time.perf_counter() - t0
