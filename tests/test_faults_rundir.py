@@ -424,3 +424,19 @@ def test_a_max_steps_below_the_checkpoints_step_trains_nothing_more(tmp_path):
     shorter = toy(tmp_path, Toy(), epochs=10, max_steps=6, resume="auto")
     shorter.fit()
     assert shorter.step == 8 and shorter.task.lrs == {} and snapshot(tmp_path / "checkpoints") == before
+
+
+def test_pruning_sidecars_leaves_files_of_other_names_alone(tmp_path):
+    """Sidecars of pruned steps go; a stray ``step-*.after-eval`` of another name neither breaks the
+    save nor is deleted."""
+    from greenmim.engine import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    stray = manager.folder / "step-notes.after-eval"
+    manager.folder.mkdir(parents=True)
+    stray.write_text("mine")
+    for step in (1, 2):
+        manager.save_after_eval({"step": step}, step)
+        manager.save({"step": step}, step)
+    assert sorted(p.name for p in manager.folder.iterdir()) == ["step-00000002.after-eval", "step-00000002.pt", "step-notes.after-eval"]
+    assert stray.read_text() == "mine"

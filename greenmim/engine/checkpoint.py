@@ -68,6 +68,7 @@ VERSION = 3
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"step-(\d+)\.pt$")
 AFTER_EVAL_SUFFIX = ".after-eval"
+_AFTER_EVAL_RE = re.compile(r"^step-(\d+)" + re.escape(AFTER_EVAL_SUFFIX) + "$")
 #: what a file of another greenmim format is, and what to do with it instead of resuming it
 FOREIGN_FORMATS = {
     "greenmim-classifier": "a fine-tuned classifier (like checkpoints/best.pt), not a training checkpoint: evaluate it with "
@@ -261,7 +262,12 @@ def _free_name(path: Path) -> Path:
 def after_eval_path(checkpoint: os.PathLike) -> Path:
     """The sidecar holding the post-evaluation state of the checkpoint of that step (see the format notes)."""
     checkpoint = Path(checkpoint)
-    return checkpoint.parent / f"step-{checkpoint_step(checkpoint):08d}{AFTER_EVAL_SUFFIX}"
+    return checkpoint.parent / after_eval_name(checkpoint_step(checkpoint))
+
+
+def after_eval_name(step: int) -> str:
+    """The file name of step ``step``'s post-evaluation sidecar."""
+    return f"step-{step:08d}{AFTER_EVAL_SUFFIX}"
 
 
 def load_after_eval(checkpoint: os.PathLike) -> Optional[Dict[str, Any]]:
@@ -344,7 +350,7 @@ class CheckpointManager:
 
     def save_after_eval(self, state: Dict[str, Any], step: int) -> Path:
         """Write the post-evaluation sidecar of step ``step`` (``state`` holds ``step``, ``rank_states``, ``metrics``)."""
-        return atomic_save(state, self.folder / f"step-{step:08d}{AFTER_EVAL_SUFFIX}")
+        return atomic_save(state, self.folder / after_eval_name(step))
 
     def prune(self) -> None:
         """Delete the rolling checkpoints beyond the newest ``keep_last``, and sidecars of steps no
@@ -354,5 +360,6 @@ class CheckpointManager:
             old.unlink(missing_ok=True)
         kept = {checkpoint_step(p) for p in self.folder.glob("*.pt")}
         for sidecar in self.folder.glob(f"step-*{AFTER_EVAL_SUFFIX}"):
-            if int(sidecar.name[len("step-"):-len(AFTER_EVAL_SUFFIX)]) not in kept:
+            m = _AFTER_EVAL_RE.match(sidecar.name)  # a file of another name is not ours to delete
+            if m and int(m.group(1)) not in kept:
                 sidecar.unlink(missing_ok=True)
