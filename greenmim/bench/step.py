@@ -35,7 +35,7 @@ from ..data.mim_batches import MIMBatch, plan_masks, planner_for, pretrain_loss
 from ..data.transforms import normalize
 from ..engine.optim import build_optimizer
 from ..engine.precision import Precision
-from ..engine.step import CUDAGRAPH_MODES, TrainingStep, compile_mode, compile_model, count_graph_breaks
+from ..engine.step import TrainingStep, compile_mode, count_graph_breaks
 from ..masking import seeded_masks, unit_grid
 from ..models import create_pretrain_model
 from ..data.prefetch import maybe_prefetch
@@ -119,8 +119,7 @@ class TrainStep:
         """Run the model compiled as ``trainer.compile=true`` with ``trainer.compile_mode=mode`` does;
         returns the resolved mode. :meth:`eager` undoes it."""
         resolved = compile_mode(mode, self.device)
-        self.engine = TrainingStep(compile_model(self.model, resolved), self.optimizer, self.precision,
-                                   self.clip_grad, cudagraphs=resolved in CUDAGRAPH_MODES)
+        self.engine = TrainingStep(self.model, self.optimizer, self.precision, self.clip_grad, compile_mode=resolved)
         return resolved
 
     def graph_breaks(self, images: torch.Tensor, plan: "HostPlan | DevicePlan") -> int:

@@ -99,19 +99,21 @@ class TrainingStep:
         precision: autocast, loss scaling and the clipped, skippable step.
         clip_grad: max total gradient norm, or None.
         accum_steps: micro-batches per optimizer step (each loss is divided by it).
-        cudagraphs: the model was compiled with CUDA graphs: each optimizer step begins a new
-            graph step (:func:`torch.compiler.cudagraph_mark_step_begin`).
+        compile_mode: a resolved ``torch.compile`` mode (:func:`compile_mode`) to run ``model``
+            compiled (:func:`compile_model`; ``self.model`` is then the compiled wrapper), or None.
+            With CUDA graphs each optimizer step begins a new graph step
+            (:func:`torch.compiler.cudagraph_mark_step_begin`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                 clip_grad: Optional[float] = None, accum_steps: int = 1, cudagraphs: bool = False):
-        self.model = model
+                 clip_grad: Optional[float] = None, accum_steps: int = 1, compile_mode: Optional[str] = None):
+        self.model = compile_model(model, compile_mode) if compile_mode else model
         self.optimizer = optimizer
         self.precision = precision
         self.clip_grad = clip_grad
         self.accum_steps = accum_steps
-        self.cudagraphs = cudagraphs
-        self._ddp = _ddp(model)
+        self.cudagraphs = compile_mode in CUDAGRAPH_MODES
+        self._ddp = _ddp(self.model)
 
     def params(self):
         """The parameters the optimizer step clips (those of the unwrapped module)."""

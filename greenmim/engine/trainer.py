@@ -93,7 +93,7 @@ from .precision import Precision
 from .rundir import acquire_lock, release_lock, remove_orphan_temps
 from .schedule import LRSchedule, apply_lr, build_schedule
 from .signals import StopSignals, with_ignored_stop_signals
-from .step import CUDAGRAPH_MODES, TrainingStep, compile_mode, compile_model, unwrap
+from .step import TrainingStep, compile_mode, unwrap
 from .task import TrainTask
 from .threads import leave_cores_for_loader_workers
 from .workers import shutdown_loader_workers
@@ -166,9 +166,9 @@ class Trainer:
         model = self._build_model()
         self._build_loader()
         self._build_optimizer(model)
-        self.model = self._compile(self._wrap_ddp(model))
-        self.train_step = TrainingStep(self.model, self.optimizer, self.precision, self.cfg.clip_grad, self.cfg.accum_steps,
-                                  cudagraphs=self.compile_mode in CUDAGRAPH_MODES)
+        self.train_step = TrainingStep(self._wrap_ddp(model), self.optimizer, self.precision, self.cfg.clip_grad,
+                                       self.cfg.accum_steps, compile_mode=self._compile_mode())
+        self.model = self.train_step.model
         self.writer = MetricsWriter(self.output_dir, enabled=self.dist.is_main, tensorboard=self.cfg.tensorboard)
         self.checkpoints = CheckpointManager(self.output_dir, self.cfg.keep_last, self.cfg.keep_every_epochs)
         if self._resume_path:
@@ -274,14 +274,14 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters)
 
-    def _compile(self, model: nn.Module) -> nn.Module:
-        """``trainer.compile``: the model's forward and backward compiled once (see :mod:`.step`)."""
-        self.compile_mode = None
+    def _compile_mode(self) -> Optional[str]:
+        """``trainer.compile``: the mode the model's forward and backward are compiled with, once
+        (see :mod:`.step`), or None for eager."""
         if not self.cfg.compile:
-            return model
-        self.compile_mode = compile_mode(self.cfg.compile_mode, self.device, self.dist.distributed, self.cfg.accum_steps)
-        log.info("trainer.compile: torch.compile(mode=%s, dynamic=False); the first steps compile", self.compile_mode)
-        return compile_model(model, self.compile_mode)
+            return None
+        mode = compile_mode(self.cfg.compile_mode, self.device, self.dist.distributed, self.cfg.accum_steps)
+        log.info("trainer.compile: torch.compile(mode=%s, dynamic=False); the first steps compile", mode)
+        return mode
 
     def _log_setup(self) -> None:
         cfg, n_params = self.cfg, sum(p.numel() for p in unwrap(self.model).parameters())
