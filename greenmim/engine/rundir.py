@@ -124,8 +124,10 @@ def release_lock(output_dir: os.PathLike) -> None:
 @contextlib.contextmanager
 def run_folder(output_dir: os.PathLike, enabled: bool = True, check: Optional[Callable[[], None]] = None) -> Iterator[Path]:
     """``output_dir`` created, checked writable and locked for the block, then ``check()`` run, all by
-    the process with ``enabled`` (rank 0; see the module docstring). Under DDP every rank must enter:
-    rank 0's :class:`UserError`, if any, is raised on every rank, so that none waits for it."""
+    the process with ``enabled`` (rank 0; see the module docstring). Once the process group is up
+    (e.g. the frozen evaluation's call) every rank must enter: rank 0's :class:`UserError`, if any, is raised on
+    every rank, so that none waits for it. Before it (the CLIs' early call) the broadcast is a no-op:
+    only rank 0 raises, and the launcher stops the other ranks when it exits."""
     from .checkpoint import check_output_dir
     from .distributed import broadcast_object
 
