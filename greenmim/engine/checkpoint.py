@@ -27,9 +27,10 @@ any moment leaves either the previous file set or the new one, never a truncated
                     the model from a checkpoint)
 ``micro_batch``     the per-process micro-batch (``loader.batch_size``) and ``accum_steps``: a
 ``accum_steps``     resume with other values is refused (positions and steps count these batches)
-``lr_schedule``     ``{"total_steps", "resumed_at", "progress_at_resume"}``: the lr schedule's length
-                    and where a resume with a changed length re-timed it
-                    (:meth:`~greenmim.engine.schedule.LRSchedule.retimed`)
+``lr_schedule``     ``{"total_steps", "resumed_at", "progress_at_resume", "rewarm_at", "rewarm_steps"}``:
+                    the lr schedule's length, where a resume with a changed length re-timed it
+                    (:meth:`~greenmim.engine.schedule.LRSchedule.retimed`) and where an extension
+                    re-warmed it (:meth:`~greenmim.engine.schedule.LRSchedule.rewarmed`; absent: never)
 ==================  ==========================================================================
 
 **After evaluation**: the epoch's checkpoint is written once, before its evaluation; what evaluation
