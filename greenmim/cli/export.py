@@ -149,7 +149,8 @@ def export_encoder(checkpoint: str, output: Optional[str] = None, verify: bool =
     out = output_file(output or str(Path(checkpoint).with_name(default_name)), default_name, (".safetensors",), [checkpoint])
     check_replaceable(out, [out, sidecar_path(out)], force, ours=is_greenmim_export)
     contents = _read(checkpoint)
-    if contents is not None and contents.get("format") != FORMAT and is_official_greenmim(unwrap_state_dict(contents)):
+    official = contents is not None and contents.get("format") != FORMAT and isinstance(contents.get("model"), dict)
+    if official and is_official_greenmim(contents["model"]):
         name, args, state, info = official_encoder(checkpoint, contents)
     else:
         ckpt = load_pretrain_checkpoint(checkpoint, contents=contents)
