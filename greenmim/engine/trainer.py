@@ -420,12 +420,13 @@ class Trainer:
             )
 
     def _resume_schedule(self, record: Optional[Dict[str, Any]]) -> None:
-        """Rebuild the checkpoint's lr schedule; when this run's length differs, re-time its rest to end at
-        this run's ``total_steps`` (:meth:`~greenmim.engine.schedule.LRSchedule.retimed`), with a warning."""
+        """Rebuild the checkpoint's lr schedule. When this run's length differs (see
+        :class:`~greenmim.engine.schedule.LRSchedule`): mid-run, re-time its rest to end at this run's
+        ``total_steps``; after the saved schedule ended (an extension), follow the new length's schedule
+        through a re-warmup. Either way one warning says what the lr will do."""
         if not record:
             return
-        saved = build_schedule(self.sched_cfg, int(record["total_steps"]), self.steps_per_epoch)
-        saved.resumed_at, saved.progress_at_resume = record.get("resumed_at"), float(record.get("progress_at_resume") or 0.0)
+        saved = build_schedule(self.sched_cfg, int(record["total_steps"]), self.steps_per_epoch).restore(record)
         if saved.total_steps == self.total_steps:
             self.schedule = saved
             return
@@ -433,12 +434,22 @@ class Trainer:
             log.warning("the run's length changed on resume (%d steps, was %d): the checkpoint is already at step %d, "
                         "nothing is left to train", self.total_steps, saved.total_steps, self.step)
             return
+        what = f"the run's length changed on resume ({self.total_steps} steps, was {saved.total_steps}: trainer.max_steps / trainer.epochs)"
+        lr = lambda s: self.peak_lr * self.schedule.factor(s)  # noqa: E731 - the lr of 0-based step s
+        first, last = self.step, self.total_steps - 1
+        if self.step >= saved.total_steps:  # an extension of a run whose schedule had ended
+            self.schedule = build_schedule(self.sched_cfg, self.total_steps, self.steps_per_epoch).rewarmed(self.step)
+            ramp_end = first + max(1, self.schedule.rewarm_steps) - 1
+            log.warning(
+                "%s after its schedule ended: steps %d-%d follow the %d-step schedule (the lr a run of that length has "
+                "there), entered through a linear re-warmup over %d step(s): lr %.3g at step %d, %.3g at step %d, "
+                "%.3g at step %d", what, first + 1, last + 1, self.total_steps, self.schedule.rewarm_steps,
+                lr(first), first + 1, lr(ramp_end), ramp_end + 1, lr(last), last + 1,
+            )
+            return
         self.schedule = saved.retimed(self.step, self.total_steps)
-        log.warning(
-            "the run's length changed on resume (%d steps, was %d: trainer.max_steps / trainer.epochs): the lr schedule "
-            "continues from step %d (lr %.3g) and now ends at step %d",
-            self.total_steps, saved.total_steps, self.step, self.peak_lr * self.schedule.factor(self.step), self.total_steps,
-        )
+        log.warning("%s: the lr schedule continues from step %d (lr %.3g at step %d, no jump) and now ends at step %d "
+                    "(lr %.3g)", what, self.step, lr(first), first + 1, self.total_steps, lr(last))
 
     # ------------------------------------------------------------------ training
     def fit(self) -> Dict[str, float]:
