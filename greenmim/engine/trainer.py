@@ -91,7 +91,7 @@ from .monitor import MetricsWriter, Throughput, format_eta, peak_memory_gb, setu
 from .optim import build_optimizer, scaled_lr
 from .precision import Precision
 from .rundir import acquire_lock, release_lock, remove_orphan_temps
-from .schedule import LRSchedule, apply_lr, build_schedule
+from .schedule import LRSchedule, apply_lr, build_schedule, warmup_steps
 from .signals import StopSignals, with_ignored_stop_signals
 from .step import TrainingStep, compile_mode, unwrap
 from .task import TrainTask
@@ -267,6 +267,21 @@ class Trainer:
         groups = self.task.param_groups(model, o.weight_decay)
         self.optimizer = build_optimizer(model, self.peak_lr, o.weight_decay, o.betas, o.eps, o.name, groups)
         self.schedule: LRSchedule = build_schedule(self.sched_cfg, self.total_steps, self.steps_per_epoch)
+        self._warn_if_all_warmup()
+
+    def _warn_if_all_warmup(self) -> None:
+        """A run no longer than its lr warmup (e.g. a 4-epoch fine-tune with 5 warmup epochs) only ever
+        raises the lr: warn, naming the keys. The run keeps the configured warmup (capped so that the
+        last step reaches the peak lr, :func:`build_schedule`); a silent shorter warmup would make the
+        run differ from its ``config.yaml``."""
+        warmup = warmup_steps(self.sched_cfg, self.steps_per_epoch)
+        if warmup <= 0 or warmup < self.total_steps:
+            return
+        steps = self.sched_cfg.get("warmup_steps")
+        given = f"sched.warmup_steps={steps}" if steps is not None and steps >= 0 else f"sched.warmup_epochs={self.sched_cfg.get('warmup_epochs')}"
+        length = f"trainer.epochs={self.cfg.epochs}" + (f", trainer.max_steps={self.cfg.max_steps}" if self.cfg.max_steps and self.cfg.max_steps > 0 else "")
+        log.warning("the lr warmup (%s: %d steps) is as long as the whole run (%d steps: %s): the lr only rises, reaching its "
+                    "peak at the last step, and never decays; set a shorter warmup or train longer", given, warmup, self.total_steps, length)
 
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         if not self.dist.distributed:
@@ -408,6 +423,12 @@ class Trainer:
             raise UserError(
                 f"resume={path} is a greenmim-{theirs} checkpoint, not a greenmim-{ours} one: resume it with greenmim-{theirs} "
                 f"(same output_dir, resume=auto)" + (", or start from its weights with pretrained=" if ours != "pretrain" else "")
+            )
+        theirs, ours = (((config or {}).get("model") or {}).get("method") for config in (ckpt.get("config"), self.cfg.config))
+        if theirs and ours and theirs != ours:
+            raise UserError(
+                f"resume={path} was written with model.method={theirs}, this run has model.method={ours}: the method differs; "
+                f"resume with model.method={theirs}, or start a fresh output_dir= (e.g. with pretrained=)"
             )
         micro, accum = ckpt.get("micro_batch"), ckpt.get("accum_steps")
         ours_micro = self.loader.batch_size or 1
