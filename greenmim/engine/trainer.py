@@ -26,7 +26,9 @@ One step, in order (:meth:`Trainer.train_one_epoch`, one optimizer step per accu
    too); ``step += 1``; ``task.on_step_end`` (EMA); the step's values queued on the device.
 4. ``_after_step``: if a log line, checkpoint, ``stop_at_step`` or the epoch's end is due, read the
    queued values back (the only host read) and log; checkpoint if due; stop on a signal if pending.
-5. After the last window, ``_end_epoch``: checkpoint first, then evaluate, ``task.on_epoch_end``.
+5. After the last window, ``_end_epoch``: checkpoint first, then evaluate, ``task.on_epoch_end``,
+   then one line for the epoch's skipped (unreadable) and converted images, summed over the loader
+   workers (:mod:`.image_counts`).
 
 Conventions:
 
@@ -87,6 +89,7 @@ from .distributed import (
     set_rng_state,
 )
 from .errors import ConfigError, NonFiniteLossError, Preempted, UserError, one_line
+from .image_counts import CountReport
 from .monitor import MetricsWriter, Throughput, format_eta, peak_memory_gb, setup_logging
 from .optim import build_optimizer, scaled_lr
 from .precision import Precision
@@ -163,7 +166,10 @@ class Trainer:
         self.device = self.dist.device
         self._prepare_output_dir()
         self.precision = Precision(self.cfg.precision, self.device)
+        self.image_counts = CountReport()  # skipped and converted images, one total per epoch
+        log.info("building the model...")
         model = self._build_model()
+        log.info("building the data loader...")
         self._build_loader()
         self._build_optimizer(model)
         self.train_step = TrainingStep(self._wrap_ddp(model), self.optimizer, self.precision, self.cfg.clip_grad,
@@ -302,10 +308,10 @@ class Trainer:
         cfg, n_params = self.cfg, sum(p.numel() for p in unwrap(self.model).parameters())
         log.info(
             "device %s x%d | precision %s | params %.2fM | micro-batch %d x accum %d x world %d = %d | lr %.3g | "
-            "%d steps (%d/epoch, %d epochs) | output %s",
+            "%d steps (%d/epoch, %d epochs) | output %s | a progress line every %d steps (trainer.log_every)",
             self.device, self.dist.world_size, cfg.precision, n_params / 1e6, self.loader.batch_size or 1, cfg.accum_steps,
             self.dist.world_size, self.effective_batch, self.peak_lr, self.total_steps, self.steps_per_epoch,
-            self.epochs, self.output_dir,
+            self.epochs, self.output_dir, cfg.log_every,
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -616,6 +622,7 @@ class Trainer:
         summary.update(metrics)
         self.task.on_epoch_end(unwrapped, self)
         unwrapped.train()
+        self.image_counts.log(f"epoch {self.epoch + 1}")
         self.writer.add_scalars(self.step, {k: v for k, v in summary.items() if k != "epoch"}, prefix="epoch")
         log.info("epoch %d/%d done: %s", self.epoch + 1, self.epochs, " ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"))
         if due:
