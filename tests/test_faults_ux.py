@@ -67,14 +67,14 @@ def test_a_run_refused_on_a_data_error_leaves_no_folder_and_no_log(existing, tmp
 
 
 def test_a_failed_start_removes_only_what_it_created(tmp_path):
-    """An earlier run's train.log stays when a later run fails; a run that wrote its files keeps them."""
+    """A refused start cuts an earlier run's train.log back to what it was; a run that wrote its files keeps them."""
     from greenmim.engine.rundir import run_folder
 
     (tmp_path / "train.log").write_text("an earlier run\n")
     with pytest.raises(UserError), run_folder(tmp_path):
         (tmp_path / "train.log").open("a").write("refused\n")
         raise UserError("bad data")
-    assert (tmp_path / "train.log").read_text() == "an earlier run\nrefused\n"
+    assert (tmp_path / "train.log").read_text() == "an earlier run\n"
     out = tmp_path / "out"
     with pytest.raises(UserError), run_folder(out):
         (out / "train.log").write_text("started\n")

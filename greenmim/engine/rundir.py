@@ -13,7 +13,7 @@
   that was deleted meanwhile is retried on the new one (:func:`_open_locked`). Nested calls for
   the same folder in one process share the lock (the CLIs take it first, the trainer again inside).
   Under DDP only rank 0 writes, so only rank 0 locks (``enabled``). A folder the run created is
-  removed again when the run fails before writing any of its files (:func:`remove_failed_start`).
+  removed again when the run fails before writing any of its files (:func:`undo_start`).
 * :func:`check_outside_data`: ``output_dir`` must not lie inside ``data.root`` (symlinks resolved).
 * :func:`check_no_other_run`: a frozen-feature evaluation refuses a folder holding another run.
 * :func:`remove_orphan_temps`: temporary files of a checkpoint write killed half-way.
@@ -137,7 +137,7 @@ def run_folder(output_dir: os.PathLike, enabled: bool = True, check: Optional[Ca
     folder = Path(output_dir).expanduser()
     error, held, failed = None, False, False
     created = enabled and not folder.exists()  # a folder this run made is removed again if it fails empty
-    new_files = [name for name in START_FILES if enabled and not (folder / name).exists()]
+    marks = start_marks(folder) if enabled else {}
     if enabled:
         try:
             check_output_dir(folder)
@@ -156,8 +156,8 @@ def run_folder(output_dir: os.PathLike, enabled: bool = True, check: Optional[Ca
         failed = True
         raise
     finally:
-        if held and failed:  # still holding the lock: no other run is writing there
-            remove_failed_start(folder, new_files)
+        if held and failed and not run_contents(folder):  # nothing of a run here; still locked: no other run writes
+            undo_start(folder, marks)
         if held:
             release_lock(folder)
         if created and failed:
@@ -165,16 +165,22 @@ def run_folder(output_dir: os.PathLike, enabled: bool = True, check: Optional[Ca
                 folder.rmdir()  # only if empty: a run that wrote anything keeps it
 
 
-def remove_failed_start(folder: Path, new_files: List[str]) -> None:
-    """Undo the start of a run that failed before writing anything that counts (:func:`run_contents`),
-    so that a run refused at start-up (bad data, a bad checkpoint) leaves its folder as it found it:
-    the start-up files it created (``new_files``, of :data:`START_FILES`; the error is on stderr) are
-    deleted. Call it holding the folder's lock; :func:`run_folder` then removes a folder it created."""
-    if run_contents(folder):
-        return
-    for name in new_files:
+def start_marks(folder: Path) -> Dict[str, Optional[int]]:
+    """The size of each of :data:`START_FILES` in ``folder`` (None: absent), for :func:`undo_start`."""
+    return {name: (folder / name).stat().st_size if (folder / name).is_file() else None for name in START_FILES}
+
+
+def undo_start(folder: Path, marks: Dict[str, Optional[int]]) -> None:
+    """Undo what a run refused at start-up (bad data, a bad checkpoint) wrote to the :data:`START_FILES`
+    since ``marks`` (:func:`start_marks`): a file it created is deleted, one it appended to is cut
+    back to its earlier size, so the folder is left as the run found it (the error is on stderr).
+    Call it holding the folder's lock (no other run writes there)."""
+    for name, size in marks.items():
         with contextlib.suppress(OSError):
-            (folder / name).unlink()
+            if size is None:
+                (folder / name).unlink()
+            else:
+                os.truncate(folder / name, size)
 
 
 def check_outside_data(output_dir: os.PathLike, data_root: Optional[os.PathLike]) -> None:

@@ -93,7 +93,7 @@ from .image_counts import CountReport
 from .monitor import MetricsWriter, Throughput, format_eta, peak_memory_gb, setup_logging
 from .optim import build_optimizer, scaled_lr
 from .precision import Precision
-from .rundir import acquire_lock, release_lock, remove_orphan_temps
+from .rundir import acquire_lock, release_lock, remove_orphan_temps, start_marks, undo_start
 from .schedule import LRSchedule, apply_lr, build_schedule, warmup_steps
 from .signals import StopSignals, with_ignored_stop_signals
 from .step import TrainingStep, compile_mode, unwrap
@@ -194,6 +194,7 @@ class Trainer:
                 check_output_dir(self.output_dir)
                 acquire_lock(self.output_dir)
                 self._locked = self.output_dir
+                self._start_marks = start_marks(self.output_dir)
                 resume, unreadable = self._resolve_output_dir()
             except UserError as exc:
                 error = str(exc)
@@ -219,6 +220,13 @@ class Trainer:
         for orphan in remove_orphan_temps(self.output_dir / CHECKPOINT_DIR):
             log.info("removed %s, left by a checkpoint write that was interrupted", orphan)
         return resume, unreadable
+
+    def _undo_start(self) -> None:
+        """A run refused during :meth:`setup` (a checkpoint it cannot resume, bad data) leaves the
+        folder's log as it found it (:func:`~greenmim.engine.rundir.undo_start`; rank 0, while locked)."""
+        marks = getattr(self, "_start_marks", None)
+        if self._locked is not None and marks is not None:
+            undo_start(self._locked, marks)
 
     def _release_lock(self) -> None:
         if self._locked is not None:
@@ -472,7 +480,11 @@ class Trainer:
         """Set up, train to ``total_steps`` (or ``stop_at_step``), return the last epoch's summary.
         The folder's lock (rank 0) is held from :meth:`setup` until this returns or raises."""
         try:
-            self.setup()
+            try:
+                self.setup()
+            except UserError:  # refused: the folder's log as it was (a bug keeps its lines, for the report)
+                self._undo_start()
+                raise
             with StopSignals() as self.signals:
                 while self.epoch < self.epochs and not self._should_stop():
                     summary = self.train_one_epoch()
