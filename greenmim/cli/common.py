@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..engine.checkpoint import CHECKPOINT_DIR, find_latest, load_checkpoint
 from ..engine.distributed import cleanup_distributed
+from ..engine.monitor import setup_logging
 from ..engine.errors import EXIT_NONFINITE, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, Preempted, UserError, one_line
 from ..engine.rundir import check_outside_data, run_folder
 from . import EXIT_INTERRUPTED, interrupted_line
@@ -161,6 +162,7 @@ def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
     it resolves, taking the model from the ``resume=`` / ``pretrained=`` checkpoint
     (:func:`~greenmim.cli.architecture.adopt_checkpoint_architecture`), checking it is in range, and
     with its ``output_dir`` prepared (:func:`prepare_run_folder`)."""
+    setup_logging(None, int(os.environ.get("RANK", "0")))  # start-up lines on stdout until the run's folder is ready
     with report_errors(prog):
         check_resolves(cfg)
         if cfg.get("task", task) != task:

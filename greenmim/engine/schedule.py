@@ -125,6 +125,12 @@ def _to_steps(epochs: Optional[float], steps: Optional[int], steps_per_epoch: in
     return int(round(float(epochs or 0) * steps_per_epoch))
 
 
+def warmup_steps(cfg: Dict[str, Any], steps_per_epoch: int) -> int:
+    """The warmup a ``sched`` config asks for, in optimizer steps (``warmup_steps`` when >= 0, else
+    ``warmup_epochs`` x ``steps_per_epoch``), before :func:`build_schedule` caps it at the run's length."""
+    return _to_steps(cfg.get("warmup_epochs", 0), cfg.get("warmup_steps"), steps_per_epoch)
+
+
 def build_schedule(cfg: Dict[str, Any], total_steps: int, steps_per_epoch: int) -> LRSchedule:
     """Build a schedule from a ``sched`` config.
 
@@ -136,8 +142,9 @@ def build_schedule(cfg: Dict[str, Any], total_steps: int, steps_per_epoch: int) 
     name = cfg.pop("name", "cosine")
     if name not in SCHEDULES:
         raise ConfigError(f"sched.name must be one of {', '.join(SCHEDULES)}, got '{name}'")
-    warmup = _to_steps(cfg.pop("warmup_epochs", 0), cfg.pop("warmup_steps", None), steps_per_epoch)
-    warmup = min(warmup, max(0, total_steps - 1))
+    warmup = min(warmup_steps(cfg, steps_per_epoch), max(0, total_steps - 1))
+    cfg.pop("warmup_epochs", None)
+    cfg.pop("warmup_steps", None)
     kwargs: Dict[str, Any] = {"total_steps": total_steps, "warmup_steps": warmup}
     if name == "cosine":
         kwargs["min_lr_ratio"] = float(cfg.pop("min_lr_ratio", 0.0))
