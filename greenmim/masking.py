@@ -123,13 +123,6 @@ def check_mask(mask: torch.Tensor, batch_size: int, num_units: int) -> torch.Ten
     return mask
 
 
-def masked_indices(mask: torch.Tensor, num_masked: int) -> torch.Tensor:
-    """Ascending raster indices of the masked units, ``(B, num_masked)`` long, where every row of
-    ``mask`` hides ``num_masked`` units (a device mask is not read back)."""
-    # a stable sort puts the True (masked) entries first, in ascending index order
-    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :num_masked]
-
-
 def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     """Ascending raster indices of the visible units, ``(B, N_vis)`` long."""
     n_vis = int((~mask[0]).sum()) if mask.shape[0] else 0

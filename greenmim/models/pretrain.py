@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..masking import check_mask, masked_indices, random_mask, unit_grid
+from ..masking import check_mask, random_mask, unit_grid
 from ..planning import DevicePlan, HostPlan, planned_mask
 from .decoder import MIMDecoder
 from .registry import create_encoder
@@ -63,6 +63,27 @@ def unit_stats(target: torch.Tensor, eps: float = 1e-6):
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True)
     return mean, (var + eps) ** 0.5
+
+
+class MaskedRows(torch.autograd.Function):
+    """``MaskedRows.apply(x, order, n)``: rows ``order[:, :n]`` of ``x`` ``(B, N, P)`` -> ``(B, n, P)``,
+    where ``order`` ``(B, N)`` is a permutation of each row's units. Its backward is a gather too
+    (each unit reads its gradient row, or a zero row for the units not taken), not autograd's atomic
+    scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, n: int) -> torch.Tensor:
+        b, units = order.shape
+        # position of every unit in `order`, the units not taken pointing at the zero row n
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(units, device=order.device).expand(b, -1))
+        ctx.save_for_backward(rank.clamp_(max=n))
+        return torch.gather(x, 1, order[:, :n].unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rank,) = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros(grad.shape[0], 1, grad.shape[2])], dim=1)
+        return torch.gather(padded, 1, rank.unsqueeze(-1).expand(-1, -1, grad.shape[-1])), None, None
 
 
 class MIMPretrainModel(nn.Module):
@@ -158,9 +179,10 @@ class MIMPretrainModel(nn.Module):
         host read) is gathered and only their target is built."""
         if num_masked is None:
             num_masked = int(mask[0].sum())
-        units = masked_indices(mask, num_masked)  # (B, n_m)
-        pred = torch.gather(pred, 1, units.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
-        return (pred.float() - self.target(images, units).float()).pow(2).mean()
+        # a stable sort puts each row's masked units first, in ascending raster order (no device read)
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+        pred = MaskedRows.apply(pred, order, num_masked)
+        return (pred.float() - self.target(images, order[:, :num_masked]).float()).pow(2).mean()
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
