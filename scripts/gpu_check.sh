@@ -7,12 +7,12 @@
 #   (OUT/profile_swin_b_w7.txt);  3. each method's compiled step (cold inductor cache), then both side by side;
 #   4. greenmim with --attention flex beside SDPA;  5. Swin-L W14, Twins-L, shared masks;  6. the CUDA tests.
 # Every stage appends its figures (or why it failed) to OUT/summary.json as soon as it ends; a table ends the run.
-# Details: greenmim/bench/gpu_check.py.
+# Details: scripts/gpu_check.py (the driver: standard library only).
 #
 # Usage, from a checkout (installed with `pip install -e .`, or not: the checkout goes on PYTHONPATH):
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT or ./gpu_check_out
 # GPU_CHECK_SMOKE=1 runs every stage on the CPU with tiny models (a test runs it so, with those packages blocked).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec "${PYTHON:-python3}" -m greenmim.bench.gpu_check "${1:-${OUT:-gpu_check_out}}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPU_CHECK_T0="${GPU_CHECK_T0:-$(date +%s.%N)}"
+exec "${PYTHON:-python3}" scripts/gpu_check.py "${1:-${OUT:-gpu_check_out}}"

@@ -48,10 +48,11 @@ def profile_steps(step: TrainStep, images: torch.Tensor, plans: Sequence[HostPla
     n = len(plans)
     cuda = device.type == "cuda"
     events = prof.key_averages()
-    total_self = sum(_self_time(e, cuda) for e in events)
-    phases = {e.key: e.cpu_time_total / 1e3 / n for e in events if e.key in PHASES}
+    ops = [e for e in events if not _on_device(e)]  # host operators (their kernels are listed apart)
+    total_self = sum(_self_time(e, cuda) for e in ops)
+    phases = {e.key: e.cpu_time_total / 1e3 / n for e in ops if e.key in PHASES}
     top: List[Dict[str, Any]] = []
-    for e in sorted(events, key=lambda e: _self_time(e, cuda), reverse=True)[:rows]:
+    for e in sorted(ops, key=lambda e: _self_time(e, cuda), reverse=True)[:rows]:
         t = _self_time(e, cuda)
         top.append({"name": e.key, "self_ms": t / 1e3 / n, "share": t / max(total_self, 1e-9), "calls": e.count // n})
     out: Dict[str, Any] = {"steps": n}
