@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from greenmim.cli.bench import main, parse_override
+from greenmim.cli.bench import attention_supported, main, parse_override
 from greenmim.models import list_encoders
 
 TINY = ["--embed-dim", "16", "--depths", "1,1,1,1", "--num-heads", "1,1,2,2", "--override", "decoder_dim=32",
@@ -37,6 +37,32 @@ def test_bench_cli_reports_both_methods(tmp_path, capsys):
     # greenmim runs the encoder on a quarter of the tokens: fewer FLOPs is a property, not a timing
     assert result["ratios"]["flops_ratio"] < 1
     assert result["config"]["model_kwargs"]["window_size"] == 2  # 64 px: 2x2 units, window = unit grid
+
+
+def test_bench_one_method_alone(tmp_path, capsys):
+    """``--method``: that method's figures and profile (the GPU check's per-method stages), no ratios."""
+    assert main(TINY + ["--method", "greenmim", "--no-flops", "--no-memory", "--warmup", "0", "--iters", "1", "--profile", "1",
+                        "--out", str(tmp_path / "g")]) == 0
+    assert "greenmim alone: no ratios" in capsys.readouterr().out
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert set(result["methods"]) == {"greenmim"} and set(result["profile"]) == {"greenmim"} and result["ratios"] == {}
+    assert len(result["profile"]["greenmim"]["top"]) == 20
+
+
+def test_progress_is_a_line_every_few_seconds_off_a_terminal():
+    from greenmim.bench.progress import Progress
+
+    lines = []
+    with Progress("timing", 3, 2, lines.append, every=0.0, terminal=False) as progress:
+        for i in (-1, 0, 1):
+            for method in ("greenmim", "simmim"):
+                progress.step_done(method, i, 0.01)
+            if i == -1:
+                progress.warm()
+    assert lines[:3] == ["[bench] timing: 1/3 steps per method, last greenmim 10 ms, simmim 10 ms",
+                         "[bench] timing: warm-up done (1 steps per method, greenmim 10 ms, simmim 10 ms)",
+                         "[bench] timing: 2/3 steps per method, last greenmim 10 ms, simmim 10 ms"]
+    assert lines[3].startswith("[bench] timing: 3/3 steps per method in ") and len(lines) == 4
 
 
 def test_bench_solver_only(capsys):
@@ -74,6 +100,9 @@ def test_parse_override():
     (["--mask-ratio", "1.0"], r"--mask-ratio 1.0 is outside \(0, 1\)"),
     (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
     (["--img-size", "100"], "image size 100x100 is not a multiple of the mask unit"),
+    (["--method", "greenmim", "--sweep"], "--method times one method of a comparison: drop it for --sweep"),
+    pytest.param(["--attention", "flex"], "--attention flex: this checkout's create_encoder has no attention= argument",
+                 marks=pytest.mark.skipif(attention_supported("swin_tiny_patch4_window7_224"), reason="FlexAttention is there")),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -1,6 +1,7 @@
 """The MIM model: loss on masked units only, decoder positions, gradients, baseline, reconstructions."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SWIN_NAME, TINY_SWIN
 from greenmim.masking import random_mask, unit_grid
@@ -39,6 +40,44 @@ def test_loss_counts_masked_units_only(model):
     assert model.loss(images, pred, mask).item() == pytest.approx(0.0, abs=1e-10)
     pred = torch.where(mask.unsqueeze(-1), target + 1.0, target)
     assert model.loss(images, pred, mask).item() == pytest.approx(1.0, rel=1e-5)
+
+
+class RecordOps(TorchDispatchMode):
+    """The aten ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_on_masked_units_equals_the_all_units_formula(norm_pix):
+    """The loss gathers the masked units' prediction and builds their target alone: the same value
+    and the same gradient (zero on visible units) as the MSE over all units weighted by the mask, with
+    a backward that gathers (no atomic scatter-add)."""
+    torch.manual_seed(0)
+    model = create_pretrain_model(SWIN_NAME, norm_pix_loss=norm_pix, **TINY_SWIN, **DECODER)
+    images = torch.randn(3, 3, 224, 224) * 2 + 1
+    mask = random_mask(3, 49, 0.75, generator=torch.Generator().manual_seed(1))
+    pred = torch.randn(3, 49, 32 * 32 * 3, requires_grad=True)
+
+    loss = model.loss(images, pred, mask, num_masked=int(mask[0].sum()))
+    with RecordOps() as ops:
+        (grad,) = torch.autograd.grad(loss, pred)
+    assert not [op for op in ops.names if "scatter" in op or "index_add" in op or "index_put" in op], ops.names  # no atomics
+    per_unit = (pred - model.target(images)).pow(2).mean(dim=-1)  # today's formula, every unit
+    ref = (per_unit * mask).sum() / mask.sum()
+    (ref_grad,) = torch.autograd.grad(ref, pred)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-9)
+    assert grad[~mask].abs().sum() == 0
+    torch.testing.assert_close(model.loss(images, pred, mask), loss)  # num_masked read from the mask
+    units = torch.tensor([[0, 5, 48], [7, 8, 9], [1, 2, 3]])
+    torch.testing.assert_close(model.target(images, units), model.target(images)[torch.arange(3)[:, None], units])
 
 
 def test_norm_pix_target_is_normalised_per_unit():

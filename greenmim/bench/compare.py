@@ -7,7 +7,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from .flops import count_step_flops
 from .memory import measure_step_memory
 from .profile import profile_steps
 from ..engine.step import compile_counters
+from .progress import Progress
 from .step import METHODS, PlannedBatches, TrainStep, build_models, time_interleaved, timed_step
 
 Log = Callable[[str], None]
@@ -50,11 +51,15 @@ class BenchConfig:
     planning: str = "workers"  # where masks are planned: "workers" (ahead, as in training) or "inline"
     plan_workers: int = 2  # DataLoader worker processes planning ahead (0: the main thread, between steps)
     shared_mask: bool = False  # one mask per batch instead of one per sample
+    methods: Tuple[str, ...] = METHODS  # one method alone: its figures, no ratios
+    attention: Optional[str] = None  # create_encoder(attention=): "sdpa" or "flex"; None: the encoder's default
 
     def model_kwargs(self) -> Dict[str, Any]:
         """Constructor arguments: the overrides, the image size, and for a Swin whose window does
         not tile the new size the window from :func:`window_for`."""
         kwargs = dict(self.overrides)
+        if self.attention is not None:
+            kwargs["attention"] = self.attention
         if self.shared_mask:  # the model's planner then broadcasts one sample's layouts
             kwargs["shared_mask"] = True
         if self.img_size is not None:
@@ -108,42 +113,48 @@ def _git_commit() -> str:
 
 
 def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
-    """Build both models with the same weights, time interleaved full steps, then measure peak
-    memory and FLOPs of each (and, with ``cfg.compile``, the compiled steps)."""
+    """Build both models (or ``cfg.methods``' one) with the same weights, time interleaved full
+    steps, then measure peak memory and FLOPs of each (and, with ``cfg.compile``, the compiled steps)."""
     device = torch.device(cfg.device)
     env = environment(device)  # before the run: the load average says how busy the machine was
+    methods_run = tuple(cfg.methods)
     kwargs = cfg.model_kwargs()
     key = window_key(cfg.model, cfg.overrides)
     configured = {**get_spec(cfg.model).args, **cfg.overrides}.get(key)
     if key and tuple(np.atleast_1d(kwargs.get(key, configured))) != tuple(np.atleast_1d(configured)):
         log(f"[bench] window {configured} does not tile {cfg.img_size} px: using {key}={kwargs[key]}")
-    models = build_models(cfg.model, device, cfg.seed, METHODS, **kwargs)
+    log(f"[bench] building {' and '.join(methods_run)} {cfg.model} ...")
+    models = build_models(cfg.model, device, cfg.seed, methods_run, **kwargs)
     # a compiled step needs static plan shapes (CUDA's default); eager and compiled then time the same plans
     static = True if cfg.compile else None
-    steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.planning, cfg.clip_grad, static) for m in METHODS}
-    unit = models["greenmim"].unit
+    steps = {m: TrainStep(models[m], device, cfg.dtype, cfg.planning, cfg.clip_grad, static) for m in methods_run}
+    unit = models[methods_run[0]].unit
     extra = 2 + cfg.profile + (cfg.warmup + cfg.iters + 3) * cfg.compile
     batches = PlannedBatches(
         cfg.batch_size, cfg.resolved_img_size(), unit, cfg.mask_ratio, device,
-        {m: steps[m].planner for m in METHODS}, steps=cfg.warmup + cfg.iters + extra, seed=cfg.seed,
+        {m: steps[m].planner for m in methods_run}, steps=cfg.warmup + cfg.iters + extra, seed=cfg.seed,
         shared=cfg.shared_mask, workers=cfg.plan_workers,
     )
     log(f"[bench] {cfg.model} img {cfg.resolved_img_size()} batch {cfg.batch_size} mask {cfg.mask_ratio} "
         f"({'shared' if cfg.shared_mask else 'per-sample'}) {cfg.dtype} {device}, planning {cfg.planning}"
         f"{f' ({cfg.plan_workers} workers)' if cfg.planning == 'workers' else ''}: "
-        f"{cfg.warmup} warm-up + {cfg.iters} timed steps per method, interleaved")
-    times = time_interleaved(steps, batches, cfg.warmup, cfg.iters, on_step=_progress(log))
-    methods: Dict[str, Dict[str, Any]] = {m: times[m].summary(cfg.batch_size) for m in METHODS}
-    for m in METHODS:
+        f"{cfg.warmup} warm-up + {cfg.iters} timed steps per method" + (", interleaved" if len(methods_run) > 1 else ""))
+    with Progress("timing", cfg.warmup + cfg.iters, len(steps), log) as progress:
+        times = time_interleaved(steps, batches, cfg.warmup, cfg.iters, on_step=progress.step_done,
+                                 on_warm=progress.warm)
+    methods: Dict[str, Dict[str, Any]] = {m: times[m].summary(cfg.batch_size) for m in methods_run}
+    for m in methods_run:
         methods[m]["params"] = sum(p.numel() for p in models[m].parameters())
     if cfg.memory:
+        log("[bench] peak memory of one step per method ...")
         plans = batches.next_plans()
-        for m in METHODS:
+        for m in methods_run:
             stats = measure_step_memory(lambda: steps[m](batches.images, plans[m]), models[m], steps[m].optimizer, device)
             methods[m]["memory"] = stats.as_dict()
     if cfg.flops:
+        log("[bench] counting FLOPs ...")
         plans = batches.next_plans()
-        for m in METHODS:
+        for m in methods_run:
             methods[m]["flops"] = count_step_flops(steps[m], batches.images, plans[m])
     result: Dict[str, Any] = {
         "config": {**asdict(cfg), "model_kwargs": kwargs},
@@ -152,15 +163,19 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
         "ratios": ratios(methods),
     }
     if cfg.profile:
+        log(f"[bench] profiling {cfg.profile} step(s) per method ...")
         plans = [batches.next_plans() for _ in range(cfg.profile)]
-        result["profile"] = {m: profile_steps(steps[m], batches.images, [p[m] for p in plans]) for m in METHODS}
+        result["profile"] = {m: profile_steps(steps[m], batches.images, [p[m] for p in plans]) for m in methods_run}
     if cfg.compile:
         result["compile"] = compiled_comparison(steps, batches, cfg, methods, log)
     return result
 
 
 def ratios(methods: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
-    """greenmim relative to simmim: speedup (img/s ratio), memory and FLOPs ratios."""
+    """greenmim relative to simmim: speedup (img/s ratio), memory and FLOPs ratios ({} when one
+    method ran alone)."""
+    if not all(m in methods for m in METHODS):
+        return {}
     g, s = methods["greenmim"], methods["simmim"]
     out = {"speedup": g["img_per_s"] / s["img_per_s"], "speedup_mean": g["img_per_s_mean"] / s["img_per_s_mean"]}
     if "memory" in g and "memory" in s:
@@ -183,10 +198,9 @@ def compiled_comparison(steps: Dict[str, TrainStep], batches: PlannedBatches, cf
     """
     out: Dict[str, Any] = {}
     compiled: Dict[str, TrainStep] = {}
-    plans = batches.next_plans()
-    breaks = {m: step.graph_breaks(batches.images, plans[m]) for m, step in steps.items()}  # resets dynamo: first
     for m, step in steps.items():
         mode = step.compile(cfg.compile_mode)
+        log(f"[bench] compiling {m}'s step (torch.compile mode {mode}; a cold cache takes minutes) ...")
         before = compile_counters()
         t0 = time.perf_counter()
         try:
@@ -199,30 +213,29 @@ def compiled_comparison(steps: Dict[str, TrainStep], batches: PlannedBatches, cf
             continue
         counts = compile_counters()
         out[m] = {"mode": mode, "compile_s": time.perf_counter() - t0, "graphs": counts["graphs"] - before["graphs"],
-                  "graph_breaks": breaks[m]}
+                  "graph_breaks": counts["graph_breaks"] - before["graph_breaks"]}
+        log(f"[bench] compiled {m} in {out[m]['compile_s']:.0f} s: {out[m]['graphs']} graph(s), {out[m]['graph_breaks']} graph break(s)")
         compiled[m] = step
     if compiled:
         modes = ", ".join(f"{m} mode {out[m]['mode']}" for m in compiled)
         log(f"[bench] compiled steps ({modes}): timing again")
         warm: Dict[str, int] = {}
-        times = time_interleaved(compiled, batches, cfg.warmup, cfg.iters, on_step=_progress(log),
-                                 on_warm=lambda: warm.update(compile_counters()))
+        with Progress("timing compiled", cfg.warmup + cfg.iters, len(compiled), log) as progress:
+            def on_warm() -> None:
+                warm.update(compile_counters())
+                progress.warm()
+
+            times = time_interleaved(compiled, batches, cfg.warmup, cfg.iters, on_step=progress.step_done, on_warm=on_warm)
         recompiles = compile_counters()["graphs"] - warm["graphs"]
         for m in compiled:
             summary = times[m].summary(cfg.batch_size)
             out[m].update(summary, gain=summary["img_per_s"] / eager[m]["img_per_s"])
         out["graphs_after_warmup"] = recompiles  # both methods together (dynamo's counters are process-wide)
-    out["speedup_eager"] = eager["greenmim"]["img_per_s"] / eager["simmim"]["img_per_s"]
-    if len(compiled) == len(steps):
-        out["speedup"] = out["greenmim"]["img_per_s"] / out["simmim"]["img_per_s"]
+    if all(m in eager for m in METHODS):
+        out["speedup_eager"] = eager["greenmim"]["img_per_s"] / eager["simmim"]["img_per_s"]
+        if all(m in compiled for m in METHODS):
+            out["speedup"] = out["greenmim"]["img_per_s"] / out["simmim"]["img_per_s"]
     return out
-
-
-def _progress(log: Log) -> Callable[[str, int, float], None]:
-    def on_step(method: str, i: int, seconds: float) -> None:
-        log(f"[bench]   {method:9s} step {i}: {seconds * 1e3:.0f} ms")
-
-    return on_step
 
 
 # -- sweeps -----------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def measure_step_memory(step: Callable[[], object], model: nn.Module, optimizer:
 def _profiled_cpu_step_peak(step: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
+    from .profile import quiet_profiler
+
+    quiet_profiler(torch.device("cpu"))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         step()
     results = getattr(prof.profiler, "kineto_results", None)

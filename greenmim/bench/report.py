@@ -80,7 +80,8 @@ def comparison_table(result: Dict[str, Any]) -> str:
             _fmt(m.get("packing_efficiency"), ".3f"),
         ]
         lines.append(" ".join(f"{c:>{w}s}" if i else f"{c:{w}s}" for i, (c, (_, w)) in enumerate(zip(cells, columns))))
-    summary = f"greenmim vs simmim: speedup {r['speedup']:.2f}x (of mean step times: {r['speedup_mean']:.2f}x)"
+    summary = (f"greenmim vs simmim: speedup {r['speedup']:.2f}x (of mean step times: {r['speedup_mean']:.2f}x)" if r
+               else f"{', '.join(methods)} alone: no ratios")
     if "peak_memory_ratio" in r:
         red = 100 * r["peak_memory_reduction"]
         summary += f", peak memory {r['peak_memory_ratio']:.2f}x ({abs(red):.0f}% {'less' if red >= 0 else 'more'})"
@@ -134,6 +135,12 @@ def profile_table(profiles: Dict[str, Dict[str, Any]]) -> str:
         lines.append(f"  {'operator':52s} {'self ms':>9s} {'share':>6s} {'calls':>6s}")
         for op in p["top"]:
             lines.append(f"  {op['name'][:52]:52s} {op['self_ms']:9.1f} {100 * op['share']:5.1f}% {op['calls']:6d}")
+        if "kernels" in p:
+            lines.append(f"  top {len(p['kernels'])} CUDA kernels of {method} by GPU time (per step): {p['launches']} launches, "
+                         f"{p['device_total_ms']:.1f} ms of GPU time")
+            lines.append(f"  {'kernel':80s} {'ms':>8s} {'share':>6s} {'count':>6s}")
+            for k in p["kernels"]:
+                lines.append(f"  {k['name'][:80]:80s} {k['ms']:8.2f} {100 * k['share']:5.1f}% {k['count']:6d}")
     return "\n".join(lines)
 
 

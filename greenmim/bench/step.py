@@ -32,10 +32,9 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.mim_batches import MIMBatch, plan_masks, planner_for, pretrain_loss
-from ..data.transforms import normalize
 from ..engine.optim import build_optimizer
 from ..engine.precision import Precision
-from ..engine.step import TrainingStep, compile_mode, count_graph_breaks
+from ..engine.step import TrainingStep, compile_mode
 from ..masking import seeded_masks, unit_grid
 from ..models import create_pretrain_model
 from ..data.prefetch import maybe_prefetch
@@ -121,11 +120,6 @@ class TrainStep:
         resolved = compile_mode(mode, self.device)
         self.engine = TrainingStep(self.model, self.optimizer, self.precision, self.clip_grad, compile_mode=resolved)
         return resolved
-
-    def graph_breaks(self, images: torch.Tensor, plan: "HostPlan | DevicePlan") -> int:
-        """Graph breaks of the model's forward on this batch (resets dynamo: call before :meth:`compile`)."""
-        with self.precision.autocast():
-            return count_graph_breaks(self.model, normalize(images), plan=self.device_plan(plan))
 
     def eager(self) -> None:
         """Back to the eager model (after a failed compilation); gradients are cleared."""
@@ -329,8 +323,8 @@ def time_interleaved(
 
     Iteration ``i`` takes one planned mask batch and runs every method on it; the order of the
     methods is reversed on odd iterations (A B, B A, A B, ...) so neither method always runs right
-    after the other. ``on_step(method, i, seconds)`` is called after each timed step (progress),
-    ``on_warm()`` once after the warm-up steps.
+    after the other. ``on_step(method, i, seconds)`` is called after each step (progress), ``i``
+    counting the timed steps from 0 (warm-up steps: ``i < 0``); ``on_warm()`` once after the warm-up steps.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -343,6 +337,6 @@ def time_interleaved(
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
             dt = timed_step(steps[name], batches.images, plans[name], times[name] if i >= warmup else None)
-            if i >= warmup and on_step is not None:
+            if on_step is not None:
                 on_step(name, i - warmup, dt)
     return times

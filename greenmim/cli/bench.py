@@ -8,6 +8,9 @@ Examples::
     # the paper's setting on a GPU, bf16, with torch.compile
     greenmim-bench --model swin_base_patch4_window7_224 --batch-size 128 --dtype bf16 --device cuda --compile
 
+    # greenmim alone with FlexAttention, and the CUDA kernels of 3 profiled steps
+    greenmim-bench --model swin_base_patch4_window7_224 --batch-size 128 --dtype bf16 --method greenmim --attention flex --profile 3
+
     # speedup / memory against mask ratio and image size (PNG + JSON), on a tiny Swin
     greenmim-bench --sweep --embed-dim 32 --depths 1,1,2,1 --num-heads 1,2,4,8 --batch-size 4 --out results/sweep
 
@@ -38,12 +41,13 @@ import torch
 
 from ..bench.compare import DEFAULT_SWEEP_RATIOS, DEFAULT_SWEEP_SIZES, BenchConfig, environment, run_comparison, run_sweep
 from ..bench.report import calibration_table, comparison_table, output_paths, plot_sweep, solver_table, sweep_table, write_json
-from ..bench.step import DTYPES
+from ..bench.step import DTYPES, METHODS
 from ..engine.errors import UserError
 from ..models import get_spec
 from ..models.pretrain import MIM_MODEL_KEYS
 from .common import output_file
 
+ATTENTIONS = ("sdpa", "flex")
 DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 DEFAULT_BATCH = 8
 SOLVER_MODEL = "swin_base_patch4_window7_224"
@@ -100,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan masks ahead in loader workers, as training does, or inline in the timed step (default: %(default)s)")
     r.add_argument("--plan-workers", type=int, default=2, help="loader worker processes that plan ahead (default: %(default)s)")
     r.add_argument("--shared-mask", action="store_true", help="one mask per batch (the reference GreenMIM's) instead of per sample")
+    r.add_argument("--method", choices=METHODS, default=None, help="time this method alone (no ratios; the GPU check "
+                   "compiles each method in its own timed stage); default: both, interleaved")
+    r.add_argument("--attention", choices=ATTENTIONS, default=None, help="the windowed attention's implementation, "
+                   "create_encoder(attention=): sdpa (scaled_dot_product_attention, the default) or flex (FlexAttention)")
     r.add_argument("--compile", action="store_true", help="also time both steps compiled as trainer.compile=true does (static plans for both runs): the compiled ratio next to the eager one")
     r.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     r.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
@@ -205,6 +213,14 @@ def check_overrides(model: str, overrides: Dict[str, Any]) -> None:
                      f"choose heads that divide it, or another {width_flag}")
 
 
+def attention_supported(model: str) -> bool:
+    """Whether :func:`~greenmim.models.create_encoder` takes ``attention=`` (SDPA or FlexAttention)
+    for ``model``: as its own argument or as one of the encoder's constructor arguments."""
+    from ..models import create_encoder
+
+    return "attention" in inspect.signature(create_encoder).parameters or "attention" in valid_model_arguments(model)
+
+
 def check_out(out: str) -> None:
     """``--out PATH``: the folder of ``PATH.json`` must be creatable and writable (checked before the run)."""
     json_path, _ = output_paths(out)
@@ -279,6 +295,11 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and value < low:
             fail(f"{flag} {value} must be >= {low}")
     resolve_device(args.device)
+    if args.method and (args.sweep or args.calibrate or args.solver_only or args.loader):
+        fail("--method times one method of a comparison: drop it for --sweep, --calibrate, --solver-only and --loader")
+    if args.attention not in (None, "sdpa") and not attention_supported(model_name(args)):
+        fail(f"--attention {args.attention}: this checkout's create_encoder has no attention= argument (no FlexAttention "
+             "implementation yet): use --attention sdpa")
     check_overrides(model_name(args), model_overrides(args))
     if args.out:
         check_out(args.out)
@@ -330,6 +351,9 @@ def run(args: argparse.Namespace) -> int:
         planning=args.planning,
         plan_workers=max(0, args.plan_workers),
         shared_mask=args.shared_mask,
+        methods=(args.method,) if args.method else METHODS,
+        # without attention= in create_encoder, SDPA is the only implementation: nothing to pass
+        attention=args.attention if args.attention and attention_supported(model_name(args)) else None,
     )
     if args.solver_only:
         result = run_solver_only(cfg)

@@ -12,6 +12,9 @@
   then the task.
 * :func:`launch`: a Ctrl-C before training (or outside it) is one line and exit 130, no traceback
   (:func:`interrupted_line`; :mod:`greenmim.cli` covers the imports before it).
+
+omegaconf and Hydra are imported inside the functions that use them: ``greenmim-bench`` uses
+:func:`output_file` and must run where only torch, timm and numpy are installed (``scripts/gpu_check.sh``).
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:  # annotations only: omegaconf is imported where it is used
+    from omegaconf import DictConfig
 
 from ..engine.checkpoint import CHECKPOINT_DIR, find_latest, load_checkpoint
 from ..engine.distributed import cleanup_distributed
@@ -33,8 +37,6 @@ from ..engine.errors import EXIT_NONFINITE, EXIT_USER_ERROR, ConfigError, NonFin
 from ..engine.rundir import check_outside_data, run_folder
 from . import EXIT_INTERRUPTED, interrupted_line
 from ..engine.trainer import OptimConfig, TrainerConfig
-from .architecture import adopt_checkpoint_architecture
-from .validate import check_config
 
 CONFIG_PATH = "pkg://greenmim.configs"
 _TOP_LEVEL = ("output_dir", "resume", "seed", "config", "task")
@@ -42,6 +44,8 @@ _TOP_LEVEL = ("output_dir", "resume", "seed", "config", "task")
 
 def to_dict(node: Any) -> Dict[str, Any]:
     """A resolved plain-python copy of a config node."""
+    from omegaconf import DictConfig, OmegaConf
+
     if isinstance(node, DictConfig):
         return OmegaConf.to_container(node, resolve=True)
     return dict(node)
@@ -163,6 +167,9 @@ def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
     (:func:`~greenmim.cli.architecture.adopt_checkpoint_architecture`), checking it is in range, and
     with its ``output_dir`` prepared (:func:`prepare_run_folder`)."""
     setup_logging(None, int(os.environ.get("RANK", "0")))  # start-up lines on stdout until the run's folder is ready
+    from .architecture import adopt_checkpoint_architecture
+    from .validate import check_config
+
     with report_errors(prog):
         check_resolves(cfg)
         if cfg.get("task", task) != task:
@@ -177,6 +184,7 @@ def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
 
 def check_resolves(cfg: DictConfig) -> None:
     """Every ``${...}`` of the config resolves; the first that does not is a :class:`ConfigError` naming its key."""
+    from omegaconf import OmegaConf
     from omegaconf.errors import InterpolationResolutionError
 
     try:
@@ -191,6 +199,8 @@ def prepare_run_folder(cfg: DictConfig):
     """The run's ``output_dir``: refused inside ``data.root`` (generated data aside), then created,
     checked writable and locked by rank 0 for the whole run (the lock is released on exit; see
     :func:`greenmim.engine.rundir.run_folder`). A context manager."""
+    from omegaconf import OmegaConf
+
     root = OmegaConf.select(cfg, "data.root", default=None, throw_on_missing=False)
     if not OmegaConf.select(cfg, "data.synthetic", default=None) and root not in (None, "???"):
         check_outside_data(str(cfg.output_dir), root)
@@ -233,6 +243,7 @@ def _friendly_composition_error(exc: BaseException, config_name: str, overrides:
     import re
 
     from hydra import compose
+    from omegaconf import DictConfig, OmegaConf
 
     text = " ".join(str(exc).split())
     cause = " ".join(str(exc.__cause__).split()) if exc.__cause__ is not None else ""
@@ -304,6 +315,8 @@ def precheck_overrides(prog: str, config_name: str, argv: list) -> None:
 def _experiment_task(overrides: list):
     """The ``task:`` of the ``experiment=NAME`` given on the command line, if that file exists."""
     from importlib import resources
+
+    from omegaconf import OmegaConf
 
     names = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
     if not names:

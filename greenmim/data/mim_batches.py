@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import default_collate
 
-from ..masking import UnitGrid, num_visible_units, seeded_masks, visible_indices
+from ..masking import UnitGrid, check_mask, num_visible_units, seeded_masks, visible_indices
 from .device_decode import EncodedBatch, EncodedImage
 from .transforms import normalize
 from ..planning import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
@@ -111,8 +111,9 @@ def planner_for(model, device: torch.device, static: Optional[bool] = None) -> O
 
 
 def plan_masks(mask: torch.Tensor, grid: UnitGrid, planner: Optional[VisiblePlanner]) -> HostPlan:
-    """The plan of host masks ``(B, num_units)``: the full plan with a planner, else (all-token
-    baseline) just the mask and its visible indices."""
+    """The plan of host masks ``(B, num_units)``, checked here (:func:`~greenmim.masking.check_mask`):
+    the full plan with a planner, else (all-token baseline) just the mask and its visible indices."""
     if planner is not None:
-        return planner.plan(mask)
+        return planner.plan(mask)  # checks the mask
+    mask = check_mask(mask, mask.shape[0], grid.num_units)
     return HostPlan(grid=grid, mask=mask, vis_idx=visible_indices(mask), layouts=[])

@@ -71,17 +71,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def compile_counters() -> Dict[str, int]:
-    """Dynamo's process-wide count of ``graphs`` compiled so far (a recompile adds one); compare two
-    readings (e.g. after warm-up and after the run: 0 means no recompiles)."""
+    """Dynamo's process-wide counts so far: ``graphs`` compiled (a recompile adds one) and
+    ``graph_breaks`` met while compiling (a ``torch.compiler.disable``'d call is one); compare two
+    readings, e.g. around a first compiled step, or after warm-up and after the run (0 new graphs:
+    no recompiles). Free: no extra trace."""
     from torch._dynamo.utils import counters
 
-    return {"graphs": int(counters["stats"]["unique_graphs"])}
-
-
-def count_graph_breaks(model: nn.Module, *args: Any, **kwargs: Any) -> int:
-    """Graph breaks of ``model(*args, **kwargs)``'s forward under dynamo (:func:`torch._dynamo.explain`,
-    which traces without compiling and **resets dynamo's caches**: call it before compiling)."""
-    return int(torch._dynamo.explain(model)(*args, **kwargs).graph_break_count)
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def _ddp(model: nn.Module) -> Optional[DistributedDataParallel]:

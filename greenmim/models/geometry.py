@@ -82,7 +82,12 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
         return self.stages_from_plan(images, self.device_plan(images, mask, plan))
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None) -> torch.Tensor:
-        return self.norm(self.forward_stages(images, mask, plan)[-1])
+        return self.forward_plan(images, self.device_plan(images, mask, plan))
+
+    def forward_plan(self, images: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
+        """:meth:`forward` on a plan :meth:`device_plan` already resolved (the pretraining model's
+        call: resolving it once keeps one graph break under ``torch.compile``)."""
+        return self.norm(self.stages_from_plan(images, plan)[-1])
 
     def window_partitions(self) -> Iterator[WindowPartition]:
         """The windowed attentions to plan (possibly repeated keys)."""

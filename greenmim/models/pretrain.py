@@ -7,7 +7,7 @@
   returned on the images' device;
 * ``pred``: ``(B, num_units, unit*unit*3)`` predicted pixels of every unit (in the per-unit
   normalised space when ``norm_pix_loss``), pixel order ``(row, col, channel)`` as in MAE;
-* ``loss``: MSE over the masked units only.
+* ``loss``: MSE over the masked units only (their prediction gathered, their target alone built).
 
 The two methods share the decoder; they differ only in the encoder: greenmim's sees the visible
 units only, simmim's sees every token with a learned mask token in place of hidden patches.
@@ -48,11 +48,42 @@ def unpatchify(units: torch.Tensor, grid) -> torch.Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, grid.height * u, grid.width * u)
 
 
+def unit_pixels(images: torch.Tensor, units: torch.Tensor, unit: int) -> torch.Tensor:
+    """``patchify(images, unit)`` of the units ``units`` ``(B, n)`` only: ``(B, n, unit*unit*3)``,
+    gathered from the images without patchifying the others."""
+    b, c, h, w = images.shape
+    width = w // unit
+    x = images.reshape(b, c, h // unit, unit, width, unit).permute(0, 2, 4, 3, 5, 1)  # (B, rows, cols, u, u, C)
+    rows = torch.arange(b, device=images.device).unsqueeze(1)
+    return x[rows, units // width, units % width].reshape(b, units.shape[1], unit * unit * c)
+
+
 def unit_stats(target: torch.Tensor, eps: float = 1e-6):
     """Per-unit mean and std used by the norm-pix target: ``(B, num_units, 1)`` each."""
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True)
     return mean, (var + eps) ** 0.5
+
+
+class MaskedRows(torch.autograd.Function):
+    """``MaskedRows.apply(x, order, n)``: rows ``order[:, :n]`` of ``x`` ``(B, N, P)`` -> ``(B, n, P)``,
+    where ``order`` ``(B, N)`` is a permutation of each row's units. Its backward is a gather too
+    (each unit reads its gradient row, or a zero row for the units not taken), not autograd's atomic
+    scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, n: int) -> torch.Tensor:
+        b, units = order.shape
+        # position of every unit in `order`, the units not taken pointing at the zero row n
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(units, device=order.device).expand(b, -1))
+        ctx.save_for_backward(rank.clamp_(max=n))
+        return torch.gather(x, 1, order[:, :n].unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rank,) = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros(grad.shape[0], 1, grad.shape[2])], dim=1)
+        return torch.gather(padded, 1, rank.unsqueeze(-1).expand(-1, -1, grad.shape[-1])), None, None
 
 
 class MIMPretrainModel(nn.Module):
@@ -104,40 +135,54 @@ class MIMPretrainModel(nn.Module):
         plan: Optional["HostPlan | DevicePlan"] = None,
     ):
         """``plan``: the mask's plan (it carries the mask; ``mask_ratio`` and ``mask`` are then
-        ignored). Without a plan or a mask one is drawn on the host from ``generator``."""
+        ignored). Without a plan or a mask one is drawn on the host from ``generator``.
+
+        Under ``torch.compile`` the greenmim model breaks the graph once, where the plan is resolved
+        (:meth:`~greenmim.models.geometry.VisibleEncoderMixin.device_plan`, eager); simmim given a
+        plan, host or device, not at all (a planned mask was checked where it was planned)."""
         grid = unit_grid(images.shape[-2:], self.unit)
         if plan is not None:
             mask = planned_mask(plan)
-        elif mask is None:
-            # drawn on the host: the visible-only encoder plans its groups there without a device sync
-            mask = random_mask(images.shape[0], grid.num_units, mask_ratio, shared=self.shared_mask, generator=generator)
+            num_visible = plan.vis_idx.shape[1]  # a shape: no device read, no graph break
         else:
-            mask = check_mask(mask, images.shape[0], grid.num_units)
+            if mask is None:
+                # drawn on the host: the visible-only encoder plans its groups there without a device sync
+                mask = random_mask(images.shape[0], grid.num_units, mask_ratio, shared=self.shared_mask, generator=generator)
+            else:
+                mask = check_mask(mask, images.shape[0], grid.num_units)
+            num_visible = int((~mask[0]).sum())  # check_mask read the mask already
         if self.encoder.visible_only:
             plan = self.encoder.device_plan(images, mask, plan)
-            latent = self.encoder(images, plan=plan)
+            latent = self.encoder.forward_plan(images, plan)
             vis_idx, mask = plan.vis_idx, plan.mask
         else:
             if isinstance(plan, DevicePlan):  # already on the device (copied ahead by the loader's prefetcher)
                 mask = plan.mask
-            latent = self.encoder(images, mask, self.enc_mask_token)
+            latent = self.encoder(images, mask, self.enc_mask_token, checked=True)
             vis_idx, mask = None, mask.to(images.device, non_blocking=True)
         pred = self.decoder(latent, mask, grid, vis_idx)
-        loss = self.loss(images, pred, mask)
+        loss = self.loss(images, pred, mask, grid.num_units - num_visible)
         return loss, pred, mask
 
-    def target(self, images: torch.Tensor) -> torch.Tensor:
-        target = patchify(images, self.unit)
+    def target(self, images: torch.Tensor, units: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The regression target ``(B, n, unit*unit*3)``: every unit's pixels (``units`` None, n =
+        num_units) or those of the units ``units`` ``(B, n)``, normalised per unit when ``norm_pix_loss``."""
+        target = patchify(images, self.unit) if units is None else unit_pixels(images, units, self.unit)
         if self.norm_pix_loss:
             mean, std = unit_stats(target)
             target = (target - mean) / std
         return target
 
-    def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error per unit, averaged over the masked units only."""
-        per_unit = (pred.float() - self.target(images).float()).pow(2).mean(dim=-1)
-        m = mask.to(per_unit.dtype)
-        return (per_unit * m).sum() / m.sum()
+    def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, num_masked: Optional[int] = None) -> torch.Tensor:
+        """Mean squared error per unit, averaged over the masked units, computed on those alone: the
+        prediction of the ``num_masked`` masked units of each sample (read from ``mask`` when None, a
+        host read) is gathered and only their target is built."""
+        if num_masked is None:
+            num_masked = int(mask[0].sum())
+        # a stable sort puts each row's masked units first, in ascending raster order (no device read)
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+        pred = MaskedRows.apply(pred, order, num_masked)
+        return (pred.float() - self.target(images, order[:, :num_masked]).float()).pow(2).mean()
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -140,11 +140,12 @@ class AllTokenSwin(EncoderGeometryMixin, SwinTransformer):
         self.num_stages = self.num_layers
         self.use_fused_attention()
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, checked: bool = False) -> torch.Tensor:
         """``mask`` is checked where it lives: give a host mask (or one already checked) to keep the
-        step free of device syncs."""
+        step free of device syncs; ``checked=True`` (a mask checked where it was planned) skips the
+        check, which would break a ``torch.compile`` graph."""
         grid = self.check_images(images)
-        if mask.device.type == "cpu":
+        if mask.device.type == "cpu" and not checked:
             mask = check_mask(mask, images.shape[0], grid.num_units)
         mask = mask.to(images.device, non_blocking=True)
         x = self.patch_embed(images)  # (B, H, W, C)

@@ -220,9 +220,10 @@ class AllTokenTwins(TwinsEncoderMixin, Twins):
         self._init_geometry()
         self.use_fused_attention()
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, checked: bool = False) -> torch.Tensor:
         grid = self.check_images(images)
-        if mask.device.type == "cpu":  # checked where it lives: a device mask is not read back
+        # checked where it lives (a device mask is not read back), unless already checked where it was planned
+        if mask.device.type == "cpu" and not checked:
             mask = check_mask(mask, images.shape[0], grid.num_units)
         mask = mask.to(images.device, non_blocking=True)
         b = images.shape[0]
