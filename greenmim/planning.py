@@ -53,6 +53,8 @@ class HostPlan:
         plan_ms: host time spent planning (wherever it ran).
         inline: True when planned on the training thread (not ahead of the step in a worker).
         relative_bias: the attention adds Swin's relative position bias (else a window mask: Twins).
+        attention: the encoder's attention implementation (``"sdpa"``: the device derives per-pair
+            bias indices or window masks; ``"flex"``: none, the kernel reads the slot vectors).
     """
 
     grid: UnitGrid
@@ -63,6 +65,7 @@ class HostPlan:
     plan_ms: float = 0.0
     inline: bool = False
     relative_bias: bool = True
+    attention: str = "sdpa"
 
     def _map(self, fn) -> "HostPlan":
         layouts = [
@@ -89,7 +92,7 @@ class HostPlan:
             mask=self.mask.to(device, non_blocking=True),
             vis_idx=self.vis_idx.to(device, non_blocking=True),
             layouts=[
-                {k: GroupLayout.from_slots(s, device, self.relative_bias) for k, s in stage.items()} for stage in self.layouts
+                {k: GroupLayout.from_slots(s, device, self.relative_bias, self.attention) for k, s in stage.items()} for stage in self.layouts
             ],
             neighbours={t: v.to(device, non_blocking=True) for t, v in self.neighbours.items()},
         )
@@ -140,6 +143,8 @@ class VisiblePlanner:
             the fused attention kernels; 1 on CPU).
         pad_groups_to: pad the group count to a multiple of this (bucketed shapes), 0 = off.
         relative_bias: the windowed attentions add Swin's relative position bias (Twins': none).
+        attention: the encoder's attention implementation, ``"sdpa"`` or ``"flex"`` (what
+            :meth:`HostPlan.to` derives on the device).
         static: fixed shapes: every plan of one batch size and visible count has the same tensor
             shapes (one ``(n_g, g)`` per layout, sized once per batch shape by
             :func:`~greenmim.static_shapes.fit_static_shapes`; a rare overflowing batch gets a
@@ -157,6 +162,7 @@ class VisiblePlanner:
     group_multiple: int = 1
     pad_groups_to: int = 0
     relative_bias: bool = True
+    attention: str = "sdpa"
     static: bool = False
     shared_mask: bool = False
     _static_shapes: Dict[Tuple[int, int], Dict[Tuple[int, Hashable], StaticShape]] = field(
@@ -212,6 +218,7 @@ class VisiblePlanner:
             neighbours=neighbours,
             plan_ms=(time.perf_counter() - t0) * 1e3,
             relative_bias=self.relative_bias,
+            attention=self.attention,
         )
 
 

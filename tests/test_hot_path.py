@@ -53,14 +53,15 @@ def test_bias_gradient_accumulates_in_fp32_under_bf16_autocast():
     torch.testing.assert_close(table.grad, pairs[:, None].expand(-1, 2).contiguous(), rtol=0, atol=0)
 
 
-def test_padding_slots_do_not_pile_onto_one_token():
-    slots = plan_group_slots(stage_windows(
-        random_mask(2, 49, 0.75, generator=torch.Generator().manual_seed(1)).numpy(), (7, 7), 8, 7, 3))
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_slots_and_tokens_are_inverse_permutations_padding_reads_the_zero_row(broadcast):
+    mask = random_mask(2, 49, 0.75, generator=torch.Generator().manual_seed(1)).numpy()
+    slots = plan_group_slots(stage_windows(mask[:1] if broadcast else mask, (7, 7), 8, 7, 3), broadcast=broadcast)
     real = torch.zeros(slots.num_slots, dtype=torch.bool)
-    real[slots.token_slot] = True
-    assert (~real).any(), "the test needs padding"
-    counts = torch.bincount(slots.slot_token, minlength=slots.tokens)
-    assert counts.max() <= 1 + -(-int((~real).sum()) // slots.tokens)
+    real[slots.token_slot.long()] = True
+    assert (~real).any() and int(real.sum()) == slots.tokens, "the test needs padding; every token has its own slot"
+    assert torch.equal(slots.slot_token[slots.token_slot.long()], torch.arange(slots.tokens, dtype=torch.int32))
+    assert (slots.slot_token[~real] == slots.tokens).all()  # the zero row
 
 
 @pytest.mark.parametrize("kind", ["swin", "twins"])

@@ -48,7 +48,7 @@ from .common import check_replaceable, load_pretrain_checkpoint, output_file, re
 
 PROG = "greenmim-export"
 ENCODER_PREFIX = "encoder."
-GREENMIM_ONLY_ARGS = ("cost_model", "fused_attn", "sparse_backend")
+GREENMIM_ONLY_ARGS = ("cost_model", "fused_attn", "sparse_backend", "attention")
 #: keys of every export description (the safetensors metadata ``greenmim`` and the sidecar)
 INFO_KEYS = ("timm_name", "model_args", "step", "checkpoint")
 

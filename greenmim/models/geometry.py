@@ -67,6 +67,7 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
 
     peg_stages: Tuple[int, ...] = ()
     relative_bias = True  # windowed attention with Swin's relative position bias (Twins: False)
+    attention = "sdpa"  # the windowed attention's implementation (see greenmim.ops.group_attention)
     last_grouping: Dict[str, float]
 
     def stages_from_plan(self, images: torch.Tensor, plan: DevicePlan) -> List[torch.Tensor]:
@@ -108,6 +109,7 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
             group_multiple=group_multiple,
             pad_groups_to=pad_groups_to,
             relative_bias=self.relative_bias,
+            attention=self.attention,
             static=static,
             shared_mask=shared_mask,
         )

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional, Type
 
 import torch.nn as nn
 
+from ..ops.group_attention import ATTENTION_BACKENDS
+
 METHODS = ("greenmim", "simmim")
 
 
@@ -27,7 +29,7 @@ class EncoderSpec:
     visible_cls: Type[nn.Module]
     dense_cls: Type[nn.Module]
     # keyword arguments that only the greenmim encoders understand (dropped for the dense baseline)
-    visible_only_kwargs: tuple = field(default=("cost_model", "fused_attn", "sparse_backend"))
+    visible_only_kwargs: tuple = field(default=("cost_model", "fused_attn", "sparse_backend", "attention"))
 
 
 _REGISTRY: Dict[str, EncoderSpec] = {}
@@ -57,7 +59,8 @@ def create_encoder(name: str, method: str = "greenmim", **overrides: Any) -> nn.
     ``method="simmim"``: the all-token baseline, ``encoder(images, mask, mask_token) -> (B, num_units, C)``.
     ``overrides`` are timm's constructor arguments (``img_size``, ``window_size``, ``embed_dim``,
     ``depths``, ``num_heads``, ``drop_path_rate``, ...) plus the greenmim options ``cost_model``,
-    ``fused_attn`` and ``sparse_backend``. The classifier head is never built (``num_classes=0``).
+    ``fused_attn``, ``sparse_backend`` and ``attention`` (``"sdpa"`` | ``"flex"``: the windowed
+    attention's implementation). The classifier head is never built (``num_classes=0``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
@@ -110,6 +113,8 @@ def check_architecture(name: str, encoder_args: Optional[Mapping[str, Any]]) -> 
     for key in ("mlp_ratio", "mlp_ratios"):
         if key in args and not _positive_numbers(args[key]):
             fail(key, "set it to a positive number" + (" per stage" if key == "mlp_ratios" else ""))
+    if "attention" in given and given["attention"] not in ATTENTION_BACKENDS:
+        fail("attention", f"choose one of {', '.join(ATTENTION_BACKENDS)} (sdpa: the default; flex: FlexAttention)")
     rate = args.get("drop_path_rate", 0.0)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         fail("drop_path_rate", "set it to a number in [0, 1)")

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel
 from ..masking import check_mask
-from ..ops.group_attention import GroupLayout, group_window_attention
+from ..ops.group_attention import GroupLayout, check_attention, group_window_attention
 from ..ops.sparse_conv import SPARSE_BACKENDS
 from ..planning import DevicePlan, WindowPartition
 from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_pixels
@@ -38,6 +38,9 @@ class VisibleSwin(VisibleEncoderMixin, SwinTransformer):
     equal visible count per sample) -> ``(B, N_vis, C)`` final-stage features of the visible units
     in ascending raster order, final norm applied. ``forward(images, plan=plan)`` takes the mask's
     plan instead (planned ahead, e.g. in the DataLoader workers: see :mod:`greenmim.planning`).
+
+    ``attention``: ``"sdpa"`` (default) or ``"flex"`` (FlexAttention, the relative-position bias read
+    from its table inside the kernel; see :mod:`greenmim.ops.group_attention`).
     """
 
     visible_only = True
@@ -48,6 +51,7 @@ class VisibleSwin(VisibleEncoderMixin, SwinTransformer):
         cost_model: CostModel = DEFAULT_COST_MODEL,
         fused_attn: bool = True,
         sparse_backend: str = "auto",
+        attention: str = "sdpa",
         **kwargs: Any,
     ):
         # Swin's only convolution is the kernel=stride patch embedding, which runs on the visible
@@ -59,6 +63,7 @@ class VisibleSwin(VisibleEncoderMixin, SwinTransformer):
         self.num_stages = self.num_layers
         self.cost_model = cost_model
         self.fused_attn = fused_attn
+        self.attention = check_attention(attention)
         self.last_grouping: Dict[str, float] = {}
 
     def window_partitions(self):
@@ -88,6 +93,7 @@ class VisibleSwin(VisibleEncoderMixin, SwinTransformer):
             attn.relative_position_bias_table,
             attn_drop=attn.attn_drop.p if self.training else 0.0,
             fused=self.fused_attn,
+            attention=self.attention,
         )
         x = x + block.drop_path1(attn.proj_drop(h).view(b, n, -1))
         return x + block.drop_path2(block.mlp(block.norm2(x)))

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel
 from ..masking import check_mask, to_pair
-from ..ops.group_attention import GroupLayout, group_window_attention
+from ..ops.group_attention import GroupLayout, check_attention, group_window_attention
 from ..ops.sparse_conv import VisibleGeometry, get_sparse_backend
 from ..planning import DevicePlan, WindowPartition
 from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_pixels
@@ -79,6 +79,8 @@ class VisibleTwins(VisibleEncoderMixin, TwinsEncoderMixin, Twins):
         cost_model: the grouping solver's attention cost model (LSA).
         fused_attn: use ``scaled_dot_product_attention``; False runs the plain reference path.
         sparse_backend: ``'auto'`` | ``'spconv'`` | ``'native'`` (see :mod:`greenmim.ops.sparse_conv`).
+        attention: the locally-grouped attention's implementation, ``'sdpa'`` or ``'flex'`` (see
+            :mod:`greenmim.ops.group_attention`); the global sub-sampled attention is always SDPA.
     """
 
     visible_only = True
@@ -90,6 +92,7 @@ class VisibleTwins(VisibleEncoderMixin, TwinsEncoderMixin, Twins):
         cost_model: CostModel = DEFAULT_COST_MODEL,
         fused_attn: bool = True,
         sparse_backend: str = "auto",
+        attention: str = "sdpa",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -98,6 +101,7 @@ class VisibleTwins(VisibleEncoderMixin, TwinsEncoderMixin, Twins):
         self.sparse = get_sparse_backend(sparse_backend)
         self.cost_model = cost_model
         self.fused_attn = fused_attn
+        self.attention = check_attention(attention)
         self.last_grouping: Dict[str, float] = {}
         self._check_architecture()
 
@@ -176,6 +180,7 @@ class VisibleTwins(VisibleEncoderMixin, TwinsEncoderMixin, Twins):
                 None,  # Twins has no relative position bias
                 attn_drop=attn.attn_drop.p if self.training else 0.0,
                 fused=self.fused_attn,
+                attention=self.attention,
             ).view(b, n, c)
         else:
             h = self.gsa_forward(attn, h, geometry, t)
