@@ -20,7 +20,7 @@ backward of ``table[index]`` is a sort-based bf16 accumulate that took 95% of an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -256,12 +256,13 @@ def relative_position_bias(layout: GroupLayout, table: torch.Tensor, dtype: torc
 def group_window_attention(
     x: torch.Tensor,
     layout: GroupLayout,
-    qkv: torch.nn.Linear,
+    qkv: Callable[[torch.Tensor], torch.Tensor],
     proj: torch.nn.Linear,
     num_heads: int,
     rel_pos_table: Optional[torch.Tensor] = None,
     attn_drop: float = 0.0,
     fused: bool = True,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Multi-head self-attention inside windows, on visible tokens only.
 
@@ -269,11 +270,14 @@ def group_window_attention(
         x: ``(N, C)`` visible tokens (the layout's token order); with a broadcast layout (shared
             masks) ``(B * N, C)``, sample-major, every sample laid out by the same slots.
         layout: where each token sits in the group slots.
-        qkv, proj: the attention's projections (timm's ``attn.qkv`` / ``attn.proj``).
+        qkv, proj: the attention's projections (timm's ``attn.qkv`` / ``attn.proj``); ``qkv`` may be
+            any per-token map ``(N, C) -> (N, 3C)`` (Swin V2: projection plus cosine normalisation).
         num_heads: attention heads.
-        rel_pos_table: Swin's ``(num_rel, heads)`` relative position bias table, or None (Twins).
+        rel_pos_table: Swin's ``(num_rel, heads)`` relative position bias table (a parameter, or
+            Swin V2's table computed by its CPB MLP), or None (Twins).
         attn_drop: attention dropout probability (training only; the caller passes 0 in eval).
         fused: use ``scaled_dot_product_attention``; False runs the plain reference path.
+        scale: the logits' factor (default ``head_dim ** -0.5``; Swin V2 scales its q itself: 1.0).
 
     Returns:
         ``(N, C_out)`` attention output, projected.
@@ -292,9 +296,9 @@ def group_window_attention(
     if samples > 1:  # one sample's bias, gathered once, copied over the batch (backward: a sum)
         bias = bias.unsqueeze(0).expand(samples, -1, -1, -1, -1).reshape(samples * n_g, -1, g, g)
     if fused:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn_drop)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn_drop, scale=scale)
     else:
-        attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1) + bias
+        attn = (q * (head_dim ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1) + bias
         attn = attn.softmax(dim=-1)
         if attn_drop:
             attn = F.dropout(attn, attn_drop)
