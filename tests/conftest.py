@@ -17,11 +17,12 @@ TINY_TWINS = dict(
 MODELS = {
     "swin": (SWIN_NAME, dict(TINY_SWIN, img_size=224)),
     "twins": ("twins_svt_small", TINY_TWINS),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=128, window_size=4, embed_dim=16, depths=(2, 1, 1, 1), num_heads=(1, 1, 2, 2))),
 }
 
 
 def tiny_model(kind, **kw):
-    """A seeded tiny pretraining model, kind 'swin' or 'twins'; ``kw`` go to create_pretrain_model."""
+    """A seeded tiny pretraining model, kind 'swin', 'twins' or 'swinv2'; ``kw`` go to create_pretrain_model."""
     from greenmim.models import create_pretrain_model
 
     name, cfg = MODELS[kind]

@@ -1,5 +1,5 @@
-"""Dense masked reference for the visible-only Swin: timm's own modules on the full token grid,
-with masked tokens removed from every attention's keys.
+"""Dense masked reference for the visible-only Swin (V1 and V2): timm's own modules on the full
+token grid, with masked tokens removed from every attention's keys.
 
 Masked tokens still flow through the dense network (their values are garbage), but they never
 reach a visible token: attention ignores them as keys and every 2x2 merge sees all-visible or
@@ -19,10 +19,12 @@ def token_mask(mask, grid, t):
 
 
 def masked_block(block, x, tmask):
-    """timm SwinTransformerBlock.forward with masked tokens excluded as attention keys."""
+    """timm SwinTransformerBlock (or V2 block: residual post-norm) forward with masked tokens excluded
+    as attention keys."""
     b, h, w, c = x.shape
     ws, ss = block.window_size, block.shift_size
-    y = block.norm1(x)
+    post_norm = hasattr(block.attn, "cpb_mlp")  # Swin V2
+    y = x if post_norm else block.norm1(x)
     m = tmask
     if any(ss):
         y = torch.roll(y, shifts=(-ss[0], -ss[1]), dims=(1, 2))
@@ -37,13 +39,16 @@ def masked_block(block, x, tmask):
     out = window_reverse(out, ws, h, w)
     if any(ss):
         out = torch.roll(out, shifts=ss, dims=(1, 2))
+    if post_norm:
+        x = x + block.drop_path1(block.norm1(out))
+        return x + block.drop_path2(block.norm2(block.mlp(x)))
     x = x + block.drop_path1(out)
     x = x + block.drop_path2(block.mlp(block.norm2(x)))
     return x
 
 
 def dense_masked_swin(model, images, mask):
-    """Run a timm SwinTransformer with masked keys ignored.
+    """Run a timm SwinTransformer (or SwinTransformerV2) with masked keys ignored.
 
     Returns (final visible-unit features (B, N_vis, C) in ascending raster order, per-stage dense
     maps (B, H_i, W_i, C_i) before the final norm).

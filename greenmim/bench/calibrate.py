@@ -132,9 +132,10 @@ def first_window_attention(encoder: nn.Module) -> nn.Module:
     """The first windowed attention module of a Swin (``WindowAttention``) or Twins
     (``LocallyGroupedAttn``) encoder: its width and heads size the calibration."""
     from timm.models.swin_transformer import WindowAttention
+    from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
     from timm.models.twins import LocallyGroupedAttn
 
     for module in encoder.modules():
-        if isinstance(module, (WindowAttention, LocallyGroupedAttn)):
+        if isinstance(module, (WindowAttention, WindowAttentionV2, LocallyGroupedAttn)):
             return module
     raise ValueError(f"{type(encoder).__name__} has no window attention to calibrate (Swin or Twins)")

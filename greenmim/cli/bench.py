@@ -268,7 +268,7 @@ def run_calibration(cfg: BenchConfig) -> Dict[str, Any]:
     slots = cfg.batch_size * num_visible_units(grid.num_units, cfg.mask_ratio) * tokens_per_unit
     result = calibrate_cost_model(
         attn.qkv.in_features, attn.num_heads, slots, device, cfg.dtype, getattr(encoder, "fused_attn", True),
-        rel_bias=hasattr(attn, "relative_position_bias_table"),
+        rel_bias=hasattr(attn, "relative_position_bias_table") or hasattr(attn, "cpb_mlp"),
     )
     result.update(model=cfg.model, environment=environment(device))
     print(calibration_table(result))

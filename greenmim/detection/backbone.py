@@ -48,14 +48,15 @@ FAMILIES = ("swin", "twins")
 
 
 def model_family(name: str) -> str:
-    """``"swin"`` or ``"twins"`` from a timm model name; a clear error for anything else."""
+    """``"swin"`` (V1 or V2: the same stages and options) or ``"twins"`` from a timm model name; a
+    clear error for anything else."""
     base = name.split(".")[0]
-    if base.startswith("swin_") and not base.startswith("swinv2"):
+    if base.startswith("swin_") or (base.startswith("swinv2_") and not base.startswith("swinv2_cr_")):
         return "swin"
     if base.startswith("twins_"):
         return "twins"
     raise ConfigError(
-        f"detection backbone '{name}' is not supported: use a timm swin_* (v1) or twins_* model name, "
+        f"detection backbone '{name}' is not supported: use a timm swin_*, swinv2_* (not swinv2_cr_*) or twins_* model name, "
         f"e.g. swin_tiny_patch4_window7_224, swin_base_patch4_window7_224, twins_svt_small"
     )
 

@@ -31,19 +31,12 @@ from ..planning import DevicePlan, WindowPartition
 from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_pixels
 from .registry import EncoderSpec, register_encoder
 
-class VisibleSwin(VisibleEncoderMixin, SwinTransformer):
-    """Swin encoder that computes on visible mask units only.
-
-    ``forward(images, mask)``: images ``(B, 3, H, W)``, mask ``(B, num_units)`` bool (True = masked,
-    equal visible count per sample) -> ``(B, N_vis, C)`` final-stage features of the visible units
-    in ascending raster order, final norm applied. ``forward(images, plan=plan)`` takes the mask's
-    plan instead (planned ahead, e.g. in the DataLoader workers: see :mod:`greenmim.planning`).
-
-    ``attention``: ``"sdpa"`` (default) or ``"flex"`` (FlexAttention, the relative-position bias read
-    from its table inside the kernel; see :mod:`greenmim.ops.group_attention`).
-    """
+class VisibleSwinMixin(VisibleEncoderMixin):
+    """The visible-only forward of timm's Swin layouts (V1 here, V2 in :mod:`.swinv2`): a subclass
+    of this and a timm Swin model overrides :meth:`block_forward` where its block differs."""
 
     visible_only = True
+    merge_norm_first = True  # V1's patch merging: norm, then reduction (V2: reduction, then norm)
 
     def __init__(
         self,
@@ -101,7 +94,7 @@ class VisibleSwin(VisibleEncoderMixin, SwinTransformer):
     def stage_forward(self, i: int, x: torch.Tensor, layouts: Dict[Tuple, GroupLayout]) -> torch.Tensor:
         layer = self.layers[i]
         if i > 0:
-            x = merge_patches(x, self.tokens_per_unit(i - 1), layer.downsample)
+            x = merge_patches(x, self.tokens_per_unit(i - 1), layer.downsample, self.merge_norm_first)
         for block in layer.blocks:
             layout = layouts[(tuple(block.window_size), tuple(block.shift_size))]
             if layer.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -119,20 +112,37 @@ class VisibleSwin(VisibleEncoderMixin, SwinTransformer):
         return outs
 
 
-def merge_patches(x: torch.Tensor, t: int, downsample: nn.Module) -> torch.Tensor:
+class VisibleSwin(VisibleSwinMixin, SwinTransformer):
+    """Swin encoder that computes on visible mask units only.
+
+    ``forward(images, mask)``: images ``(B, 3, H, W)``, mask ``(B, num_units)`` bool (True = masked,
+    equal visible count per sample) -> ``(B, N_vis, C)`` final-stage features of the visible units
+    in ascending raster order, final norm applied. ``forward(images, plan=plan)`` takes the mask's
+    plan instead (planned ahead, e.g. in the DataLoader workers: see :mod:`greenmim.planning`).
+
+    ``attention``: ``"sdpa"`` (default) or ``"flex"`` (FlexAttention, the relative-position bias read
+    from its table inside the kernel; see :mod:`greenmim.ops.group_attention`).
+    """
+
+
+def merge_patches(x: torch.Tensor, t: int, downsample: nn.Module, norm_first: bool = True) -> torch.Tensor:
     """Swin's 2x2 patch merging on unit-major tokens: ``(B, N_u*t*t, C) -> (B, N_u*(t/2)^2, C')``.
 
-    Channel order matches timm's PatchMerging: (0,0), (1,0), (0,1), (1,1) as (row, col) offsets.
+    Channel order matches timm's PatchMerging (V1 and V2): (0,0), (1,0), (0,1), (1,1) as (row, col)
+    offsets. ``norm_first``: V1's norm-then-reduction; False: V2's reduction-then-norm.
     """
     b, n, c = x.shape
     n_units = n // (t * t)
     h = t // 2
     x = x.view(b, n_units, h, 2, h, 2, c).permute(0, 1, 2, 4, 5, 3, 6).reshape(b, n_units * h * h, 4 * c)
-    return downsample.reduction(downsample.norm(x))
+    if norm_first:
+        return downsample.reduction(downsample.norm(x))
+    return downsample.norm(downsample.reduction(x))
 
 
-class AllTokenSwin(EncoderGeometryMixin, SwinTransformer):
-    """The SimMIM-style baseline: timm's Swin over all tokens, a mask token in place of hidden patches.
+class AllTokenSwinMixin(EncoderGeometryMixin):
+    """The SimMIM-style baseline of timm's Swin layouts (V1 here, V2 in :mod:`.swinv2`): timm's model
+    over all tokens, a mask token in place of hidden patches.
 
     ``forward(images, mask, mask_token)`` -> ``(B, num_units, C)`` final features of every unit.
     Its window attention runs fused (``scaled_dot_product_attention``), like the visible-only one.
@@ -146,12 +156,11 @@ class AllTokenSwin(EncoderGeometryMixin, SwinTransformer):
         self.num_stages = self.num_layers
         self.use_fused_attention()
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, checked: bool = False) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         """``mask`` is checked where it lives: give a host mask (or one already checked) to keep the
-        step free of device syncs; ``checked=True`` (a mask checked where it was planned) skips the
-        check, which would break a ``torch.compile`` graph."""
+        step free of device syncs."""
         grid = self.check_images(images)
-        if mask.device.type == "cpu" and not checked:
+        if mask.device.type == "cpu":
             mask = check_mask(mask, images.shape[0], grid.num_units)
         mask = mask.to(images.device, non_blocking=True)
         x = self.patch_embed(images)  # (B, H, W, C)
@@ -161,6 +170,10 @@ class AllTokenSwin(EncoderGeometryMixin, SwinTransformer):
         x = torch.where(token_mask, mask_token.to(x.dtype).view(1, 1, 1, c), x)
         x = self.norm(self.layers(x))
         return x.reshape(b, grid.num_units, -1)
+
+
+class AllTokenSwin(AllTokenSwinMixin, SwinTransformer):
+    """The all-token Swin (V1) baseline (see :class:`AllTokenSwinMixin`)."""
 
 
 SWIN_ARCHS = {

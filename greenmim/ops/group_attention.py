@@ -389,13 +389,19 @@ def _flex_kernel(device: torch.device) -> Callable:
 
 
 def flex_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: GroupLayout, table: Optional[torch.Tensor], samples: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: GroupLayout,
+    table: Optional[torch.Tensor],
+    samples: int,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
     """FlexAttention over the groups: ``q, k, v`` ``(samples * n_g, heads, g, head_dim)`` ->
     the same shape. Two slots attend iff their window ids are equal (``mask_mod``); with Swin's
     ``table`` ``(num_rel, heads)`` the score of a pair gains ``table[dy * (2ww - 1) + dx + center, h]``
     (``score_mod``), read in the kernel. With broadcast layouts (``samples > 1``) batch ``b`` is group
-    ``b % n_g`` of sample ``b // n_g``."""
+    ``b % n_g`` of sample ``b // n_g``. ``scale``: the logits' factor (default ``head_dim ** -0.5``)."""
     n_g, g = layout.num_groups, layout.group_size
     window = layout.slot_window  # (n_g * g,): flat indices vectorise best in the unfused CPU path
 
@@ -418,19 +424,20 @@ def flex_window_attention(
         score_mod = relative_bias
     block_mask = flex_block_mask(layout, same_window)
     with _cpu_flex_backward() if q.device.type == "cpu" else contextlib.nullcontext():
-        return _flex_kernel(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        return _flex_kernel(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
 def group_window_attention(
     x: torch.Tensor,
     layout: GroupLayout,
-    qkv: torch.nn.Linear,
+    qkv: Callable[[torch.Tensor], torch.Tensor],
     proj: torch.nn.Linear,
     num_heads: int,
     rel_pos_table: Optional[torch.Tensor] = None,
     attn_drop: float = 0.0,
     fused: bool = True,
     attention: str = "sdpa",
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Multi-head self-attention inside windows, on visible tokens only.
 
@@ -438,13 +445,16 @@ def group_window_attention(
         x: ``(N, C)`` visible tokens (the layout's token order); with a broadcast layout (shared
             masks) ``(B * N, C)``, sample-major, every sample laid out by the same slots.
         layout: where each token sits in the group slots.
-        qkv, proj: the attention's projections (timm's ``attn.qkv`` / ``attn.proj``).
+        qkv, proj: the attention's projections (timm's ``attn.qkv`` / ``attn.proj``); ``qkv`` may be
+            any per-token map ``(N, C) -> (N, 3C)`` (Swin V2: projection plus cosine normalisation).
         num_heads: attention heads.
-        rel_pos_table: Swin's ``(num_rel, heads)`` relative position bias table, or None (Twins).
+        rel_pos_table: Swin's ``(num_rel, heads)`` relative position bias table (a parameter, or
+            Swin V2's table computed by its CPB MLP), or None (Twins).
         attn_drop: attention dropout probability (training only; the caller passes 0 in eval).
         fused: ``"sdpa"`` only: use ``scaled_dot_product_attention``; False runs the plain reference path.
         attention: ``"sdpa"`` (a per-pair bias tensor) or ``"flex"`` (FlexAttention: the bias read
             from the table in the kernel; no attention dropout). See the module docstring.
+        scale: the logits' factor (default ``head_dim ** -0.5``; Swin V2 scales its q itself: 1.0).
 
     Returns:
         ``(N, C_out)`` attention output, projected.
@@ -459,9 +469,9 @@ def group_window_attention(
     if attention == "flex":
         if attn_drop:
             raise ValueError("attention='flex' has no attention dropout: set attn_drop_rate=0 or use attention='sdpa'")
-        out = flex_window_attention(q, k, v, layout, rel_pos_table, samples)
+        out = flex_window_attention(q, k, v, layout, rel_pos_table, samples, scale)
     else:
-        out = sdpa_window_attention(q, k, v, layout, rel_pos_table, samples, attn_drop, fused)
+        out = sdpa_window_attention(q, k, v, layout, rel_pos_table, samples, attn_drop, fused, scale)
     out = out.transpose(1, 2).reshape(samples, n_g * g, num_heads * head_dim)
     return proj(slots_to_tokens(out, layout).view(x.shape[0], -1))
 
@@ -475,9 +485,11 @@ def sdpa_window_attention(
     samples: int,
     attn_drop: float = 0.0,
     fused: bool = True,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Attention over the groups with an additive per-pair bias: ``q, k, v`` ``(samples * n_g, heads,
-    g, head_dim)`` -> the same shape. ``table``: Swin's ``(num_rel, heads)`` or None (window mask)."""
+    g, head_dim)`` -> the same shape. ``table``: Swin's ``(num_rel, heads)`` or None (window mask);
+    ``scale``: the logits' factor (default ``head_dim ** -0.5``)."""
     n_g, g = layout.num_groups, layout.group_size
     if layout.attention != "sdpa":
         raise ValueError(f"this plan was derived for attention='{layout.attention}': plan it with the encoder's planner()")
@@ -488,8 +500,8 @@ def sdpa_window_attention(
     if samples > 1:  # one sample's bias, gathered once, copied over the batch (backward: a sum)
         bias = bias.unsqueeze(0).expand(samples, -1, -1, -1, -1).reshape(samples * n_g, -1, g, g)
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn_drop)
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn_drop, scale=scale)
+    attn = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1) + bias
     attn = attn.softmax(dim=-1)
     if attn_drop:
         attn = F.dropout(attn, attn_drop)

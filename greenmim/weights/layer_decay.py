@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.twins import Twins
 
 
@@ -69,8 +70,8 @@ def twins_layer_id(name: str, depths: Sequence[int]) -> int:
 
 
 def layer_id_fn(model: nn.Module) -> Optional[Callable[[str], int]]:
-    """The depth function of a Swin or Twins model, or ``None`` for other architectures."""
-    if isinstance(model, SwinTransformer):
+    """The depth function of a Swin (V1 or V2: the same layout) or Twins model, or ``None`` for other architectures."""
+    if isinstance(model, (SwinTransformer, SwinTransformerV2)):
         depths = [len(layer.blocks) for layer in model.layers]
         return lambda n: swin_layer_id(n, depths)
     if isinstance(model, Twins):
