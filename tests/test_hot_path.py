@@ -57,7 +57,7 @@ def test_padding_slots_do_not_pile_onto_one_token():
     assert counts.max() <= 1 + -(-int((~real).sum()) // slots.tokens)
 
 
-@pytest.mark.parametrize("kind", ["swin", "twins"])
+@pytest.mark.parametrize("kind", ["swin", "twins", "pvt_v2"])
 def test_full_step_runs_on_meta_device(kind):
     """Forward, backward and optimizer step with every tensor on ``meta``: any read of a device value
     on the host (``.item()``, ``.cpu()``, ``nonzero``, boolean indexing, a data-dependent shape)
@@ -77,7 +77,7 @@ def test_full_step_runs_on_meta_device(kind):
     assert pred.shape == (3, grid.num_units, model.unit ** 2 * 3)
 
 
-@pytest.mark.parametrize("kind,shared", [("swin", False), ("swin", True), ("twins", False)])
+@pytest.mark.parametrize("kind,shared", [("swin", False), ("swin", True), ("twins", False), ("pvt_v2", True)])
 def test_planned_batches_equal_inline_planning(kind, shared):
     """The loader's plan (masks drawn from the samples' seeds) gives the model's own result."""
     model = tiny_model(kind, shared_mask=shared).eval()
@@ -115,7 +115,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("kind,shared", [("swin", False), ("swin", True), ("twins", False)])
+@pytest.mark.parametrize("kind,shared", [("swin", False), ("swin", True), ("twins", False), ("pvt_v2", False)])
 def test_cuda_step_never_synchronises(kind, shared):
     model = tiny_model(kind, shared_mask=shared).cuda().train()
     h, w = model.encoder.patch_embed.img_size

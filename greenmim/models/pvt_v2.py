@@ -15,7 +15,8 @@ unit-major (see :mod:`greenmim.ops.windows`; ``t = 8, 4, 2, 1`` tokens per unit 
 * the overlapping downsamplings (3x3, stride 2, padding 1) between stages: a gather of the 9
   inputs of every visible output (hidden and out-of-image inputs zero) and one matrix product
   (:func:`~greenmim.ops.sparse_conv.submanifold_conv3x3_stride2`);
-* the MLP's 3x3 depthwise conv: the submanifold conv of Twins' PEG (masked neighbours zero);
+* the MLP's 3x3 depthwise conv (8x the stage width): the submanifold conv of Twins' PEG (masked
+  neighbours zero), computed on per-unit tiles (:func:`~greenmim.ops.sparse_conv.tiled_depthwise3x3`);
 * spatial-reduction attention: queries are the visible tokens, keys and values the kernel == stride
   reduction (sr 8/4/2, equal to ``t``: one key per unit) of the visible units, or the visible tokens
   themselves where sr is 1 (:func:`~greenmim.ops.reduced_attention.reduced_attention`).
@@ -140,9 +141,9 @@ class VisiblePVTv2(VisibleEncoderMixin, PVTv2EncoderMixin, PyramidVisionTransfor
         return self.patch_embed.norm(x)
 
     def mlp_forward(self, mlp: nn.Module, x: torch.Tensor, geometry: VisibleGeometry, t: int) -> torch.Tensor:
-        """timm's MlpWithDepthwiseConv with its 3x3 depthwise conv as a submanifold conv."""
+        """timm's MlpWithDepthwiseConv with its 3x3 depthwise conv as a (tiled) submanifold conv."""
         x = mlp.relu(mlp.fc1(x))
-        x = mlp.drop(mlp.act(self.sparse.depthwise3x3(x, mlp.dwconv, geometry, t)))
+        x = mlp.drop(mlp.act(self.sparse.depthwise3x3(x, mlp.dwconv, geometry, t, tiled=True)))
         return mlp.drop(mlp.fc2(x))
 
     def block_forward(self, blk: nn.Module, x: torch.Tensor, geometry: VisibleGeometry, t: int) -> torch.Tensor:
