@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from ..grouping import DEFAULT_COST_MODEL, CostModel
 from ..masking import check_mask, to_pair
 from ..ops.reduced_attention import reduced_attention
-from ..ops.sparse_conv import VisibleGeometry, check_conv3x3_stride2, get_sparse_backend
+from ..ops.sparse_conv import VisibleGeometry, check_conv3x3_stride2, get_sparse_backend, tiled_depthwise3x3, unit_tiles
 from ..planning import DevicePlan
 from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_windows
 from .registry import EncoderSpec, refuse_encoder, register_encoder
@@ -140,17 +140,17 @@ class VisiblePVTv2(VisibleEncoderMixin, PVTv2EncoderMixin, PyramidVisionTransfor
         x = x.flatten(2).transpose(1, 2).reshape(b, -1, x.shape[1])
         return self.patch_embed.norm(x)
 
-    def mlp_forward(self, mlp: nn.Module, x: torch.Tensor, geometry: VisibleGeometry, t: int) -> torch.Tensor:
-        """timm's MlpWithDepthwiseConv with its 3x3 depthwise conv as a (tiled) submanifold conv."""
+    def mlp_forward(self, mlp: nn.Module, x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+        """timm's MlpWithDepthwiseConv with its 3x3 depthwise conv as a submanifold conv on the stage's unit tiles."""
         x = mlp.relu(mlp.fc1(x))
-        x = mlp.drop(mlp.act(self.sparse.depthwise3x3(x, mlp.dwconv, geometry, t, tiled=True)))
+        x = mlp.drop(mlp.act(tiled_depthwise3x3(x, mlp.dwconv, tiles)))
         return mlp.drop(mlp.fc2(x))
 
-    def block_forward(self, blk: nn.Module, x: torch.Tensor, geometry: VisibleGeometry, t: int) -> torch.Tensor:
+    def block_forward(self, blk: nn.Module, x: torch.Tensor, geometry: VisibleGeometry, t: int, tiles: torch.Tensor) -> torch.Tensor:
         attn = blk.attn
         h = reduced_attention(attn, blk.norm1(x), self.sparse, geometry, t, self.fused_attn, self.training)
         x = x + blk.drop_path1(attn.proj_drop(h))
-        return x + blk.drop_path2(self.mlp_forward(blk.mlp, blk.norm2(x), geometry, t))
+        return x + blk.drop_path2(self.mlp_forward(blk.mlp, blk.norm2(x), tiles))
 
     # -- forward ----------------------------------------------------------------------------------
     def stages_from_plan(self, images: torch.Tensor, plan: DevicePlan) -> List[torch.Tensor]:
@@ -162,11 +162,12 @@ class VisiblePVTv2(VisibleEncoderMixin, PVTv2EncoderMixin, PyramidVisionTransfor
             if stage.downsample is not None:
                 x = stage.downsample.norm(self.sparse.conv3x3_stride2(x, stage.downsample.proj, geometry, t))
                 t = self.tokens_per_unit(i)
+            tiles = unit_tiles(geometry.neighbours(t), t)  # shared by the stage's MLP convs
             for blk in stage.blocks:
                 if stage.grad_checkpointing and self.training and torch.is_grad_enabled():
-                    x = checkpoint(self.block_forward, blk, x, geometry, t, use_reentrant=False)
+                    x = checkpoint(self.block_forward, blk, x, geometry, t, tiles, use_reentrant=False)
                 else:
-                    x = self.block_forward(blk, x, geometry, t)
+                    x = self.block_forward(blk, x, geometry, t, tiles)
             outs.append(stage.norm(x))
             x = outs[-1]
         return outs

@@ -227,15 +227,16 @@ def unit_tiles(neighbours: torch.Tensor, t: int) -> torch.Tensor:
     return tiles
 
 
-def tiled_depthwise3x3(x: torch.Tensor, conv: nn.Conv2d, neighbours: torch.Tensor, t: int) -> torch.Tensor:
+def tiled_depthwise3x3(x: torch.Tensor, conv: nn.Conv2d, tiles: torch.Tensor) -> torch.Tensor:
     """The 3x3 depthwise submanifold conv of :func:`submanifold_depthwise3x3` (same result), computed
-    as one gather of each visible unit's ``(t + 2)^2`` tile (:func:`unit_tiles`, zeros where hidden or
-    outside) and ``conv`` without padding over the tiles: far less memory traffic than 9 gathers
-    for wide maps (PVTv2's MLP, 8x its stage width: 4x faster fwd + bwd on CPU at 512 channels, t = 8);
-    its input gradient is the gather's scatter-add (``index_add_``)."""
+    as one gather of each visible unit's ``(t + 2)^2`` tile (``tiles``: :func:`unit_tiles` of the stage,
+    zeros where hidden or outside) and ``conv`` without padding over the tiles: far less memory
+    traffic than 9 gathers for wide maps (PVTv2's MLP, 8x its stage width: 4x faster fwd + bwd on CPU
+    at 512 channels, t = 8); its input gradient is the gather's scatter-add (``index_add_``).
+    Native on every backend."""
     check_depthwise3x3(conv)
     b, n, c = x.shape
-    tiles = unit_tiles(neighbours, t)
+    t = tiles.shape[1] - 2
     padded = torch.cat([x.reshape(b * n, c), x.new_zeros(1, c)])
     maps = padded.index_select(0, tiles.reshape(-1)).view(-1, t + 2, t + 2, c).permute(0, 3, 1, 2)
     out = F.conv2d(maps, conv.weight, conv.bias, groups=c)  # (N_u, C, t, t)
@@ -283,12 +284,8 @@ class SparseConvBackend:
         """kernel == stride conv: ``(B, N_u * t * t, C_in) -> (B, N_u * (t/s)^2, C_out)``, unit-major."""
         raise NotImplementedError
 
-    def depthwise3x3(self, x: torch.Tensor, conv: nn.Conv2d, geometry: VisibleGeometry, t: int, tiled: bool = False) -> torch.Tensor:
-        """3x3 depthwise submanifold conv: ``(B, N, C) -> (B, N, C)`` (native on every backend): the
-        9-neighbour gather (Twins' PEG), or with ``tiled`` the per-unit tiles of :func:`tiled_depthwise3x3`
-        (PVTv2's MLP)."""
-        if tiled:
-            return tiled_depthwise3x3(x, conv, geometry.neighbours(t), t)
+    def depthwise3x3(self, x: torch.Tensor, conv: nn.Conv2d, geometry: VisibleGeometry, t: int) -> torch.Tensor:
+        """3x3 depthwise submanifold conv: ``(B, N, C) -> (B, N, C)`` (native gather on every backend)."""
         return submanifold_depthwise3x3(x, conv, geometry.neighbours(t))
 
     def conv3x3_stride2(self, x: torch.Tensor, conv: nn.Conv2d, geometry: VisibleGeometry, t: int) -> torch.Tensor:
