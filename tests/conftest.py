@@ -14,15 +14,17 @@ TINY_TWINS = dict(
     img_size=(96, 128), embed_dims=(16, 24, 32, 40), num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
     depths=(2, 1, 2, 1), wss=(4, 4, 2, 1),
 )
+TINY_PVT_V2 = dict(img_size=(96, 128), embed_dims=(16, 16, 32, 32), num_heads=(1, 1, 2, 2), mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 1, 1))
 MODELS = {
     "swin": (SWIN_NAME, dict(TINY_SWIN, img_size=224)),
     "twins": ("twins_svt_small", TINY_TWINS),
     "swinv2": ("swinv2_tiny_window8_256", dict(img_size=128, window_size=4, embed_dim=16, depths=(2, 1, 1, 1), num_heads=(1, 1, 2, 2))),
+    "pvt_v2": ("pvt_v2_b0", TINY_PVT_V2),
 }
 
 
 def tiny_model(kind, **kw):
-    """A seeded tiny pretraining model, kind 'swin', 'twins' or 'swinv2'; ``kw`` go to create_pretrain_model."""
+    """A seeded tiny pretraining model, kind 'swin', 'twins', 'swinv2' or 'pvt_v2'; ``kw`` go to create_pretrain_model."""
     from greenmim.models import create_pretrain_model
 
     name, cfg = MODELS[kind]

@@ -64,7 +64,7 @@ def test_slots_and_tokens_are_inverse_permutations_padding_reads_the_zero_row(br
     assert (slots.slot_token[~real] == slots.tokens).all()  # the zero row
 
 
-@pytest.mark.parametrize("kind", ["swin", "twins", "swinv2"])
+@pytest.mark.parametrize("kind", ["swin", "twins", "swinv2", "pvt_v2"])
 def test_full_step_runs_on_meta_device(kind):
     """Forward, backward and optimizer step with every tensor on ``meta``: any read of a device value
     on the host (``.item()``, ``.cpu()``, ``nonzero``, boolean indexing, a data-dependent shape)
@@ -84,7 +84,7 @@ def test_full_step_runs_on_meta_device(kind):
     assert pred.shape == (3, grid.num_units, model.unit ** 2 * 3)
 
 
-@pytest.mark.parametrize("kind,shared", [("swin", False), ("swin", True), ("twins", False), ("swinv2", True)])
+@pytest.mark.parametrize("kind,shared", [("swin", False), ("swin", True), ("twins", False), ("swinv2", True), ("pvt_v2", True)])
 def test_planned_batches_equal_inline_planning(kind, shared):
     """The loader's plan (masks drawn from the samples' seeds) gives the model's own result."""
     model = tiny_model(kind, shared_mask=shared).eval()
@@ -122,7 +122,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("kind,shared", [("swin", False), ("swin", True), ("twins", False), ("swinv2", False)])
+@pytest.mark.parametrize("kind,shared", [("swin", False), ("swin", True), ("twins", False), ("swinv2", False), ("pvt_v2", False)])
 def test_cuda_step_never_synchronises(kind, shared):
     model = tiny_model(kind, shared_mask=shared).cuda().train()
     h, w = model.encoder.patch_embed.img_size

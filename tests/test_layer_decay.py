@@ -1,4 +1,4 @@
-"""Layer-wise lr decay: every Swin/Twins parameter sits at the right depth (SimMIM's rule in timm's layout)."""
+"""Layer-wise lr decay: every Swin/Twins/PVTv2 parameter sits at the right depth (SimMIM's rule in timm's layout)."""
 import pytest
 import timm
 import torch
@@ -18,6 +18,10 @@ def twins():
     return timm.create_model(
         "twins_svt_small", num_classes=3, img_size=64, embed_dims=(16, 16, 32, 32), depths=DEPTHS, num_heads=(1, 1, 2, 2), wss=(2, 2, 2, 2)
     )
+
+
+def pvt_v2():
+    return timm.create_model("pvt_v2_b0", num_classes=3, embed_dims=(16, 16, 32, 32), depths=DEPTHS, num_heads=(1, 1, 2, 2))
 
 
 def expected_swin(name):
@@ -46,7 +50,23 @@ def expected_twins(name):
     return 2 * stage + 1
 
 
-@pytest.mark.parametrize("build,expected", [(swin, expected_swin), (twins, expected_twins)], ids=["swin", "twins"])
+def expected_pvt_v2(name):
+    parts = name.split(".")
+    if parts[0] == "patch_embed":
+        return 0
+    if parts[0] == "head":
+        return 9
+    stage = int(parts[1])
+    if parts[2] == "blocks":
+        return 2 * stage + int(parts[3]) + 1
+    if parts[2] == "norm":  # after the stage's last block; the last stage's norm is the final norm
+        return 9 if stage == 3 else 2 * stage + 2
+    assert parts[2] == "downsample" and stage > 0
+    return 2 * stage
+
+
+@pytest.mark.parametrize("build,expected", [(swin, expected_swin), (twins, expected_twins), (pvt_v2, expected_pvt_v2)],
+                         ids=["swin", "twins", "pvt_v2"])
 def test_every_parameter_at_its_depth(build, expected):
     model = build()
     depths = layer_map(model)

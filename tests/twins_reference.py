@@ -82,7 +82,7 @@ def gsa_reference(attn, x, size, keep, mask, grid, t):
     if attn.sr is not None:
         dense = zero_masked(x, keep).transpose(1, 2).reshape(b, c, *size)
         kv_in = attn.norm(attn.sr(dense).flatten(2).transpose(1, 2))
-        kv_keep = keep_tokens(mask, grid, t // attn.sr_ratio)
+        kv_keep = keep_tokens(mask, grid, t // attn.sr.stride[0])  # Twins GSA and PVTv2 SRA alike
     k, v = attn.kv(kv_in).view(b, -1, 2, h, c // h).permute(2, 0, 3, 1, 4)
     out = masked_attention(q, k, v, kv_keep[:, None, None, :])
     return attn.proj(out.transpose(1, 2).reshape(b, n, c))

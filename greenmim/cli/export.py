@@ -41,7 +41,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..engine.checkpoint import FORMAT, write_error
 from ..engine.errors import UserError
 from ..engine.files import atomic_write, write_bytes
-from ..models.registry import timm_args
+from ..models.registry import timm_args, timm_takes_img_size
 from ..weights.architecture import is_official_greenmim, read_architecture
 from ..weights.loading import split_pretrain_state, timm_filter, unwrap_state_dict
 from .common import check_replaceable, load_pretrain_checkpoint, output_file, report_errors
@@ -58,7 +58,7 @@ def timm_model_args(config: Dict[str, Any]) -> Dict[str, Any]:
     args = {k: v for k, v in timm_args(config["model"].get("encoder_args")).items() if k not in GREENMIM_ONLY_ARGS}
     args.pop("drop_path_rate", None)  # a training choice, not architecture
     img = config.get("data", {}).get("img_size")
-    if img is not None:
+    if img is not None and timm_takes_img_size(config["model"]["name"]):  # timm's PVTv2 takes none
         args["img_size"] = img
     return args
 

@@ -1,4 +1,4 @@
-"""Detection backbone: a timm Swin/Twins trunk giving 4 stage outputs, plus torchvision's FPN.
+"""Detection backbone: a timm Swin/Twins/PVTv2 trunk giving 4 stage outputs, plus torchvision's FPN.
 
 The trunk is timm's own classification model (``timm.create_model(name)``), so its parameter names
 are exactly timm's and a greenmim checkpoint, an exported encoder, a fine-tuned classifier or a timm
@@ -24,10 +24,13 @@ One difference from the official detection code stays: timm pads *after* the cyc
 official code before it, so border windows of maps that are not a multiple of the window group
 tokens slightly differently (weights are interchangeable; outputs differ at those borders only).
 Twins (locally-grouped and global sub-sampled attention, PEG convolutions) takes any size whose
-stage maps divide by its sub-sampling ratios, which a multiple of 32 guarantees.
+stage maps divide by its sub-sampling ratios, which a multiple of 32 guarantees; so does PVTv2
+(``pvt_v2_b0``..``b5``: channels ``embed_dims``, 64/128/320/512 from B1 on), whose stage outputs
+are timm's, each after its stage's own LayerNorm.
 
 Following the official Swin detection backbone, a fresh LayerNorm is applied to each stage output
-(``out_norm``, default on for Swin, off for Twins whose official detector uses raw stage outputs).
+(``out_norm``, default on for Swin, off for Twins whose official detector uses raw stage outputs and
+for PVTv2 whose stages end with their own norm).
 """
 from __future__ import annotations
 
@@ -44,20 +47,22 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..engine.errors import ConfigError
 from ..weights.loading import LoadReport, load_pretrained
 
-FAMILIES = ("swin", "twins")
+FAMILIES = ("swin", "twins", "pvt_v2")
 
 
 def model_family(name: str) -> str:
-    """``"swin"`` (V1 or V2: the same stages and options) or ``"twins"`` from a timm model name; a
-    clear error for anything else."""
+    """``"swin"`` (V1 or V2: the same stages and options), ``"twins"`` or ``"pvt_v2"`` from a timm model
+    name; a clear error for anything else."""
     base = name.split(".")[0]
     if base.startswith("swin_") or (base.startswith("swinv2_") and not base.startswith("swinv2_cr_")):
         return "swin"
     if base.startswith("twins_"):
         return "twins"
+    if base.startswith("pvt_v2_"):
+        return "pvt_v2"
     raise ConfigError(
-        f"detection backbone '{name}' is not supported: use a timm swin_*, swinv2_* (not swinv2_cr_*) or twins_* model name, "
-        f"e.g. swin_tiny_patch4_window7_224, swin_base_patch4_window7_224, twins_svt_small"
+        f"detection backbone '{name}' is not supported: use a timm swin_*, swinv2_* (not swinv2_cr_*), twins_* or pvt_v2_* "
+        f"model name, e.g. swin_tiny_patch4_window7_224, swin_base_patch4_window7_224, twins_svt_small, pvt_v2_b2"
     )
 
 
@@ -80,7 +85,7 @@ class TimmTrunk(nn.Module):
             ``norm`` and classifier are loaded, then pruned: detection does not use them.
         use_ema: take the checkpoint's EMA weights.
         out_norm: a fresh LayerNorm on each stage output; ``None`` picks the family's default.
-        grad_checkpointing: activation checkpointing inside timm's stages (saves memory; Swin only).
+        grad_checkpointing: activation checkpointing inside timm's stages (saves memory; Swin and PVTv2).
         **overrides: timm constructor arguments (``embed_dim``, ``depths``, ``num_heads``,
             ``window_size``, ``drop_path_rate``, ...).
 
@@ -99,8 +104,8 @@ class TimmTrunk(nn.Module):
             kwargs.setdefault("strict_img_size", False)
             kwargs.setdefault("always_partition", True)
         if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(["swin_*", "twins_*"]), n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('swin_*') / ('twins_*')"
+            close = difflib.get_close_matches(name, timm.list_models(["swin_*", "twins_*", "pvt_v2_*"]), n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('swin_*') / ('twins_*') / ('pvt_v2_*')"
             raise ConfigError(f"unknown backbone model '{name}': {hint}")
         try:
             # built with its classifier so that any checkpoint (with or without head) loads through the
@@ -124,8 +129,8 @@ class TimmTrunk(nn.Module):
         self.out_norms = nn.ModuleList([LayerNorm2d(c) for c in self.channels]) if out_norm else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing in every stage (timm's switch; Swin only, timm's Twins has none)."""
-        if enable and self.family != "swin":
+        """Activation checkpointing in every stage (timm's switch; Swin and PVTv2, timm's Twins has none)."""
+        if enable and self.family == "twins":
             raise ConfigError(f"activation checkpointing is not available for timm's {self.name}; set trainer.grad_checkpointing=false")
         self.model.set_grad_checkpointing(enable)
 

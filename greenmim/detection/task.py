@@ -79,7 +79,7 @@ def detection_param_groups(model: nn.Module, weight_decay: float, layer_decay: f
     trunk = model.backbone.trunk.model
     depth_of = layer_id_fn(trunk) if layer_decay != 1.0 else None
     if layer_decay != 1.0 and depth_of is None:
-        raise ConfigError(f"optim.layer_decay is defined for Swin and Twins trunks, not {type(trunk).__name__}")
+        raise ConfigError(f"optim.layer_decay is defined for Swin, Twins and PVTv2 trunks, not {type(trunk).__name__}")
     top = (max(depth_of(n) for n, _ in trunk.named_parameters()) + 1) if depth_of else 0
     skip = no_weight_decay_names(model)
     groups: Dict[str, Dict[str, Any]] = {}

@@ -31,8 +31,8 @@ def create_classifier(
     Nothing is ever downloaded. Returns ``(model, load_report_or_None)``.
     """
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(["swin*", "twins*"]), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('swin*') / ('twins*')"
+        close = difflib.get_close_matches(name, timm.list_models(["swin*", "twins*", "pvt_v2*"]), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('swin*') / ('twins*') / ('pvt_v2*')"
         raise ConfigError(f"unknown model.name '{name}': {hint}")
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate, **overrides)

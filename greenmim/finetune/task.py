@@ -32,6 +32,7 @@ from ..engine.checkpoint import CHECKPOINT_DIR
 from ..engine.distributed import DistInfo
 from ..engine.errors import ConfigError
 from ..engine.signals import with_ignored_stop_signals
+from ..models.registry import timm_takes_img_size
 from ..weights import LoadReport, param_groups_layer_decay, transfer_kwargs
 from .data import ClassificationData, build_classification_data, build_mixup, build_train_criterion
 from .evaluate import build_eval_loader, evaluate
@@ -45,9 +46,11 @@ BEST_NAME = "best.pt"
 
 def model_kwargs(cfg: DictConfig) -> Dict[str, Any]:
     """timm constructor arguments of the classifier (:func:`~greenmim.weights.transfer_kwargs`) plus
-    ``img_size`` from ``data.img_size``. ``drop_path_rate`` comes from ``model.drop_path_rate``."""
+    ``img_size`` from ``data.img_size`` where timm's model takes one (PVTv2's does not). ``drop_path_rate``
+    comes from ``model.drop_path_rate``."""
     args = transfer_kwargs(cfg.model.name, to_container(cfg.model.get("encoder_args")), "fine-tuning")
-    args.setdefault("img_size", int(cfg.data.img_size))
+    if timm_takes_img_size(cfg.model.name):
+        args.setdefault("img_size", int(cfg.data.img_size))
     return args
 
 

@@ -1,5 +1,5 @@
 """Encoders (visible-only and all-token) and pretraining models, by timm backbone name."""
-from . import swin, swinv2, twins  # noqa: F401  (importing them registers the Swin, Swin V2 and Twins names)
+from . import pvt_v2, swin, swinv2, twins  # noqa: F401  (importing them registers the Swin, Swin V2, Twins and PVTv2 names)
 from .pretrain import MIMPretrainModel, create_pretrain_model, patchify, unpatchify
 from .registry import UnknownModelError, check_architecture, create_encoder, get_spec, list_encoders, timm_args
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..masking import UnitGrid, unit_grid
+from ..ops.sparse_conv import VisibleGeometry
 from ..planning import DevicePlan, HostPlan, VisiblePlanner, WindowPartition, as_device_plan, host_plan
 
 Plan = Union[HostPlan, DevicePlan]
@@ -115,6 +117,12 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
         )
 
     @torch.compiler.disable
+    def sparse_geometry(self, plan: DevicePlan) -> VisibleGeometry:
+        """The sparse convolutions' geometry of ``plan`` (its neighbour indices, planned ahead)."""
+        grid = (plan.grid.height, plan.grid.width)
+        return VisibleGeometry(plan.host.mask.numpy(), grid, plan.vis_idx.device, neighbours=plan.neighbours)
+
+    @torch.compiler.disable
     def device_plan(self, images: torch.Tensor, mask: Optional[torch.Tensor], plan: Optional[Plan]) -> DevicePlan:
         """The plan of this forward on the images' device.
 
@@ -150,3 +158,21 @@ def visible_unit_pixels(images: torch.Tensor, vis_idx: torch.Tensor, grid: UnitG
     units = images.reshape(b, c, grid.height, u, grid.width, u).permute(0, 2, 4, 1, 3, 5)
     units = units.reshape(b, grid.num_units, c, u, u)
     return torch.gather(units, 1, vis_idx.view(b, -1, 1, 1, 1).expand(-1, -1, c, u, u))
+
+
+def visible_unit_windows(images: torch.Tensor, mask: torch.Tensor, vis_idx: torch.Tensor, grid: UnitGrid, border: int) -> torch.Tensor:
+    """The visible units with a ``border`` of their neighbours' pixels: ``(B, 3, H, W)`` ->
+    ``(B, N_vis, 3, unit + 2 * border, unit + 2 * border)`` in the order of ``vis_idx`` ``(B, N_vis)``.
+
+    Pixels of hidden units (``mask`` ``(B, num_units)``, True = hidden) and outside the image are
+    zero, so a conv with padding ``border`` over the image with hidden pixels zeroed equals, at a
+    visible unit's positions, the same conv without padding over its window (PVTv2's 7x7 stride-4 stem)."""
+    b, c, h, w = images.shape
+    u = grid.unit
+    keep = (~mask).view(b, 1, grid.height, 1, grid.width, 1)
+    x = images.view(b, c, grid.height, u, grid.width, u)
+    x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).view(b, c, h, w)
+    size = u + 2 * border
+    windows = F.pad(x, (border,) * 4).unfold(2, size, u).unfold(3, size, u)  # (B, 3, gh, gw, size, size), a view
+    rows = torch.arange(b, device=vis_idx.device).view(b, 1)
+    return windows[rows, :, vis_idx // grid.width, vis_idx % grid.width]  # copies the visible windows only

@@ -30,21 +30,31 @@ class EncoderSpec:
     dense_cls: Type[nn.Module]
     # keyword arguments that only the greenmim encoders understand (dropped for the dense baseline)
     visible_only_kwargs: tuple = field(default=("cost_model", "fused_attn", "sparse_backend", "attention"))
+    # timm's constructor takes img_size (Swin, Twins); PVTv2's does not (the encoders take it for their unit grid)
+    timm_img_size: bool = True
 
 
 _REGISTRY: Dict[str, EncoderSpec] = {}
+_REFUSED: Dict[str, str] = {}  # timm names greenmim cannot pretrain -> why, and what to use instead
 
 
 def register_encoder(spec: EncoderSpec) -> None:
     _REGISTRY[spec.name] = spec
 
 
+def refuse_encoder(name: str, reason: str) -> None:
+    """Make ``get_spec(name)`` fail with ``reason`` (a timm name of a registered family that cannot run visible-only)."""
+    _REFUSED[name] = reason
+
+
 def list_encoders(family: str = "") -> List[str]:
-    """Registered encoder names (timm model names), optionally of one family ('swin', 'twins')."""
+    """Registered encoder names (timm model names), optionally of one family ('swin', 'twins', 'pvt_v2')."""
     return sorted(n for n, s in _REGISTRY.items() if not family or s.family == family)
 
 
 def get_spec(name: str) -> EncoderSpec:
+    if name in _REFUSED:
+        raise UnknownModelError(f"model '{name}' is not supported: {_REFUSED[name]}")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -52,8 +62,14 @@ def get_spec(name: str) -> EncoderSpec:
     return _REGISTRY[name]
 
 
+def timm_takes_img_size(name: str) -> bool:
+    """Whether ``timm.create_model(name)`` takes ``img_size`` (True for names greenmim does not register)."""
+    spec = _REGISTRY.get(name)
+    return spec is None or spec.timm_img_size
+
+
 def create_encoder(name: str, method: str = "greenmim", **overrides: Any) -> nn.Module:
-    """Build the encoder for a timm Swin/Twins name.
+    """Build the encoder for a timm Swin/Twins/PVTv2 name.
 
     ``method="greenmim"``: the visible-only encoder, ``encoder(images, mask) -> (B, N_vis, C)``.
     ``method="simmim"``: the all-token baseline, ``encoder(images, mask, mask_token) -> (B, num_units, C)``.

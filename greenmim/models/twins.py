@@ -26,13 +26,13 @@ from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, Twins
 from torch.utils.checkpoint import checkpoint
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel
 from ..masking import check_mask, to_pair
 from ..ops.group_attention import GroupLayout, check_attention, group_window_attention
+from ..ops.reduced_attention import reduced_attention
 from ..ops.sparse_conv import VisibleGeometry, get_sparse_backend
 from ..planning import DevicePlan, WindowPartition
 from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_pixels
@@ -141,28 +141,10 @@ class VisibleTwins(VisibleEncoderMixin, TwinsEncoderMixin, Twins):
                     ws = (blk.attn.ws, blk.attn.ws)
                     yield WindowPartition(i, blk.attn.ws, ws, (0, 0))
 
-    @torch.compiler.disable
-    def sparse_geometry(self, plan: DevicePlan) -> VisibleGeometry:
-        grid = (plan.grid.height, plan.grid.width)
-        return VisibleGeometry(plan.host.mask.numpy(), grid, plan.vis_idx.device, neighbours=plan.neighbours)
-
     # -- layers -----------------------------------------------------------------------------------
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> torch.Tensor:
-        if self.fused_attn:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return F.dropout(attn, drop) @ v if drop else attn @ v
-
     def gsa_forward(self, attn: GlobalSubSampleAttn, x: torch.Tensor, geometry: VisibleGeometry, t: int) -> torch.Tensor:
         """GSA on ``(B, N, C)`` unit-major visible tokens; keys/values from the visible units only."""
-        b, n, c = x.shape
-        heads = attn.num_heads
-        q = attn.q(x).view(b, n, heads, c // heads).transpose(1, 2)
-        if attn.sr is not None:
-            x = attn.norm(self.sparse.stride_conv(x, attn.sr, geometry, t))
-        k, v = attn.kv(x).view(b, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = self.attend(q, k, v, attn.attn_drop.p if self.training else 0.0)
-        return attn.proj(out.transpose(1, 2).reshape(b, n, c))
+        return reduced_attention(attn, x, self.sparse, geometry, t, self.fused_attn, self.training)
 
     def block_forward(
         self, blk: nn.Module, x: torch.Tensor, geometry: VisibleGeometry, t: int, layouts: Dict[int, GroupLayout]

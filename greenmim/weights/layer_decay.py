@@ -1,4 +1,4 @@
-"""Layer-wise learning-rate decay for timm's Swin and Twins classifiers (BEiT / SimMIM recipe).
+"""Layer-wise learning-rate decay for timm's Swin, Twins and PVTv2 classifiers (BEiT / SimMIM recipe).
 
 Every parameter gets a depth ``d`` in ``0 .. L+1`` (``L = sum(depths)``, the number of blocks) and the
 learning-rate scale ``layer_decay ** (L + 1 - d)``:
@@ -9,6 +9,10 @@ learning-rate scale ``layer_decay ** (L + 1 - d)``:
   ``patch_embeds.i``), i.e. the depth of the last block of stage ``i - 1``, whose output it consumes;
 * ``sum(depths[:i]) + 1``: Twins' PEG ``pos_block.i`` (it runs right after block 0 of stage ``i``);
 * ``L + 1`` (scale 1): the final ``norm`` and the classifier ``head``.
+
+PVTv2 (``stages.i.{downsample,blocks.j,norm}``) follows the same rule: its stem ``patch_embed`` at 0,
+``stages.i.downsample`` as a transition, a stage's own ``norm`` at the depth of its last block (the
+last stage's norm is the final norm: ``L + 1``).
 
 This is SimMIM's ``get_swin_layer`` rule, written for timm's layout (timm moved Swin's patch merging
 from the end of a stage to the start of the next one, so the index shifts by one). timm's own
@@ -28,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformer
+from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.twins import Twins
 
@@ -69,6 +74,26 @@ def twins_layer_id(name: str, depths: Sequence[int]) -> int:
     raise ValueError(f"no layer-decay depth for Twins parameter '{name}'")
 
 
+def pvt_v2_layer_id(name: str, depths: Sequence[int]) -> int:
+    """Depth of a timm PVTv2 parameter (see the module table)."""
+    top = sum(depths) + 1
+    if name.startswith("patch_embed."):
+        return 0
+    m = re.match(r"stages\.(\d+)\.downsample\.", name)
+    if m:
+        return _stage_start(depths, int(m.group(1)))
+    m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", name)
+    if m:
+        return _stage_start(depths, int(m.group(1))) + int(m.group(2)) + 1
+    m = re.match(r"stages\.(\d+)\.norm\.", name)
+    if m:
+        i = int(m.group(1))
+        return top if i == len(depths) - 1 else _stage_start(depths, i + 1)
+    if name.startswith("head."):
+        return top
+    raise ValueError(f"no layer-decay depth for PVTv2 parameter '{name}'")
+
+
 def layer_id_fn(model: nn.Module) -> Optional[Callable[[str], int]]:
     """The depth function of a Swin (V1 or V2: the same layout) or Twins model, or ``None`` for other architectures."""
     if isinstance(model, (SwinTransformer, SwinTransformerV2)):
@@ -77,6 +102,9 @@ def layer_id_fn(model: nn.Module) -> Optional[Callable[[str], int]]:
     if isinstance(model, Twins):
         depths = [len(stage) for stage in model.blocks]
         return lambda n: twins_layer_id(n, depths)
+    if isinstance(model, PyramidVisionTransformerV2):
+        depths = [len(stage.blocks) for stage in model.stages]
+        return lambda n: pvt_v2_layer_id(n, depths)
     return None
 
 
@@ -84,7 +112,7 @@ def layer_map(model: nn.Module) -> Dict[str, int]:
     """``{parameter name: depth}`` for every trainable parameter of a Swin/Twins model."""
     fn = layer_id_fn(model)
     if fn is None:
-        raise ValueError(f"layer-wise decay rule is defined for Swin and Twins, not {type(model).__name__}")
+        raise ValueError(f"layer-wise decay rule is defined for Swin, Twins and PVTv2, not {type(model).__name__}")
     return {n: fn(n) for n, p in model.named_parameters() if p.requires_grad}
 
 
