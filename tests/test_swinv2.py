@@ -14,9 +14,9 @@ from greenmim.ops.windows import tokens_to_grid
 from swin_reference import dense_masked_swin
 
 NAME = "swinv2_tiny_window8_256"
-# 128 px: 4x4 units; stage grids 32, 16, 8, 4; two blocks per stage, so shifted blocks where the grid
-# exceeds the window
-TINY = dict(img_size=128, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
+# 96 px: 3x3 units (2 visible at mask 0.75); stage grids 24, 12, 6, 3; two blocks per stage, so shifted
+# blocks where the grid exceeds the window (window 3 also crosses the 8x8-token units of stage 1)
+TINY = dict(img_size=96, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
 
 
 def perturb(model):
@@ -42,15 +42,15 @@ def make_pair(method="greenmim", ref=None, **overrides):
     return ref, enc
 
 
-@pytest.mark.parametrize("window,pretrained_windows,fused", [(4, (0, 0, 0, 0), True), (8, (6, 6, 6, 3), True), (4, (0, 0, 0, 0), False)])
+@pytest.mark.parametrize("window,pretrained_windows,fused", [(3, (0, 0, 0, 0), True), (6, (4, 4, 4, 2), True), (3, (0, 0, 0, 0), False)])
 def test_equals_timm_at_mask_ratio_zero(window, pretrained_windows, fused):
     torch.manual_seed(0)
     ref, enc = make_pair(window_size=window, pretrained_window_sizes=pretrained_windows)
     _, dense = make_pair("simmim", ref, window_size=window, pretrained_window_sizes=pretrained_windows)
     enc.fused_attn = fused
     assert any(any(b.shift_size) for layer in ref.layers for b in layer.blocks), "shifted blocks are covered"
-    images = torch.randn(2, 3, 128, 128)
-    mask = torch.zeros(2, 16, dtype=torch.bool)
+    images = torch.randn(2, 3, 96, 96)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
     with torch.no_grad():
         expected = ref.forward_features(images).flatten(1, 2)
         got = enc(images, mask)
@@ -62,15 +62,15 @@ def test_equals_timm_at_mask_ratio_zero(window, pretrained_windows, fused):
 @pytest.mark.parametrize("shared,static", [(False, False), (True, False), (False, True)])
 def test_equals_dense_masked_reference_values_and_gradients(shared, static):
     torch.manual_seed(1)
-    ref, enc = make_pair(window_size=4)
-    images = torch.randn(3, 3, 128, 128)
-    mask = random_mask(3, 16, 0.75, shared=shared, generator=torch.Generator().manual_seed(3))
+    ref, enc = make_pair(window_size=3)
+    images = torch.randn(3, 3, 96, 96)
+    mask = random_mask(3, 9, 0.75, shared=shared, generator=torch.Generator().manual_seed(3))
     plan = enc.planner(static=static, shared_mask=shared).plan(mask)
-    weight = torch.randn(3, 4, enc.num_features)
+    weight = torch.randn(3, 2, enc.num_features)
 
     expected, dense_stages = dense_masked_swin(ref, images, mask)
     got = enc(images, plan=plan)
-    assert got.shape == (3, 4, enc.num_features)
+    assert got.shape == (3, 2, enc.num_features)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     (expected * weight).sum().backward()
     (got * weight).sum().backward()
@@ -84,11 +84,11 @@ def test_equals_dense_masked_reference_values_and_gradients(shared, static):
     # per-stage features: visible positions of the dense map, zeros elsewhere
     with torch.no_grad():
         stages = enc.forward_stages(images, plan=plan)
-    grid = unit_grid(128, 32)
+    grid = unit_grid(96, 32)
     for i, (tokens, dense) in enumerate(zip(stages, dense_stages)):
         t = 8 >> i
         got_map = tokens_to_grid(tokens, mask, (grid.height, grid.width), t)
-        keep = (~mask).view(3, 1, 4, 1, 4, 1).expand(-1, 1, -1, t, -1, t).reshape(3, 1, 4 * t, 4 * t)
+        keep = (~mask).view(3, 1, 3, 1, 3, 1).expand(-1, 1, -1, t, -1, t).reshape(3, 1, 3 * t, 3 * t)
         torch.testing.assert_close(got_map, dense.detach().permute(0, 3, 1, 2) * keep, atol=2e-5, rtol=1e-4)
 
 
@@ -97,10 +97,10 @@ def test_pretrain_model_both_methods_train_a_step():
 
     for method in ("greenmim", "simmim"):
         torch.manual_seed(0)
-        model = create_pretrain_model(NAME, method=method, decoder_dim=32, decoder_heads=2, **dict(TINY, window_size=4))
-        loss, pred, mask = model(torch.randn(2, 3, 128, 128), mask_ratio=0.75)
+        model = create_pretrain_model(NAME, method=method, decoder_dim=32, decoder_heads=2, **dict(TINY, window_size=3))
+        loss, pred, mask = model(torch.randn(2, 3, 96, 96), mask_ratio=0.75)
         loss.backward()
-        assert pred.shape == (2, 16, 32 * 32 * 3) and int(mask.sum()) == 24 and torch.isfinite(loss)
+        assert pred.shape == (2, 9, 32 * 32 * 3) and int(mask.sum()) == 14 and torch.isfinite(loss)
         norm = model.encoder.layers[1].blocks[1].norm1.weight.grad  # timm's post-norms start at zero
         assert norm is not None and norm.abs().sum() > 0, method
 
@@ -125,14 +125,30 @@ def test_registry_lists_exactly_the_table():
     assert set(SWINV2_ARCHS) == set(timm.list_models("swinv2_*")) - set(timm.list_models("swinv2_cr_*"))
 
 
+def entrypoint_args(name, monkeypatch) -> dict:
+    """The constructor arguments timm's entrypoint ``name`` passes (captured, nothing built), with the
+    image size of its pretrained config and the constructor's default patch size."""
+    import timm.models.swin_transformer_v2 as v2
+
+    monkeypatch.setattr(v2, "_create_swin_transformer_v2", lambda variant, pretrained=False, **kw: kw)
+    args = dict(patch_size=4, **getattr(v2, name)())
+    return dict(args, img_size=timm.models.get_pretrained_cfg(name).input_size[-1])
+
+
 @pytest.mark.parametrize("name", sorted(SWINV2_ARCHS))
-def test_table_matches_timm_entrypoint(name):
+def test_table_matches_timm_entrypoint(name, monkeypatch):
+    assert SWINV2_ARCHS[name] == entrypoint_args(name, monkeypatch)
+
+
+def test_encoders_build_timms_architecture():
+    """Both encoders of a registered name, built from the table, have timm's architecture and state shapes."""
+    name = "swinv2_base_window12to16_192to256"  # pretrained_window_sizes set, windows clamped in the last stages
     ref = timm.create_model(name, pretrained=False, device="meta")
     for method in ("greenmim", "simmim"):
         ours = create_encoder(name, method=method, device="meta")
-        assert arch(ours) == arch(ref), (name, method)
+        assert arch(ours) == arch(ref), method
         shapes = {k: v.shape for k, v in ref.state_dict().items() if not k.startswith("head.")}
-        assert {k: v.shape for k, v in ours.state_dict().items()} == shapes, (name, method)
+        assert {k: v.shape for k, v in ours.state_dict().items()} == shapes, method
         assert ours.unit == 32 and ours.num_features == ref.num_features
 
 
