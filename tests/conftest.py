@@ -40,6 +40,21 @@ TINY_PRETRAIN_ARGS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def fresh_greenmim_logger():
+    """After each test, the ``greenmim`` logger as a new process has it: a test's ``setup_logging``
+    binds a handler to that test's captured stdout, which is closed once the test ends; a later
+    INFO line (start-up, progress) through it would print a logging error into the next test's stderr."""
+    yield
+    import logging
+
+    logger = logging.getLogger("greenmim")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate, logger.level = True, logging.NOTSET
+
+
 @pytest.fixture
 def hymenoptera() -> Path:
     """``../shared/data/hymenoptera`` (ImageNet layout: train/ and val/ with ants/ and bees/), or skip."""

@@ -1,5 +1,6 @@
 """Pretraining data: datasets, RGB conversion, corrupt files, clear errors for bad folders and sizes."""
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from greenmim.data import (
     pretrain_transform,
 )
 from greenmim.engine import ConfigError, DistInfo
+from greenmim.engine.image_counts import CountReport
 from greenmim.pretrain_task import build_pretrain_model
 
 MICRO = dict(name="swin_tiny_patch4_window7_224", method="greenmim", decoder_dim=32, decoder_heads=2,
@@ -72,10 +74,14 @@ def test_folder_lists_recursively_and_skips_corrupt_images(tmp_path, caplog):
     assert len(paths) == 6 and not any(p.endswith(".txt") for p in paths)
     ds = ImageFiles(paths, pretrain_transform(64), on_corrupt="skip")
     corrupt = paths.index(str(files["corrupt"]))
+    report = CountReport()
     with caplog.at_level(logging.WARNING, logger="greenmim"):
         x = ds[corrupt]
     assert x.shape == (3, 64, 64) and ds.skipped == 1
-    assert "skipping unreadable image" in caplog.text and "data.on_corrupt=error" in caplog.text
+    assert not caplog.text  # counted: the trainer logs one total per epoch
+    assert re.fullmatch(r"epoch 1: skipped 1 unreadable image\(s\), e\.g\. .*corrupt\.jpg \(data\.on_corrupt=error stops at the "
+                        r"first instead\)(; converted 1 image\(s\) to RGB: .*)?", report.log("epoch 1"))
+    assert report.log("epoch 2") is None  # nothing new
     with pytest.raises(CorruptImageError):
         ImageFiles(paths, pretrain_transform(64), on_corrupt="error")[corrupt]
     with pytest.raises(DataError, match="data.on_corrupt must be one of"):

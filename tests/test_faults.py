@@ -385,7 +385,8 @@ def test_resume_with_a_different_model_is_one_line(baseline, tmp_path, monkeypat
     shutil.copytree(baseline, out)
     code, err = run_cli(monkeypatch, capsys, "pretrain", "greenmim-pretrain", *TINY, f"output_dir={out}", "resume=auto",
                         "model.decoder_dim=48")
-    assert_one_line(code, err, "greenmim-pretrain", r"does not match the model \(\d+ shape mismatch.*resume with the same model=")
+    assert_one_line(code, err, "greenmim-pretrain", r"continues a run with another model \(model.decoder_dim: checkpoint 32, "
+                                                    r"this command 48\): drop these overrides")
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from finetune_helpers import TINY
 from PIL import Image
 
 from greenmim.data.datasets import ImageFiles, list_folder, list_imagefolder
+from greenmim.engine.image_counts import CountReport
 from greenmim.engine.monitor import setup_logging
 
 #: seconds a process may take to exit after its error (start-up on 2 loaded cores is most of it);
@@ -123,7 +124,7 @@ def test_a_symlink_loop_lists_each_image_once(tmp_path, caplog):
 
 
 def test_a_non_utf8_file_name_is_logged_escaped(tmp_path, capsys):
-    """Skipping an unreadable file whose name is not UTF-8 logs it with \\xNN escapes (it was a
+    """Skipping an unreadable file whose name is not UTF-8 logs it with \\xNN escapes in the epoch's total (it was a
     logging traceback: the name's lone surrogates cannot be encoded)."""
     root = tmp_path / "imgs"
     save_jpeg(root / "ok.jpg")
@@ -132,7 +133,9 @@ def test_a_non_utf8_file_name_is_logged_escaped(tmp_path, capsys):
     setup_logging(tmp_path / "run")
     try:
         dataset = ImageFiles(list_folder(str(root)), transform=lambda img: img.size, on_corrupt="skip")
+        report = CountReport()
         assert [dataset[i] for i in range(len(dataset))] == [(48, 40), (48, 40)]  # the bad file is skipped
+        report.log("epoch 1")  # the epoch's total names it
         logging.getLogger("greenmim").handlers[-1].flush()
         captured = capsys.readouterr()
         assert "Logging error" not in captured.err

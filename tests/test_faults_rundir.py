@@ -380,6 +380,31 @@ def test_a_larger_max_steps_on_resume_continues_the_schedule_and_ends_exactly_th
     assert twice.task.lrs == pytest.approx({s: expected[s] for s in range(10, 13)}, rel=1e-12)
 
 
+def test_extending_a_finished_run_trains_the_added_steps_on_the_new_lengths_schedule(tmp_path):
+    """Issue 22.1: a finished 16-step run resumed with max_steps=32 trains steps 17-32 at the lr of a
+    32-step run, entered through a re-warmup over the configured warmup (4 steps), not at the ended
+    schedule's lr 0; the log line says so."""
+    sched = {"name": "cosine", "warmup_steps": 4}
+    cfg = dict(output_dir=str(tmp_path), epochs=10, device="cpu", tensorboard=False, log_every=100)
+    first = Trainer(Toy(), TrainerConfig(**cfg, max_steps=16), sched=sched)
+    first.fit()
+    weights = first.model.weight.detach().clone()
+    ext = Trainer(Toy(), TrainerConfig(**cfg, max_steps=32, resume="auto"), sched=sched)
+    ext.fit()
+    assert ext.step == 32 and not torch.equal(ext.model.weight.detach(), weights)
+    peak = first.peak_lr
+    expected = {s: peak * cosine((s - 1 - 4) / 28) * min(1.0, (s - 16) / 4) for s in range(17, 33)}
+    assert ext.task.lrs == pytest.approx(expected, rel=1e-9)
+    assert ext.task.lrs[17] == pytest.approx(peak * cosine(12 / 28) / 4) and ext.task.lrs[17] > 0.1 * peak
+    log = (tmp_path / "train.log").read_text()
+    assert re.search(r"after its schedule ended: steps 17-32 follow the 32-step schedule .*re-warmup over 4 step\(s\): "
+                     rf"lr {expected[17]:.3g} at step 17, {expected[20]:.3g} at step 20, {expected[32]:.3g} at step 32", log)
+    # a second extension of the extended run re-warms again from its own end
+    again = Trainer(Toy(), TrainerConfig(**cfg, max_steps=40, resume="auto"), sched=sched)
+    again.fit()
+    assert again.task.lrs[33] == pytest.approx(peak * cosine((32 - 4) / 36) / 4, rel=1e-9)
+
+
 def test_a_run_ended_by_max_steps_inside_an_epoch_resumes_from_its_true_position(tmp_path):
     toy(tmp_path, Toy(), epochs=10, max_steps=6).fit()  # 4 steps per epoch: ends 2 steps into epoch 2
     ckpt = torch.load(tmp_path / "checkpoints" / "step-00000006.pt", weights_only=False)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # annotations only: omegaconf is imported where it is used
 
 from ..engine.checkpoint import CHECKPOINT_DIR, find_latest, load_checkpoint
 from ..engine.distributed import cleanup_distributed
+from ..engine.monitor import setup_logging
 from ..engine.errors import EXIT_NONFINITE, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, Preempted, UserError, one_line
 from ..engine.rundir import check_outside_data, run_folder
 from . import EXIT_INTERRUPTED, interrupted_line
@@ -96,10 +97,11 @@ def sched_config(cfg: DictConfig) -> Dict[str, Any]:
     return to_dict(cfg.sched)
 
 
-def load_pretrain_checkpoint(path: str) -> Dict[str, Any]:
+def load_pretrain_checkpoint(path: str, contents: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """A ``greenmim-pretrain`` checkpoint (with its resolved config); a fine-tune or detection
-    checkpoint, or one without a config, is a :class:`UserError` naming what was given."""
-    ckpt = load_checkpoint(path)
+    checkpoint, or one without a config, is a :class:`UserError` naming what was given.
+    ``contents``: the file's contents if already read."""
+    ckpt = load_checkpoint(path, contents=contents)
     config = ckpt.get("config") or {}
     task = config.get("task")
     if task not in (None, "pretrain"):
@@ -161,15 +163,20 @@ def launch(prog: str, task: str, hydra_app) -> None:
 def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
     """Run ``run(cfg)`` with one-line errors, after checking the config is a ``task`` recipe (every
     root config and experiment sets ``task``: an experiment of another entry point is refused), that
-    it resolves and is in range, and with its ``output_dir`` prepared (:func:`prepare_run_folder`)."""
+    it resolves, taking the model from the ``resume=`` / ``pretrained=`` checkpoint
+    (:func:`~greenmim.cli.architecture.adopt_checkpoint_architecture`), checking it is in range, and
+    with its ``output_dir`` prepared (:func:`prepare_run_folder`)."""
+    from .architecture import adopt_checkpoint_architecture  # both import omegaconf (see the module docstring)
     from .validate import check_config
 
+    setup_logging(None, int(os.environ.get("RANK", "0")))  # start-up lines on stdout until the run's folder is ready
     with report_errors(prog):
         check_resolves(cfg)
         if cfg.get("task", task) != task:
             raise ConfigError(
                 f"this experiment is a {cfg.task} recipe, not a {task} one: run it with greenmim-{cfg.task}"
             )
+        adopt_checkpoint_architecture(cfg, task)
         check_config(cfg, task)
         with prepare_run_folder(cfg):
             run(cfg)

@@ -142,8 +142,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         log.info("%s", task.data_summary())
         log.info("eval_only: %s on %d images", ckpt, len(task.val_set))
         metrics = evaluate_coco(model, task.val_set, dist.device, dist, batch_size=int(data.get("eval_batch_size", 1)),
-                                num_workers=int(data["num_workers"]), output_dir=str(output_dir), prefix="eval_",
-                                log_every=int(data.get("eval_log_every", 0) or 0))
+                                num_workers=int(data["num_workers"]), output_dir=str(output_dir), prefix="eval_")
     else:
         trainer = Trainer(task, tcfg, optim_config(cfg), sched_config(cfg))
         trainer.fit()

@@ -1,6 +1,15 @@
 """``greenmim-export``: write a pretrained encoder alone, in timm's layout, as safetensors.
 
     greenmim-export outputs/pretrain/run/checkpoints/step-00001000.pt -o swin_b_greenmim.safetensors
+    greenmim-export /official/output_dir/checkpoint-799.pth -o swin_b_official.safetensors
+
+The source is a ``greenmim-pretrain`` checkpoint, or an **official GreenMIM** one (the reference code's
+``main_pretrain.py``: ``model`` holds ``encoder.*`` in the official Swin layout and ``decoder_*``),
+whose architecture is read off its weights
+(:func:`~greenmim.weights.architecture.read_architecture`) and whose encoder is converted by timm's
+own ``checkpoint_filter_fn`` (patch merging renumbered, ``relative_position_index`` dropped): the
+same conversion ``pretrained=`` applies. (The reference pretrains with LayerNorm eps 1e-6, timm and
+the reference fine-tuning use 1e-5: the description names timm's constructor, so 1e-5.)
 
 The file loads into timm without conversion (only the classifier head is missing)::
 
@@ -29,10 +38,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from ..engine.checkpoint import write_error
+from ..engine.checkpoint import FORMAT, write_error
 from ..engine.errors import UserError
 from ..engine.files import atomic_write, write_bytes
 from ..models.registry import timm_args
+from ..weights.architecture import is_official_greenmim, read_architecture
+from ..weights.loading import split_pretrain_state, timm_filter, unwrap_state_dict
 from .common import check_replaceable, load_pretrain_checkpoint, output_file, report_errors
 
 PROG = "greenmim-export"
@@ -58,6 +69,36 @@ def encoder_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     if not state:
         raise UserError("the checkpoint has no encoder weights (no 'encoder.*' keys): is it a greenmim pretraining checkpoint?")
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _read(path: str) -> Optional[Dict[str, Any]]:
+    """The contents of ``path`` (a dict), or None when it is missing, unreadable or not a dict (the
+    greenmim checkpoint reader then says why)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        return None
+    return contents if isinstance(contents, dict) else None
+
+
+def official_encoder(path: str, contents: Dict[str, Any]) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(timm_name, model_args, timm-layout encoder state, description)`` of an official GreenMIM checkpoint:
+    the architecture read off its weights, the encoder converted by timm's filter (see the module notes)."""
+    import timm
+
+    arch = read_architecture(path, contents)
+    if arch is None:
+        raise UserError(f"{path} is an official GreenMIM checkpoint whose encoder is not a Swin: only Swin encoders are converted")
+    args = dict(arch.encoder_args, **({"img_size": arch.img_size} if arch.img_size else {}))
+    encoder, _, _ = split_pretrain_state(unwrap_state_dict(contents))
+    with torch.device("meta"):
+        model = timm.create_model(arch.name, pretrained=False, **args)
+    state = {k: v.detach().cpu().contiguous() for k, v in timm_filter(encoder, model).items()}
+    info = {"step": None, "epoch": contents.get("epoch"), "method": "greenmim",
+            "source": "official GreenMIM checkpoint (architecture read off its weights)"}
+    return arch.name, args, state, info
 
 
 def check_against_timm(name: str, args: Dict[str, Any], state: Dict[str, torch.Tensor]) -> None:
@@ -107,14 +148,20 @@ def export_encoder(checkpoint: str, output: Optional[str] = None, verify: bool =
     default_name = f"{Path(checkpoint).stem}-encoder.safetensors"
     out = output_file(output or str(Path(checkpoint).with_name(default_name)), default_name, (".safetensors",), [checkpoint])
     check_replaceable(out, [out, sidecar_path(out)], force, ours=is_greenmim_export)
-    ckpt = load_pretrain_checkpoint(checkpoint)
-    config = ckpt["config"]
-    name = config["model"]["name"]
-    args = timm_model_args(config)
-    state = encoder_state_dict(ckpt)
+    contents = _read(checkpoint)
+    official = contents is not None and contents.get("format") != FORMAT and isinstance(contents.get("model"), dict)
+    if official and is_official_greenmim(contents["model"]):
+        name, args, state, info = official_encoder(checkpoint, contents)
+    else:
+        ckpt = load_pretrain_checkpoint(checkpoint, contents=contents)
+        config = ckpt["config"]
+        name = config["model"]["name"]
+        args = timm_model_args(config)
+        state = encoder_state_dict(ckpt)
+        info = {"step": int(ckpt.get("step", 0)), "method": config["model"].get("method")}
     if verify:
         check_against_timm(name, args, state)
-    info = {"timm_name": name, "model_args": args, "step": int(ckpt.get("step", 0)), "method": config["model"].get("method"), "checkpoint": str(checkpoint)}
+    info = {"timm_name": name, "model_args": args, **info, "checkpoint": str(checkpoint)}
     weights = safetensors_bytes(state, metadata={"format": "pt", "greenmim": json.dumps(info)})
     try:
         atomic_write({out: write_bytes(weights), sidecar_path(out): write_bytes((json.dumps(info, indent=2) + "\n").encode())})
@@ -125,7 +172,8 @@ def export_encoder(checkpoint: str, output: Optional[str] = None, verify: bool =
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description="Export a pretrained encoder in timm's layout (safetensors).")
-    parser.add_argument("checkpoint", help="a checkpoint written by greenmim-pretrain (checkpoints/step-*.pt)")
+    parser.add_argument("checkpoint", help="a checkpoint written by greenmim-pretrain (checkpoints/step-*.pt) or by the "
+                        "official GreenMIM code (checkpoint-*.pth)")
     parser.add_argument("-o", "--output", help="output .safetensors file (default: next to the checkpoint)")
     parser.add_argument("--no-verify", action="store_true", help="skip the key/shape check against timm's model")
     parser.add_argument("--force", action="store_true", help="replace the output and its .json sidecar if they are a previous greenmim export")
@@ -133,7 +181,8 @@ def main(argv=None) -> None:
     with report_errors(PROG):
         out, info = export_encoder(args.checkpoint, args.output, verify=not args.no_verify, force=args.force)
         margs = "".join(f", {k}={v!r}" for k, v in info["model_args"].items())
-        print(f"wrote {out} ({info['timm_name']}, step {info['step']})")
+        when = f"step {info['step']}" if info.get("step") is not None else f"epoch {info.get('epoch')}"
+        print(f"wrote {out} ({info['timm_name']}, {when})")
         print(f"load with: timm.create_model({info['timm_name']!r}, pretrained=True, num_classes=NUM_CLASSES{margs}, "
               f"pretrained_cfg_overlay=dict(file={str(out)!r}))")
 

@@ -109,7 +109,6 @@ RULES: Sequence[Rule] = (
     count("data.max_val_images", low=0),
     count("data.max_size"),
     count("data.num_classes", optional=True, also=("auto",)),
-    count("data.eval_log_every", low=0, optional=True),
     count("data.synthetic.num_train"),
     count("data.synthetic.num_val"),
     fraction("model.mask_ratio", low_open=True, high_open=True),

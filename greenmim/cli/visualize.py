@@ -10,6 +10,7 @@ unit's mean and std, as in MAE's visualisations.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -19,11 +20,14 @@ import torch
 from ..data import eval_transform, list_folder, load_rgb
 from ..engine.checkpoint import write_error
 from ..engine.errors import ConfigError, UserError
+from ..engine.monitor import setup_logging
+from ..engine.progress import progress
 from ..pretrain_task import build_pretrain_model, check_mask_ratio
 from ..visualization import reconstruction_grid, save_png
 from .common import load_pretrain_checkpoint, output_file, report_errors
 
 PROG = "greenmim-visualize"
+log = logging.getLogger("greenmim")
 
 
 def collect_images(inputs: Sequence[str], max_images: int) -> List[str]:
@@ -43,10 +47,12 @@ def visualize(checkpoint: str, inputs: Sequence[str], output: str, mask_ratio: O
     """Render the reconstruction grid of ``inputs`` with the model of ``checkpoint`` into ``output``."""
     if max_images < 1:
         raise UserError(f"--max-images {max_images} must be >= 1 (the number of images to show)")
+    log.info("reading %s...", checkpoint)
     ckpt = load_pretrain_checkpoint(checkpoint)
     config = ckpt["config"]
     out = output_file(output, "reconstructions.png", (".png", ".jpg", ".jpeg"), [checkpoint, *inputs])
     size = img_size or config["data"]["img_size"]
+    log.info("building the model (%s, %s px)...", config["model"].get("name"), size)
     try:
         model = build_pretrain_model(config["model"], size)
     except ConfigError as exc:  # name this command's option, not the training config key
@@ -58,7 +64,8 @@ def visualize(checkpoint: str, inputs: Sequence[str], output: str, mask_ratio: O
     paths = collect_images(inputs, max_images)
     if not paths:
         raise UserError("no images given: pass image files or folders after the checkpoint")
-    images = torch.stack([transform(load_rgb(p)) for p in paths])
+    images = torch.stack([transform(load_rgb(p)) for p in progress(paths, f"reading {len(paths)} images", unit="images")])
+    log.info("reconstructing %d images at mask ratio %g...", len(paths), ratio)
     try:
         return save_png(reconstruction_grid(model, images, ratio, seed=seed), out)
     except OSError as exc:
@@ -75,6 +82,7 @@ def main(argv=None) -> None:
     parser.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's data.img_size")
     parser.add_argument("--max-images", type=int, default=8)
     args = parser.parse_args(argv)
+    setup_logging(None)  # the progress lines, on stdout
     with report_errors(PROG):
         out = visualize(args.checkpoint, args.images, args.output, args.mask_ratio, args.seed, args.img_size, args.max_images)
         print(f"wrote {out}")

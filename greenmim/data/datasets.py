@@ -16,10 +16,12 @@ the common use (a data folder assembled from links to other disks) working.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from torchvision.datasets.folder import find_classes
 
 from ..engine.distributed import DistInfo
 from ..engine.sampler import ResumableDistributedSampler, SeededDataset
+from ..engine.image_counts import ImageCounts, counting
 from .images import IMAGE_EXTENSIONS, CorruptImageError, DataError, check_root, is_image_file, load_rgb
 from .transforms import PretrainCrop, image_hw
 
@@ -46,7 +49,8 @@ class ImageFiles(Dataset):
         paths: image files.
         transform: PIL RGB image -> sample; a transform with a ``from_file(path)`` method (the
             pretraining crops: they decode only what the crop needs) is given the path instead.
-        on_corrupt: ``skip`` (warn, count, and return the next readable image instead) or ``error``.
+        on_corrupt: ``skip`` (count, and return the next readable image instead; the trainer logs the
+            epoch's total, :mod:`greenmim.engine.image_counts`) or ``error``.
         max_consecutive_skips: give up after this many unreadable files in a row.
         targets: optional labels, one per path; then an item is ``(image, label)`` of the file
             actually read (a skipped file's replacement keeps its own label). Used by fine-tuning.
@@ -66,28 +70,42 @@ class ImageFiles(Dataset):
         self.on_corrupt = on_corrupt
         self.corrupt_hint = corrupt_hint
         self.max_consecutive_skips = max_consecutive_skips
-        self.skipped = 0  # per process (each DataLoader worker counts its own)
+        self.counts = ImageCounts(self.paths)  # skipped and converted images, summed over loader workers
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable files skipped so far, by every process reading this dataset."""
+        return self.counts.total_skipped
 
     def __getitem__(self, index: int):
         for attempt in range(self.max_consecutive_skips + 1):
             i = (index + attempt) % len(self.paths)
             path = self.paths[i]
             try:
-                sample = self.transform.from_file(path) if hasattr(self.transform, "from_file") else self.transform(load_rgb(path))
+                with counting(self.counts):
+                    sample = self.transform.from_file(path) if hasattr(self.transform, "from_file") else self.transform(load_rgb(path))
             except CorruptImageError as exc:
                 if self.on_corrupt == "error":
                     raise CorruptImageError(f"{exc}, {self.corrupt_hint}") from None
-                self.skipped += 1
-                log.warning("skipping unreadable image %s (%d skipped in this process); set data.on_corrupt=error to stop instead",
-                            path, self.skipped)
+                self.counts.skipped(i)
                 continue
             return sample if self.targets is None else (sample, self.targets[i])
         raise DataError(
             f"{self.max_consecutive_skips + 1} unreadable images in a row near {self.paths[index]}: check the folder's files"
         )
+
+
+@contextlib.contextmanager
+def listing(root: str, paths: List[str]) -> Iterator[None]:
+    """Start-up lines around the listing of a data folder (a large one takes a while): ``indexing
+    images under ROOT...`` before, ``N images under ROOT (t s)`` after, ``paths`` being the list filled."""
+    log.info("indexing images under %s...", root)
+    start = time.monotonic()
+    yield
+    log.info("%d images under %s (%.1f s)", len(paths), root, time.monotonic() - start)
 
 
 def walk_image_dirs(top: str) -> List[Tuple[str, List[str]]]:
@@ -126,9 +144,10 @@ def list_imagefolder(root: str, split: Optional[str] = "train") -> List[str]:
             "for a plain tree of images use data=folder"
         ) from None
     paths = []
-    for name in sorted(class_to_idx):  # make_dataset's order: classes, then folders by path, then files
-        for dirpath, filenames in sorted(walk_image_dirs(os.path.join(base, name))):
-            paths += [os.path.join(dirpath, f) for f in filenames]
+    with listing(base, paths):
+        for name in sorted(class_to_idx):  # make_dataset's order: classes, then folders by path, then files
+            for dirpath, filenames in sorted(walk_image_dirs(os.path.join(base, name))):
+                paths += [os.path.join(dirpath, f) for f in filenames]
     if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {base}: check data.root")
     return paths
@@ -138,7 +157,9 @@ def list_folder(root: str, what: str = "data.root") -> List[str]:
     """Every image file below ``root`` (recursive, sorted, hidden folders skipped); ``what`` names
     the option or argument that gave ``root``, for the error messages."""
     root = check_root(root, what)
-    paths = [os.path.join(dirpath, f) for dirpath, filenames in walk_image_dirs(root) for f in filenames]
+    paths: List[str] = []
+    with listing(root, paths):
+        paths += [os.path.join(dirpath, f) for dirpath, filenames in walk_image_dirs(root) for f in filenames]
     if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}: check {what}")
     return paths

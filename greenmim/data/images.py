@@ -1,8 +1,8 @@
 """Reading image files as RGB, and the errors users see for bad data.
 
 :func:`load_rgb` opens any file PIL reads and returns an RGB image: palette, grey, 16-bit and
-alpha images are converted (transparent areas composited on white), each mode reported once per
-process. Unreadable files raise :class:`CorruptImageError`.
+alpha images are converted (transparent areas composited on white). A dataset's conversions are
+counted (:mod:`greenmim.engine.image_counts`, one total per epoch); others are reported once per mode. Unreadable files raise :class:`CorruptImageError`.
 """
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ from PIL import Image, ImageFile
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..engine.errors import UserError
+from ..engine.progress import progress
+from ..engine.image_counts import MODE_NAMES, note_conversion
 
 log = logging.getLogger("greenmim")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
-MODE_NAMES = {"P": "palette", "L": "greyscale", "LA": "greyscale+alpha", "RGBA": "RGB+alpha", "CMYK": "CMYK",
-              "I": "32-bit integer", "I;16": "16-bit greyscale", "F": "float", "1": "1-bit", "YCbCr": "YCbCr", "PA": "palette+alpha"}
-
-_reported_modes: Set[str] = set()
+_reported_modes: Set[str] = set()  # modes reported by images read outside a dataset (a dataset counts them)
 
 
 class DataError(UserError):
@@ -46,7 +45,7 @@ def to_rgb(img: Image.Image, path: str = "") -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode not in _reported_modes:
+    if not note_conversion(mode) and mode not in _reported_modes:  # a dataset's conversions are totalled per epoch
         _reported_modes.add(mode)
         log.warning("converting %s (%s) image(s) to RGB, e.g. %s (each mode is reported once)", mode, MODE_NAMES.get(mode, mode), path or "<image>")
     if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -123,12 +122,12 @@ def load_rgb(path: str) -> Image.Image:
 DECODE_CHECK_LIMIT = 2000
 
 
-def unreadable_images(paths: Sequence[str], decode_limit: int = DECODE_CHECK_LIMIT) -> List[Tuple[str, str]]:
+def unreadable_images(paths: Sequence[str], decode_limit: int = DECODE_CHECK_LIMIT, what: str = "image(s)") -> List[Tuple[str, str]]:
     """``[(path, why), ...]`` of the files that do not open (all decoded when there are at most
-    ``decode_limit``, else headers only)."""
+    ``decode_limit``, else headers only); ``what`` names them in the progress display."""
     full = len(paths) <= decode_limit
     bad = []
-    for path in paths:
+    for path in progress(paths, f"checking {len(paths)} {what}", unit="images"):
         try:
             with open(path, "rb") as f:
                 img = Image.open(f)
@@ -142,7 +141,7 @@ def unreadable_images(paths: Sequence[str], decode_limit: int = DECODE_CHECK_LIM
 def check_images(paths: Sequence[str], what: str, hint: str) -> None:
     """Raise :class:`CorruptImageError` naming the unreadable files among ``paths`` (``what``: e.g.
     "validation image(s)"; ``hint``: the fix)."""
-    bad = unreadable_images(paths)
+    bad = unreadable_images(paths, what=what)
     if bad:
         examples = "; ".join(f"{p} ({why})" for p, why in bad[:3])
         raise CorruptImageError(f"{len(bad)} unreadable {what}, e.g. {examples}: {hint}")

@@ -53,6 +53,7 @@ from ..data.datasets import ImageFiles
 from ..data.images import DECODE_CHECK_LIMIT
 from ..data.transforms import rgb_pixels
 from ..engine.errors import ConfigError, UserError
+from ..engine.progress import progress
 from .rle import rle_problem
 
 log = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ class CocoDetection(Dataset):
         (decoded in full for up to ``decode_limit`` images, headers only beyond), rather than in the
         middle of an evaluation."""
         full = len(self.ids) <= decode_limit
-        for img_id in self.ids:
+        for img_id in progress(self.ids, f"checking the {len(self.ids)} images of {self.ann_file}", unit="images"):
             info = self.coco.imgs[img_id]
             path = os.path.join(self.img_dir, info["file_name"])
             try:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..engine.monitor import FILE_ONLY
+
 log = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
@@ -168,7 +170,7 @@ class CocoEvaluator:
                     json.dump(results, f)
                 os.replace(tmp, path)
             stats, text = coco_eval(self.coco_gt, results, iou_type, img_ids)
-            log.info("COCO %s on %d images:\n%s", iou_type, len(img_ids), text)
+            log.info("COCO %s on %d images:\n%s", iou_type, len(img_ids), text, extra=FILE_ONLY)  # the tables: train.log only
             metrics.update({f"{iou_type}_{k}": v for k, v in stats.items()})
         return metrics
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from ..engine.distributed import DistInfo, broadcast_object
 from ..engine.errors import ConfigError
 from ..engine.optim import no_weight_decay_names
+from ..engine.progress import progress
 from ..engine.sampler import ResumableDistributedSampler, SeededDataset
 from ..engine.signals import ignore_stop_signals
 from ..engine.trainer import TrainTask, unwrap
@@ -112,12 +113,12 @@ def evaluate_coco(
     num_workers: int = 0,
     output_dir: Optional[str] = None,
     prefix: str = "",
-    log_every: int = 0,
 ) -> Dict[str, float]:
     """COCO bbox/segm AP of ``model`` on ``dataset`` (all ranks call it; every rank gets the metrics).
 
     Results files ``{prefix}results_bbox.json`` / ``{prefix}results_segm.json`` go to ``output_dir``
     (rank 0; training overwrites ``val_*`` at each evaluation, ``eval_only`` writes ``eval_*``).
+    Progress: :func:`~greenmim.engine.progress.progress` (a bar on a terminal, else a line every few seconds).
     """
     model = unwrap(model)
     was_training = model.training
@@ -126,13 +127,11 @@ def evaluate_coco(
                         collate_fn=collate, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat)
-    for i, (images, targets) in enumerate(loader):
+    for images, targets in progress(loader, f"COCO evaluation of {len(dataset)} images"):
         outputs = model([im.to(device, non_blocking=True) for im in images])
         # threshold the pasted full-image masks on the device: bool moves 4x fewer bytes than float
         outputs = [{k: (v > evaluator.mask_threshold if k == "masks" else v).cpu() for k, v in o.items()} for o in outputs]
         evaluator.update(outputs, [int(t["image_id"]) for t in targets])
-        if log_every and (i + 1) % log_every == 0:
-            log.info("eval: %d/%d batches", i + 1, len(loader))
     metrics = evaluator.evaluate(output_dir if dist.is_main else None, prefix)
     metrics = broadcast_object(metrics)
     if was_training:
@@ -262,7 +261,7 @@ class DetectionTask(TrainTask):
         self.last_metrics = evaluate_coco(
             model, self.val_set, trainer.device, trainer.dist, batch_size=int(d.get("eval_batch_size", 1)),
             num_workers=int(d["num_workers"]), output_dir=str(trainer.output_dir),
-            prefix="val_", log_every=int(d.get("eval_log_every", 0) or 0),
+            prefix="val_",
         )
         if trainer.dist.is_main:
             log.info("COCO val: %s", format_metrics(self.last_metrics))

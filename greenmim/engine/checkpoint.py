@@ -27,9 +27,10 @@ any moment leaves either the previous file set or the new one, never a truncated
                     the model from a checkpoint)
 ``micro_batch``     the per-process micro-batch (``loader.batch_size``) and ``accum_steps``: a
 ``accum_steps``     resume with other values is refused (positions and steps count these batches)
-``lr_schedule``     ``{"total_steps", "resumed_at", "progress_at_resume"}``: the lr schedule's length
-                    and where a resume with a changed length re-timed it
-                    (:meth:`~greenmim.engine.schedule.LRSchedule.retimed`)
+``lr_schedule``     ``{"total_steps", "resumed_at", "progress_at_resume", "rewarm_at", "rewarm_steps"}``:
+                    the lr schedule's length, where a resume with a changed length re-timed it
+                    (:meth:`~greenmim.engine.schedule.LRSchedule.retimed`) and where an extension
+                    re-warmed it (:meth:`~greenmim.engine.schedule.LRSchedule.rewarmed`; absent: never)
 ==================  ==========================================================================
 
 **After evaluation**: the epoch's checkpoint is written once, before its evaluation; what evaluation
@@ -109,15 +110,18 @@ def write_error(exc: OSError, path: os.PathLike, then: str = "then continue with
     return UserError(f"cannot write {path} ({exc.strerror or exc}): check the permissions of {folder} or choose another {elsewhere}")
 
 
-def load_checkpoint(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by the trainer; raises :class:`UserError` naming the problem."""
+def load_checkpoint(path: os.PathLike, map_location: Any = "cpu", contents: Any = None) -> Dict[str, Any]:
+    """Load a checkpoint written by the trainer; raises :class:`UserError` naming the problem.
+    ``contents``: the file's contents if already read (only checked and upgraded then)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path} (pass the path of an existing checkpoints/step-*.pt file)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    ckpt = contents
+    if ckpt is None:
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {path} (pass the path of an existing checkpoints/step-*.pt file)")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as exc:  # truncated or foreign file
+            raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         foreign = FOREIGN_FORMATS.get(ckpt.get("format")) if isinstance(ckpt, dict) else None
         if foreign:

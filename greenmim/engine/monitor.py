@@ -1,7 +1,8 @@
 """Progress lines, a log file, TensorBoard scalars and a JSON-lines metrics file (rank 0 only).
 
 * :func:`setup_logging`: the ``greenmim`` logger prints to stdout and appends to ``<output_dir>/train.log``
-  on rank 0; other ranks only print warnings, prefixed with their rank.
+  on rank 0; other ranks only print warnings, prefixed with their rank. A record logged with
+  ``extra=FILE_ONLY`` (a library's long report, e.g. pycocotools' AP tables) goes to the file only.
 * :class:`MetricsWriter`: ``add_scalars(step, {...})`` to TensorBoard (``<output_dir>/tb``) and to
   ``<output_dir>/metrics.jsonl`` (one JSON object per call, with ``step``), ``add_image`` for figures.
 * :class:`Throughput`: images/s and ETA from wall time; :func:`peak_memory_gb`.
@@ -19,6 +20,12 @@ from typing import Any, Dict, Optional
 import torch
 
 LOGGER_NAME = "greenmim"
+#: ``log.info(..., extra=FILE_ONLY)``: the record goes to ``train.log`` only, not to stdout
+FILE_ONLY = {"file_only": True}
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
 
 
 def printable(text: str) -> str:
@@ -49,6 +56,7 @@ def setup_logging(output_dir: Optional[Path], rank: int = 0, level: int = loggin
     fmt = PrintableFormatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)
+    stream.addFilter(_not_file_only)
     logger.addHandler(stream)
     logger.setLevel(level if rank == 0 else logging.WARNING)
     if rank == 0 and output_dir is not None:

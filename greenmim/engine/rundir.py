@@ -12,7 +12,8 @@
   file is deleted on release, so a refused run leaves the folder as it was; a lock taken on a file
   that was deleted meanwhile is retried on the new one (:func:`_open_locked`). Nested calls for
   the same folder in one process share the lock (the CLIs take it first, the trainer again inside).
-  Under DDP only rank 0 writes, so only rank 0 locks (``enabled``).
+  Under DDP only rank 0 writes, so only rank 0 locks (``enabled``). A folder the run created is
+  removed again when the run fails before writing any of its files (:func:`undo_start`).
 * :func:`check_outside_data`: ``output_dir`` must not lie inside ``data.root`` (symlinks resolved).
 * :func:`check_no_other_run`: a frozen-feature evaluation refuses a folder holding another run.
 * :func:`remove_orphan_temps`: temporary files of a checkpoint write killed half-way.
@@ -33,6 +34,8 @@ from .errors import UserError
 LOCK_NAME = ".lock"
 #: files a run leaves in its folder; one of them there means the folder holds a run
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "eval.json")
+#: files a run writes while it starts (before any of :data:`RUN_FILES`): removed with the folder of a run refused then
+START_FILES = ("train.log",)
 #: temporary names (``.<name>.tmp<pid>``) of :func:`~greenmim.engine.checkpoint.atomic_save` for the files of
 #: a run's checkpoints folder: rolling and periodic checkpoints, their sidecars, fine-tuning's ``best.pt``
 ORPHAN_TEMP_RE = re.compile(r"^\.(?:(?:epoch-\d+-)?step-\d+\.(?:pt|after-eval)|best\.pt)\.tmp\d+$")
@@ -134,6 +137,7 @@ def run_folder(output_dir: os.PathLike, enabled: bool = True, check: Optional[Ca
     folder = Path(output_dir).expanduser()
     error, held, failed = None, False, False
     created = enabled and not folder.exists()  # a folder this run made is removed again if it fails empty
+    marks = start_marks(folder) if enabled else {}
     if enabled:
         try:
             check_output_dir(folder)
@@ -152,11 +156,31 @@ def run_folder(output_dir: os.PathLike, enabled: bool = True, check: Optional[Ca
         failed = True
         raise
     finally:
+        if held and failed and not run_contents(folder):  # nothing of a run here; still locked: no other run writes
+            undo_start(folder, marks)
         if held:
             release_lock(folder)
         if created and failed:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty: a run that wrote anything keeps it
+
+
+def start_marks(folder: Path) -> Dict[str, Optional[int]]:
+    """The size of each of :data:`START_FILES` in ``folder`` (None: absent), for :func:`undo_start`."""
+    return {name: (folder / name).stat().st_size if (folder / name).is_file() else None for name in START_FILES}
+
+
+def undo_start(folder: Path, marks: Dict[str, Optional[int]]) -> None:
+    """Undo what a run refused at start-up (bad data, a bad checkpoint) wrote to the :data:`START_FILES`
+    since ``marks`` (:func:`start_marks`): a file it created is deleted, one it appended to is cut
+    back to its earlier size, so the folder is left as the run found it (the error is on stderr).
+    Call it holding the folder's lock (no other run writes there)."""
+    for name, size in marks.items():
+        with contextlib.suppress(OSError):
+            if size is None:
+                (folder / name).unlink()
+            else:
+                os.truncate(folder / name, size)
 
 
 def check_outside_data(output_dir: os.PathLike, data_root: Optional[os.PathLike]) -> None:

@@ -24,23 +24,34 @@ from .errors import ConfigError
 class LRSchedule:
     """Base: linear warmup from 0 over ``warmup_steps``, then :meth:`after_warmup`.
 
-    **A changed length on resume** (``trainer.max_steps`` or ``trainer.epochs``): the steps already
-    done keep the lr they had, and the rest of the schedule is re-timed to end at the new
-    ``total_steps`` (:meth:`retimed`): from the resume step on, :meth:`progress` goes on from the
-    value it had there to 1 at the new end, so the lr continues without a jump (a cosine that had
-    reached its end stays at ``min_lr``); a warmup not finished yet finishes as configured.
-    ``resumed_at`` / ``progress_at_resume`` record that point (None: never re-timed).
+    **A changed length on resume** (``trainer.max_steps`` or ``trainer.epochs``) is one of two cases:
+
+    * **mid-run** (the checkpoint's schedule had not ended): the steps already done keep the lr they
+      had, and the rest of the schedule is re-timed to end at the new ``total_steps``
+      (:meth:`retimed`): from the resume step on, :meth:`progress` goes on from the value it had there
+      to 1 at the new end, so the lr continues without a jump; a warmup not finished yet finishes as
+      configured. ``resumed_at`` / ``progress_at_resume`` record that point (None: never re-timed).
+    * **an extension** (the checkpoint's schedule had ended, e.g. a finished run resumed with a larger
+      ``trainer.max_steps`` / ``trainer.epochs``): the added steps follow the schedule a run of the new
+      length would have had from the start (what MAE's ``adjust_learning_rate`` and timm's schedulers
+      give when ``--epochs`` is raised and the run resumed), reached through a linear re-warmup from
+      0 over ``rewarm_steps`` (the configured warmup, capped at the added steps) starting at
+      ``rewarm_at`` (:meth:`rewarmed`). Without it the added steps would all run at the ended
+      schedule's final lr (0 for a cosine) and train nothing.
     """
 
     total_steps: int
     warmup_steps: int = 0
     resumed_at: Optional[int] = None
     progress_at_resume: float = 0.0
+    rewarm_at: Optional[int] = None
+    rewarm_steps: int = 0
 
     def factor(self, step: int) -> float:
-        if self.warmup_steps > 0 and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        return self.after_warmup(step)
+        f = (step + 1) / self.warmup_steps if self.warmup_steps > 0 and step < self.warmup_steps else self.after_warmup(step)
+        if self.rewarm_at is not None and self.rewarm_at <= step < self.rewarm_at + self.rewarm_steps:
+            f *= (step - self.rewarm_at + 1) / self.rewarm_steps  # the re-warmup of an extension
+        return f
 
     def after_warmup(self, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -53,13 +64,26 @@ class LRSchedule:
         return min(1.0, done + (1.0 - done) * (step - start) / max(1, self.total_steps - start))
 
     def retimed(self, step: int, total_steps: int) -> "LRSchedule":
-        """This schedule continued from ``step`` so that it ends at ``total_steps`` (see the class notes)."""
+        """This schedule continued from ``step`` so that it ends at ``total_steps`` (mid-run; see the class notes)."""
         start = max(step, self.warmup_steps)
         return dataclasses.replace(self, total_steps=int(total_steps), resumed_at=start, progress_at_resume=self.progress(start))
 
+    def rewarmed(self, step: int) -> "LRSchedule":
+        """This (fresh, full-length) schedule entered at ``step`` through a linear re-warmup over the
+        configured warmup, capped at the steps left (an extension; see the class notes)."""
+        return dataclasses.replace(self, rewarm_at=int(step), rewarm_steps=max(0, min(self.warmup_steps, self.total_steps - step)))
+
     def record(self) -> Dict[str, Any]:
         """What a checkpoint stores to rebuild this schedule (``lr_schedule`` in the checkpoint format)."""
-        return {"total_steps": self.total_steps, "resumed_at": self.resumed_at, "progress_at_resume": self.progress_at_resume}
+        return {"total_steps": self.total_steps, "resumed_at": self.resumed_at, "progress_at_resume": self.progress_at_resume,
+                "rewarm_at": self.rewarm_at, "rewarm_steps": self.rewarm_steps}
+
+    def restore(self, record: Dict[str, Any]) -> "LRSchedule":
+        """This schedule with the resume state of a :meth:`record` (keys an older checkpoint lacks: never re-timed)."""
+        return dataclasses.replace(
+            self, resumed_at=record.get("resumed_at"), progress_at_resume=float(record.get("progress_at_resume") or 0.0),
+            rewarm_at=record.get("rewarm_at"), rewarm_steps=int(record.get("rewarm_steps") or 0),
+        )
 
 
 @dataclass
@@ -101,6 +125,12 @@ def _to_steps(epochs: Optional[float], steps: Optional[int], steps_per_epoch: in
     return int(round(float(epochs or 0) * steps_per_epoch))
 
 
+def warmup_steps(cfg: Dict[str, Any], steps_per_epoch: int) -> int:
+    """The warmup a ``sched`` config asks for, in optimizer steps (``warmup_steps`` when >= 0, else
+    ``warmup_epochs`` x ``steps_per_epoch``), before :func:`build_schedule` caps it at the run's length."""
+    return _to_steps(cfg.get("warmup_epochs", 0), cfg.get("warmup_steps"), steps_per_epoch)
+
+
 def build_schedule(cfg: Dict[str, Any], total_steps: int, steps_per_epoch: int) -> LRSchedule:
     """Build a schedule from a ``sched`` config.
 
@@ -112,8 +142,9 @@ def build_schedule(cfg: Dict[str, Any], total_steps: int, steps_per_epoch: int) 
     name = cfg.pop("name", "cosine")
     if name not in SCHEDULES:
         raise ConfigError(f"sched.name must be one of {', '.join(SCHEDULES)}, got '{name}'")
-    warmup = _to_steps(cfg.pop("warmup_epochs", 0), cfg.pop("warmup_steps", None), steps_per_epoch)
-    warmup = min(warmup, max(0, total_steps - 1))
+    warmup = min(warmup_steps(cfg, steps_per_epoch), max(0, total_steps - 1))
+    cfg.pop("warmup_epochs", None)
+    cfg.pop("warmup_steps", None)
     kwargs: Dict[str, Any] = {"total_steps": total_steps, "warmup_steps": warmup}
     if name == "cosine":
         kwargs["min_lr_ratio"] = float(cfg.pop("min_lr_ratio", 0.0))

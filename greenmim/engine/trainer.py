@@ -26,7 +26,9 @@ One step, in order (:meth:`Trainer.train_one_epoch`, one optimizer step per accu
    too); ``step += 1``; ``task.on_step_end`` (EMA); the step's values queued on the device.
 4. ``_after_step``: if a log line, checkpoint, ``stop_at_step`` or the epoch's end is due, read the
    queued values back (the only host read) and log; checkpoint if due; stop on a signal if pending.
-5. After the last window, ``_end_epoch``: checkpoint first, then evaluate, ``task.on_epoch_end``.
+5. After the last window, ``_end_epoch``: checkpoint first, then evaluate, ``task.on_epoch_end``,
+   then one line for the epoch's skipped (unreadable) and converted images, summed over the loader
+   workers (:mod:`.image_counts`).
 
 Conventions:
 
@@ -87,11 +89,12 @@ from .distributed import (
     set_rng_state,
 )
 from .errors import ConfigError, NonFiniteLossError, Preempted, UserError, one_line
+from .image_counts import CountReport
 from .monitor import MetricsWriter, Throughput, format_eta, peak_memory_gb, setup_logging
 from .optim import build_optimizer, scaled_lr
 from .precision import Precision
-from .rundir import acquire_lock, release_lock, remove_orphan_temps
-from .schedule import LRSchedule, apply_lr, build_schedule
+from .rundir import acquire_lock, release_lock, remove_orphan_temps, start_marks, undo_start
+from .schedule import LRSchedule, apply_lr, build_schedule, warmup_steps
 from .signals import StopSignals, with_ignored_stop_signals
 from .step import TrainingStep, compile_mode, unwrap
 from .task import TrainTask
@@ -163,7 +166,10 @@ class Trainer:
         self.device = self.dist.device
         self._prepare_output_dir()
         self.precision = Precision(self.cfg.precision, self.device)
+        self.image_counts = CountReport()  # skipped and converted images, one total per epoch
+        log.info("building the model...")
         model = self._build_model()
+        log.info("building the data loader...")
         self._build_loader()
         self._build_optimizer(model)
         self.train_step = TrainingStep(self._wrap_ddp(model), self.optimizer, self.precision, self.cfg.clip_grad,
@@ -188,6 +194,7 @@ class Trainer:
                 check_output_dir(self.output_dir)
                 acquire_lock(self.output_dir)
                 self._locked = self.output_dir
+                self._start_marks = start_marks(self.output_dir)
                 resume, unreadable = self._resolve_output_dir()
             except UserError as exc:
                 error = str(exc)
@@ -213,6 +220,13 @@ class Trainer:
         for orphan in remove_orphan_temps(self.output_dir / CHECKPOINT_DIR):
             log.info("removed %s, left by a checkpoint write that was interrupted", orphan)
         return resume, unreadable
+
+    def _undo_start(self) -> None:
+        """A run refused during :meth:`setup` (a checkpoint it cannot resume, bad data) leaves the
+        folder's log as it found it (:func:`~greenmim.engine.rundir.undo_start`; rank 0, while locked)."""
+        marks = getattr(self, "_start_marks", None)
+        if self._locked is not None and marks is not None:
+            undo_start(self._locked, marks)
 
     def _release_lock(self) -> None:
         if self._locked is not None:
@@ -267,6 +281,21 @@ class Trainer:
         groups = self.task.param_groups(model, o.weight_decay)
         self.optimizer = build_optimizer(model, self.peak_lr, o.weight_decay, o.betas, o.eps, o.name, groups)
         self.schedule: LRSchedule = build_schedule(self.sched_cfg, self.total_steps, self.steps_per_epoch)
+        self._warn_if_all_warmup()
+
+    def _warn_if_all_warmup(self) -> None:
+        """A run no longer than its lr warmup (e.g. a 4-epoch fine-tune with 5 warmup epochs) only ever
+        raises the lr: warn, naming the keys. The run keeps the configured warmup (capped so that the
+        last step reaches the peak lr, :func:`build_schedule`); a silent shorter warmup would make the
+        run differ from its ``config.yaml``."""
+        warmup = warmup_steps(self.sched_cfg, self.steps_per_epoch)
+        if warmup <= 0 or warmup < self.total_steps:
+            return
+        steps = self.sched_cfg.get("warmup_steps")
+        given = f"sched.warmup_steps={steps}" if steps is not None and steps >= 0 else f"sched.warmup_epochs={self.sched_cfg.get('warmup_epochs')}"
+        length = f"trainer.epochs={self.cfg.epochs}" + (f", trainer.max_steps={self.cfg.max_steps}" if self.cfg.max_steps and self.cfg.max_steps > 0 else "")
+        log.warning("the lr warmup (%s: %d steps) is as long as the whole run (%d steps: %s): the lr only rises, reaching its "
+                    "peak at the last step, and never decays; set a shorter warmup or train longer", given, warmup, self.total_steps, length)
 
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         if not self.dist.distributed:
@@ -287,10 +316,10 @@ class Trainer:
         cfg, n_params = self.cfg, sum(p.numel() for p in unwrap(self.model).parameters())
         log.info(
             "device %s x%d | precision %s | params %.2fM | micro-batch %d x accum %d x world %d = %d | lr %.3g | "
-            "%d steps (%d/epoch, %d epochs) | output %s",
+            "%d steps (%d/epoch, %d epochs) | output %s | a progress line every %d steps (trainer.log_every)",
             self.device, self.dist.world_size, cfg.precision, n_params / 1e6, self.loader.batch_size or 1, cfg.accum_steps,
             self.dist.world_size, self.effective_batch, self.peak_lr, self.total_steps, self.steps_per_epoch,
-            self.epochs, self.output_dir,
+            self.epochs, self.output_dir, cfg.log_every,
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -409,6 +438,12 @@ class Trainer:
                 f"resume={path} is a greenmim-{theirs} checkpoint, not a greenmim-{ours} one: resume it with greenmim-{theirs} "
                 f"(same output_dir, resume=auto)" + (", or start from its weights with pretrained=" if ours != "pretrain" else "")
             )
+        theirs, ours = (((config or {}).get("model") or {}).get("method") for config in (ckpt.get("config"), self.cfg.config))
+        if theirs and ours and theirs != ours:
+            raise UserError(
+                f"resume={path} was written with model.method={theirs}, this run has model.method={ours}: the method differs; "
+                f"resume with model.method={theirs}, or start a fresh output_dir= (e.g. with pretrained=)"
+            )
         micro, accum = ckpt.get("micro_batch"), ckpt.get("accum_steps")
         ours_micro = self.loader.batch_size or 1
         if (micro is not None and int(micro) != ours_micro) or (accum is not None and int(accum) != self.cfg.accum_steps):
@@ -420,12 +455,13 @@ class Trainer:
             )
 
     def _resume_schedule(self, record: Optional[Dict[str, Any]]) -> None:
-        """Rebuild the checkpoint's lr schedule; when this run's length differs, re-time its rest to end at
-        this run's ``total_steps`` (:meth:`~greenmim.engine.schedule.LRSchedule.retimed`), with a warning."""
+        """Rebuild the checkpoint's lr schedule. When this run's length differs (see
+        :class:`~greenmim.engine.schedule.LRSchedule`): mid-run, re-time its rest to end at this run's
+        ``total_steps``; after the saved schedule ended (an extension), follow the new length's schedule
+        through a re-warmup. Either way one warning says what the lr will do."""
         if not record:
             return
-        saved = build_schedule(self.sched_cfg, int(record["total_steps"]), self.steps_per_epoch)
-        saved.resumed_at, saved.progress_at_resume = record.get("resumed_at"), float(record.get("progress_at_resume") or 0.0)
+        saved = build_schedule(self.sched_cfg, int(record["total_steps"]), self.steps_per_epoch).restore(record)
         if saved.total_steps == self.total_steps:
             self.schedule = saved
             return
@@ -433,19 +469,33 @@ class Trainer:
             log.warning("the run's length changed on resume (%d steps, was %d): the checkpoint is already at step %d, "
                         "nothing is left to train", self.total_steps, saved.total_steps, self.step)
             return
+        what = f"the run's length changed on resume ({self.total_steps} steps, was {saved.total_steps}: trainer.max_steps / trainer.epochs)"
+        lr = lambda s: self.peak_lr * self.schedule.factor(s)  # noqa: E731 - the lr of 0-based step s
+        first, last = self.step, self.total_steps - 1
+        if self.step >= saved.total_steps:  # an extension of a run whose schedule had ended
+            self.schedule = build_schedule(self.sched_cfg, self.total_steps, self.steps_per_epoch).rewarmed(self.step)
+            ramp_end = first + max(1, self.schedule.rewarm_steps) - 1
+            log.warning(
+                "%s after its schedule ended: steps %d-%d follow the %d-step schedule (the lr a run of that length has "
+                "there), entered through a linear re-warmup over %d step(s): lr %.3g at step %d, %.3g at step %d, "
+                "%.3g at step %d", what, first + 1, last + 1, self.total_steps, self.schedule.rewarm_steps,
+                lr(first), first + 1, lr(ramp_end), ramp_end + 1, lr(last), last + 1,
+            )
+            return
         self.schedule = saved.retimed(self.step, self.total_steps)
-        log.warning(
-            "the run's length changed on resume (%d steps, was %d: trainer.max_steps / trainer.epochs): the lr schedule "
-            "continues from step %d (lr %.3g) and now ends at step %d",
-            self.total_steps, saved.total_steps, self.step, self.peak_lr * self.schedule.factor(self.step), self.total_steps,
-        )
+        log.warning("%s: the lr schedule continues from step %d (lr %.3g at step %d, no jump) and now ends at step %d "
+                    "(lr %.3g)", what, self.step, lr(first), first + 1, self.total_steps, lr(last))
 
     # ------------------------------------------------------------------ training
     def fit(self) -> Dict[str, float]:
         """Set up, train to ``total_steps`` (or ``stop_at_step``), return the last epoch's summary.
         The folder's lock (rank 0) is held from :meth:`setup` until this returns or raises."""
         try:
-            self.setup()
+            try:
+                self.setup()
+            except UserError:  # refused: the folder's log as it was (a bug keeps its lines, for the report)
+                self._undo_start()
+                raise
             with StopSignals() as self.signals:
                 while self.epoch < self.epochs and not self._should_stop():
                     summary = self.train_one_epoch()
@@ -595,6 +645,7 @@ class Trainer:
         summary.update(metrics)
         self.task.on_epoch_end(unwrapped, self)
         unwrapped.train()
+        self.image_counts.log(f"epoch {self.epoch + 1}")
         self.writer.add_scalars(self.step, {k: v for k, v in summary.items() if k != "epoch"}, prefix="epoch")
         log.info("epoch %d/%d done: %s", self.epoch + 1, self.epochs, " ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"))
         if due:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ..engine.distributed import is_dist
+from ..engine.progress import progress
 from ..finetune.evaluate import build_eval_loader
 
 
@@ -53,16 +54,18 @@ def extract_features(
     batch_size: int,
     num_workers: int,
     autocast=None,
+    what: str = "features",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, C) float32, labels (N,) int64)`` of an ``(image, label)`` dataset, on the CPU,
     identical on every rank. ``model`` maps ``(B, 3, H, W)`` to ``(B, C)`` (a timm model with
-    ``num_classes=0``) and is run in eval mode; ``autocast`` is an optional precision context factory."""
+    ``num_classes=0``) and is run in eval mode; ``autocast`` is an optional precision context factory.
+    ``what`` names the phase in the progress display (:func:`~greenmim.engine.progress.progress`)."""
     rank, world = (tdist.get_rank(), tdist.get_world_size()) if is_dist() else (0, 1)
     loader = build_eval_loader(dataset, batch_size, num_workers, rank, world, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    for images, targets in loader:
+    for images, targets in progress(loader, what):
         images = images.to(device, non_blocking=True)
         with autocast() if autocast is not None else contextlib.nullcontext():
             out = model(images)

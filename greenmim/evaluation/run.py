@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine import MetricsWriter, Precision, init_distributed, setup_logging
+from ..engine.image_counts import CountReport
 from ..engine.distributed import seed_everything
 from ..engine.errors import ConfigError
 from ..engine.rundir import check_no_other_run, run_folder
@@ -94,8 +95,12 @@ def _run(cfg: DictConfig, protocol: str, dist, output_dir: Path, data, t0: float
     precision = Precision(str(cfg.trainer.precision), dist.device)
     d = cfg.data
     batch, workers = int(d.get("eval_batch_size") or d.batch_size), int(d.num_workers)
-    train_x, train_y = extract_features(model, data.train, dist.device, batch, workers, precision.autocast)
-    val_x, val_y = extract_features(model, data.val, dist.device, batch, workers, precision.autocast)
+    images = CountReport()
+    train_x, train_y = extract_features(model, data.train, dist.device, batch, workers, precision.autocast,
+                                        f"features of {len(data.train)} train images")
+    val_x, val_y = extract_features(model, data.val, dist.device, batch, workers, precision.autocast,
+                                    f"features of {len(data.val)} val images")
+    images.log("features")
     t_feat = time.time() - t0
     log.info("features: train %s, val %s (%.1f s)", tuple(train_x.shape), tuple(val_x.shape), t_feat)
 

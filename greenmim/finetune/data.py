@@ -30,7 +30,7 @@ from timm.data import Mixup, create_transform
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import find_classes, make_dataset
 
-from ..data.datasets import ImageFiles
+from ..data.datasets import ImageFiles, listing
 from ..data.images import IMAGE_EXTENSIONS, DataError
 from ..engine.errors import ConfigError
 from .compat import patch_timm_posterize
@@ -60,7 +60,10 @@ def list_class_folder(directory: str, class_to_idx: Optional[Dict[str, int]] = N
         absent = sorted(set(class_to_idx) - set(found))
         if absent:
             _logger.warning("%s lacks %d of the train classes (e.g. %s)", directory, len(absent), ", ".join(absent[:3]))
-    samples = make_dataset(directory, {c: class_to_idx[c] for c in found}, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    paths: List[str] = []
+    with listing(directory, paths):
+        samples = make_dataset(directory, {c: class_to_idx[c] for c in found}, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        paths += [p for p, _ in samples]
     counts = Counter(t for _, t in samples)
     empty = sorted(c for c in found if counts[class_to_idx[c]] == 0)
     if empty:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..engine.distributed import is_dist
+from ..engine.progress import progress
 
 
 class ShardSampler(Sampler):
@@ -73,7 +74,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, a
     model.eval()
     num_classes: Optional[int] = getattr(model, "num_classes", None)
     sums = torch.zeros(2 + len(topk), dtype=torch.float64, device=device)  # loss, count, correct@k...
-    for images, targets in loader:
+    for images, targets in progress(loader, "validation"):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast() if autocast is not None else contextlib.nullcontext():

@@ -1,10 +1,13 @@
 """Load pretrained weights into a timm classifier, reporting exactly what was (not) loaded.
 
-Three sources are understood, told apart by their contents:
+Four sources are understood, told apart by their contents:
 
 * a **greenmim pretraining checkpoint** (``greenmim-pretrain``'s ``.pt``): the model state holds
   ``encoder.*`` (timm layout), ``decoder.*`` and, for the simmim baseline, ``enc_mask_token``; the
   encoder is taken with its prefix stripped, the pretraining-only keys are listed as ``ignored``;
+* an **official GreenMIM checkpoint** (the reference code's ``main_pretrain.py``: ``{"model": ...}``
+  with ``encoder.*`` in the official Swin layout, ``decoder_*`` and ``mask_token``): the same, and
+  timm's filter (below) converts the official layout;
 * an **exported encoder** (``greenmim-export``'s ``.safetensors``): timm's layout without a head;
 * a **plain timm / original checkpoint** (``.pth``, ``.bin``, ``.safetensors``), with or without a
   classifier head, also wrapped in ``{"model": ...}`` / ``{"state_dict": ...}`` / ``module.`` (DDP).
@@ -29,11 +32,13 @@ import torch
 import torch.nn as nn
 
 from ..engine.errors import UserError
+from .architecture import OFFICIAL_PRETRAIN_ONLY, is_official_greenmim
 
 _logger = logging.getLogger(__name__)
 
-#: pretraining-only parameters of a greenmim/simmim checkpoint (everything not under ``encoder.``).
-PRETRAIN_ONLY_PREFIXES = ("decoder.", "enc_mask_token")
+#: pretraining-only parameters (everything not under ``encoder.``) of a greenmim/simmim checkpoint
+#: (``decoder.``, ``enc_mask_token``) and of an official GreenMIM one (``decoder_*``, ``mask_token``).
+PRETRAIN_ONLY_PREFIXES = ("decoder.", "enc_mask_token", *OFFICIAL_PRETRAIN_ONLY)
 #: containers a checkpoint's weights may sit in, in the order they are tried.
 STATE_KEYS = ("model", "state_dict", "module")
 EMA_STATE_KEYS = ("model_ema", "state_dict_ema", "ema")
@@ -44,7 +49,7 @@ class LoadReport:
     """What :func:`load_pretrained` did. ``missing`` holds classifier-head keys only (else it raised)."""
 
     source: str
-    kind: str  # "greenmim-pretrain" | "greenmim-classifier" | "greenmim-checkpoint" | "safetensors" | "state-dict"
+    kind: str  # "greenmim-pretrain" | "official-greenmim-pretrain" | "greenmim-classifier" | "greenmim-checkpoint" | "safetensors" | "state-dict"
     loaded: int = 0
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
@@ -178,8 +183,10 @@ def load_pretrained(
     greenmim training checkpoint's ``task_shared.ema``).
     """
     raw = checkpoint if checkpoint is not None else read_checkpoint(path)
-    state, ignored, is_pretrain = split_pretrain_state(unwrap_state_dict(raw, use_ema=use_ema))
-    kind = "greenmim-pretrain" if is_pretrain else str(raw.get("format") or ("safetensors" if path.endswith(".safetensors") else "state-dict"))
+    state = unwrap_state_dict(raw, use_ema=use_ema)
+    official = is_official_greenmim(state)
+    state, ignored, is_pretrain = split_pretrain_state(state)
+    kind = "official-greenmim-pretrain" if official else "greenmim-pretrain" if is_pretrain else str(raw.get("format") or ("safetensors" if path.endswith(".safetensors") else "state-dict"))
     report = LoadReport(source=os.path.basename(path), kind=kind, ignored=ignored)
 
     before = {k: tuple(v.shape) for k, v in state.items()}
@@ -194,7 +201,9 @@ def load_pretrained(
             f"{len(missing)}: {_short(missing, 4)}; timm's conversion failed with {type(exc).__name__}: {exc}): "
             "build the model with the pretraining architecture (model.name and model.encoder_args: embed_dim, depths, num_heads)"
         ) from None
-    report.resized = sorted(k for k, v in state.items() if k in before and tuple(v.shape) != before[k])
+    renamed = "layers.0.downsample.reduction.weight" in before  # the official Swin layout: patch merging renumbered
+    report.resized = sorted(k for k, v in state.items() if k in before and tuple(v.shape) != before[k]
+                            and not (renamed and ".downsample." in k))
 
     head = classifier_prefix(model) + "."
     own = model.state_dict()
