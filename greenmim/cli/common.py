@@ -166,10 +166,10 @@ def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
     it resolves, taking the model from the ``resume=`` / ``pretrained=`` checkpoint
     (:func:`~greenmim.cli.architecture.adopt_checkpoint_architecture`), checking it is in range, and
     with its ``output_dir`` prepared (:func:`prepare_run_folder`)."""
-    setup_logging(None, int(os.environ.get("RANK", "0")))  # start-up lines on stdout until the run's folder is ready
-    from .architecture import adopt_checkpoint_architecture
+    from .architecture import adopt_checkpoint_architecture  # both import omegaconf (see the module docstring)
     from .validate import check_config
 
+    setup_logging(None, int(os.environ.get("RANK", "0")))  # start-up lines on stdout until the run's folder is ready
     with report_errors(prog):
         check_resolves(cfg)
         if cfg.get("task", task) != task:
