@@ -300,34 +300,36 @@ def relative_position_bias(layout: GroupLayout, table: torch.Tensor, dtype: torc
 class _InverseGathers(torch.autograd.Function):
     """``rows(x, index)`` along dim 1 whose backward is ``rows(grad, inverse)``: exact when ``index``
     and ``inverse`` are inverse permutations on the real rows and the rows ``index`` does not reach
-    get a zero gradient (padding), which ``rows`` gives by reading the zero row ``N``."""
+    get a zero gradient (padding), which ``rows`` gives by reading the zero row ``N``. ``zero_row``:
+    ``index`` (else ``inverse``) holds ``N`` (only that direction pays for the zero row)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, zero_row: bool) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return _rows(x, index)
+        ctx.zero_row = zero_row
+        return _rows(x, index, zero_row)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return _rows(grad, inverse), None, None
+        return _rows(grad, inverse, not ctx.zero_row), None, None, None
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[:, index]`` for ``x`` ``(S, N, C)``, where index ``N`` reads a zero row."""
-    return F.pad(x, (0, 0, 0, 1)).index_select(1, index)
+def _rows(x: torch.Tensor, index: torch.Tensor, zero_row: bool) -> torch.Tensor:
+    """``x[:, index]`` for ``x`` ``(S, N, C)``; with ``zero_row`` index ``N`` reads a zero row."""
+    return (F.pad(x, (0, 0, 0, 1)) if zero_row else x).index_select(1, index)
 
 
 def tokens_to_slots(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """``(S, N, C)`` tokens -> ``(S, n_g * g, C)`` slots (zeros in padding slots). Its backward is the
     gather back (:func:`slots_to_tokens` of the gradient), not an accumulate."""
-    return _InverseGathers.apply(x, layout.slot_token, layout.token_slot)
+    return _InverseGathers.apply(x, layout.slot_token, layout.token_slot, True)
 
 
 def slots_to_tokens(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """``(S, n_g * g, C)`` slots -> ``(S, N, C)`` tokens, padding slots dropped. Its backward is the
     gather into slots (zero gradient in padding slots), not an accumulate."""
-    return _InverseGathers.apply(x, layout.token_slot, layout.slot_token)
+    return _InverseGathers.apply(x, layout.token_slot, layout.slot_token, False)
 
 
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: a group of g <= 128 slots is one block
