@@ -46,15 +46,26 @@ from typing import Dict, List, Optional, Sequence
 METHODS = {"A": "greenmim", "B": "simmim"}
 #: evaluation name -> (greenmim-finetune experiment, extra overrides). ``finetune_30ep`` is the small-data
 #: recipe's first version (30 epochs at lr 1e-3), kept because it behaves differently with pretrained weights.
+#: ``finetune_10pct`` / ``finetune_full``: the low-label protocol on the fixed label subset (``--label-fraction``
+#: of the train split, see :func:`label_subset`) / all train labels, ``--ft-epochs`` epochs, validated at the end.
 EVAL_RECIPES = {
     "knn": ("knn", []),
     "linear_probe": ("linear_probe", []),
     "finetune_small_data": ("finetune_small_data", []),
     "finetune_30ep": ("finetune_small_data", ["trainer.epochs=30", "optim.blr=1.6e-2", "sched.warmup_epochs=3", "eval_every=5"]),
+    "finetune_10pct": ("finetune_small_data", ["eval_every=0"]),
+    "finetune_full": ("finetune_small_data", ["eval_every=0"]),
 }
 EVALS = tuple(EVAL_RECIPES)
+#: the README study's evaluations (hymenoptera); the Imagewoof study passes ``--evals knn,linear_probe,finetune_10pct``.
+DEFAULT_EVALS = ("knn", "linear_probe", "finetune_small_data", "finetune_30ep")
+#: evaluations on the label subset (``<out>/labels_<pct>pct``) instead of ``--data``
+SUBSET_EVALS = ("finetune_10pct",)
+#: evaluations whose epochs / warmup come from ``--ft-epochs`` / ``--ft-warmup``
+SCHEDULED_EVALS = ("finetune_10pct", "finetune_full")
 EVAL_LABELS = {"knn": "k-NN (k=20)", "linear_probe": "linear probe", "finetune_small_data": "fine-tune 60 ep, lr 3e-3",
-               "finetune_30ep": "fine-tune 30 ep, lr 1e-3"}
+               "finetune_30ep": "fine-tune 30 ep, lr 1e-3", "finetune_10pct": "fine-tune, 10% labels",
+               "finetune_full": "fine-tune, all labels"}
 ARM_LABELS = {"A": "A: greenmim", "B": "B: simmim", "C": "C: random init"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -90,19 +101,70 @@ def prepare(data: Path, cache: Path, size: int) -> Path:
     return cache
 
 
+# -- the low-label subset --------------------------------------------------------------------------
+def label_subset(data: Path, out: Path, fraction: float, seed: int) -> Path:
+    """A class-balanced, seeded subset of ``data/train``: ``round(fraction x train images / classes)`` images
+    per class (the same number for every class), drawn with ``random.Random(seed)`` from each class' sorted
+    file list. Written as ``out/train/<class>/<file>`` symbolic links (nothing is copied, nothing is written
+    into ``data``), ``out/val`` a link to ``data/val`` and ``out/files.txt`` (one ``<class>/<file>`` a line).
+    Returns ``out`` (a ``data.root`` for greenmim-finetune); an existing subset of the same draw is reused."""
+    import random
+
+    classes = sorted(d.name for d in (data / "train").iterdir() if d.is_dir()) if (data / "train").is_dir() else []
+    files = {c: sorted(f.name for f in (data / "train" / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
+    total = sum(map(len, files.values()))
+    if not total:
+        raise SystemExit(f"study: no images under {data}/train: pass --data pointing at a folder-per-class dataset")
+    per_class = max(1, round(fraction * total / len(classes)))
+    short = [c for c in classes if len(files[c]) < per_class]
+    if short:
+        raise SystemExit(f"study: class(es) {short} have fewer than {per_class} train images: lower --label-fraction")
+    chosen = [f"{c}/{name}" for c in classes for name in sorted(random.Random(f"{seed}:{c}").sample(files[c], per_class))]
+    listing = "\n".join(chosen) + "\n"
+    if (out / "files.txt").is_file() and (out / "files.txt").read_text() == listing and (out / "val").exists():
+        return out
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    for rel in chosen:
+        link = out / "train" / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(data / "train" / rel)
+    (out / "val").symlink_to(data / "val", target_is_directory=True)
+    (out / "files.txt").write_text(listing)
+    print(f"study: {len(chosen)} of {total} train images ({per_class} per class, seed {seed}) linked in {out}", flush=True)
+    return out
+
+
+def subset_root(args, out: Path) -> Path:
+    return out / f"labels_{round(100 * args.label_fraction)}pct_s{args.label_seed}"
+
+
 # -- running commands -------------------------------------------------------------------------------
-def run_logged(cmd: Sequence[str], log_path: Path, env: Dict[str, str]) -> float:
-    """Run ``cmd`` with output to ``log_path``; return its wall time; exit with its log tail on failure."""
+def run_logged(cmd: Sequence[str], log_path: Path, env: Dict[str, str]) -> Dict[str, float]:
+    """Run ``cmd`` with output to ``log_path``; exit with its log tail on failure.
+
+    Returns ``{"process_wall_s", "process_cpu_s", "load_avg_1m_start", "load_avg_1m_end"}``: the child's
+    wall time, its CPU time (user + system of the child and its loader workers, from ``getrusage``: unlike
+    the wall time, barely changed by other users' load on a shared machine) and the 1-minute load average
+    before and after it."""
+    import resource
+
     print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()[0]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
     wall = time.time() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
         raise SystemExit(f"study: command failed (exit {proc.returncode}), log {log_path}:\n{tail}")
-    return wall
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"process_wall_s": wall, "process_cpu_s": cpu, "load_avg_1m_start": load0, "load_avg_1m_end": os.getloadavg()[0]}
 
 
 def child_env(threads: int) -> Dict[str, str]:
@@ -134,7 +196,7 @@ def last_checkpoint(run: Path) -> Optional[Path]:
 
 def pretrain(args, root: Path, out: Path) -> None:
     arms = [a for a in ("A", "B") if a in args.arms]
-    for seed in args.seeds:
+    for seed in args.pretrain_seeds:
         for arm in arms:
             run = pretrain_dir(out, arm, seed)
             if (run / "wall.json").is_file():
@@ -143,8 +205,8 @@ def pretrain(args, root: Path, out: Path) -> None:
                 import shutil
 
                 shutil.rmtree(run)
-            wall = run_logged(pretrain_cmd(args, METHODS[arm], seed, root, run), run.with_suffix(".log"), child_env(args.threads))
-            (run / "wall.json").write_text(json.dumps({"process_wall_s": wall, "method": METHODS[arm], "seed": seed}))
+            times = run_logged(pretrain_cmd(args, METHODS[arm], seed, root, run), run.with_suffix(".log"), child_env(args.threads))
+            (run / "wall.json").write_text(json.dumps({**times, "method": METHODS[arm], "seed": seed}))
 
 
 def read_jsonl(path: Path) -> List[dict]:
@@ -174,23 +236,40 @@ def eval_dir(out: Path, arm: str, seed: int, kind: str) -> Path:
 def eval_cmd(args, kind: str, seed: int, root: Path, run: Path, checkpoint: Optional[Path]) -> List[str]:
     """``greenmim-finetune experiment=<kind>`` with the pretraining architecture (``model=greenmim_<model>``:
     the classifier is timm's model either way) and the pretrained encoder, or random init."""
+    schedule = [f"trainer.epochs={args.ft_epochs}", f"sched.warmup_epochs={args.ft_warmup}"] if kind in SCHEDULED_EVALS else []
     return [
         sys.executable, "-m", "greenmim.cli.finetune", f"experiment={EVAL_RECIPES[kind][0]}", f"model=greenmim_{args.model}",
         f"data.root={root}", f"data.img_size={args.img_size}", f"pretrained={checkpoint if checkpoint else 'null'}",
-        f"seed={seed}", f"output_dir={run}", "trainer.tensorboard=false", *EVAL_RECIPES[kind][1], *args.eval_override,
+        f"seed={seed}", f"output_dir={run}", "trainer.tensorboard=false", *EVAL_RECIPES[kind][1], *schedule, *args.eval_override,
     ]
 
 
-def evaluate(args, root: Path, out: Path) -> None:
+def eval_seeds(args, arm: str, kind: str) -> List[int]:
+    """The seeds an evaluation runs with. k-NN has no randomness of its own: with one pretraining per
+    method (``--pretrain-seeds`` a single seed) it runs once per arm, with the first seed (arm C's
+    random encoder then is that seed's); with a pretraining per seed, every seed runs."""
+    return args.seeds[:1] if kind == "knn" and len(args.pretrain_seeds) == 1 else list(args.seeds)
+
+
+def pretrain_seed(args, seed: int) -> int:
+    """The pretraining an evaluation seed uses: its own if pretrained per seed, else the only one."""
+    return seed if seed in args.pretrain_seeds else args.pretrain_seeds[0]
+
+
+def evaluate(args, root: Path, out: Path, subset: Optional[Path] = None) -> None:
+    """Every (seed, arm, evaluation) not finished yet, in that order; ``subset``: the label subset's root."""
     for seed in args.seeds:
         for arm in args.arms:
             checkpoint = None
             if arm in METHODS:
-                checkpoint = last_checkpoint(pretrain_dir(out, arm, seed))
-                if checkpoint is None or not (pretrain_dir(out, arm, seed) / "wall.json").is_file():
+                pre = pretrain_dir(out, arm, pretrain_seed(args, seed))
+                checkpoint = last_checkpoint(pre)
+                if checkpoint is None or not (pre / "wall.json").is_file():
                     print(f"study: skipping arm {arm} seed {seed}: its pretraining has not finished (run --stage pretrain)", flush=True)
                     continue
             for kind in args.evals:
+                if seed not in eval_seeds(args, arm, kind):
+                    continue
                 run = eval_dir(out, arm, seed, kind)
                 if (run / "results.json").is_file():
                     continue
@@ -198,7 +277,9 @@ def evaluate(args, root: Path, out: Path) -> None:
                     import shutil
 
                     shutil.rmtree(run)
-                run_logged(eval_cmd(args, kind, seed, root, run, checkpoint), run.with_suffix(".log"), child_env(args.threads))
+                data_root = subset if kind in SUBSET_EVALS else root
+                times = run_logged(eval_cmd(args, kind, seed, data_root, run, checkpoint), run.with_suffix(".log"), child_env(args.threads))
+                (run / "times.json").write_text(json.dumps(times))
 
 
 def eval_top1(run: Path) -> Optional[float]:
@@ -448,8 +529,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--png", default="docs/study_pretraining.png", help="the figure")
     p.add_argument("--stage", default="all", choices=("all", "prepare", "pretrain", "bench", "evaluate", "report"))
     p.add_argument("--arms", type=csv_list, default=["A", "B", "C"], help="comma-separated subset of A,B,C")
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in csv_list(s)], default=[0, 1, 2])
-    p.add_argument("--evals", type=csv_list, default=list(EVALS), help="comma-separated subset of " + ",".join(EVALS))
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in csv_list(s)], default=[0, 1, 2], help="evaluation seeds")
+    p.add_argument("--pretrain-seeds", type=lambda s: [int(x) for x in csv_list(s)], default=None,
+                   help="pretraining seeds (default: --seeds; one seed: every evaluation seed uses that pretraining)")
+    p.add_argument("--evals", type=csv_list, default=list(DEFAULT_EVALS), help="comma-separated subset of " + ",".join(EVALS))
+    p.add_argument("--label-fraction", type=float, default=0.1, help="finetune_10pct: fraction of the train labels kept")
+    p.add_argument("--label-seed", type=int, default=0, help="finetune_10pct: seed of the (fixed) label subset")
+    p.add_argument("--ft-epochs", type=int, default=30, help="finetune_10pct / finetune_full: epochs")
+    p.add_argument("--ft-warmup", type=int, default=3, help="finetune_10pct / finetune_full: warmup epochs")
     p.add_argument("--cache-size", type=int, default=160, help="shorter side of the resized copy (0: use --data as is)")
     p.add_argument("--model", default="swin_micro", help="model config suffix: greenmim_<model> / simmim_<model>")
     p.add_argument("--img-size", type=int, default=128)
@@ -468,6 +555,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     bad = sorted(set(args.arms) - {"A", "B", "C"}) + sorted(set(args.evals) - set(EVALS))
     if bad:
         p.error(f"unknown arm(s)/evaluation(s) {bad}: arms are A,B,C; evaluations are {','.join(EVALS)}")
+    if args.pretrain_seeds is None:
+        args.pretrain_seeds = list(args.seeds)
     return args
 
 
@@ -481,8 +570,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         pretrain(args, root, out)
     if args.stage in ("all", "bench"):
         bench(args, out)
+    subset = None
+    if any(k in SUBSET_EVALS for k in args.evals) and args.stage in ("all", "prepare", "evaluate"):
+        subset = label_subset(data, subset_root(args, out), args.label_fraction, args.label_seed)
     if args.stage in ("all", "evaluate"):
-        evaluate(args, root, out)
+        evaluate(args, root, out, subset)
     if args.stage in ("all", "report"):
         report(args, out)
 
