@@ -341,18 +341,28 @@ def median(values: Sequence[float]) -> float:
     return float("nan") if not v else (v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2]))
 
 
+def selected_evals(args) -> List[str]:
+    """``--evals`` in the table's order."""
+    return [k for k in EVALS if k in args.evals]
+
+
 def collect(args, out: Path) -> dict:
     """Everything the table and the figure show, from the run folders (``summary.json``)."""
-    summary: dict = {"machine": machine(), "settings": {k: v for k, v in vars(args).items()}, "pretrain": {}, "eval": {}}
+    summary: dict = {"machine": machine(), "settings": {k: v for k, v in vars(args).items()}, "pretrain": {}, "eval": {},
+                     "evals": selected_evals(args)}
     for arm, method in METHODS.items():
-        curves, walls, loops, steps_ms, final = [], [], [], [], []
-        for seed in args.seeds:
+        curves, walls, cpus, loads, loops, steps_ms, final = [], [], [], [], [], [], []
+        for seed in args.pretrain_seeds:
             run = pretrain_dir(out, arm, seed)
             if not (run / "wall.json").is_file():
                 continue
             c = loss_curve(run, args.batch_size)
             curves.append(c)
-            walls.append(json.loads((run / "wall.json").read_text())["process_wall_s"])
+            times = json.loads((run / "wall.json").read_text())
+            walls.append(times["process_wall_s"])
+            if "process_cpu_s" in times:  # runs of the first version of this script lack it
+                cpus.append(times["process_cpu_s"])
+                loads.append(0.5 * (times["load_avg_1m_start"] + times["load_avg_1m_end"]))
             loops.append(c["time_s"][-1])
             steps_ms.append(1000 * median([b - a for a, b in zip([0.0] + c["time_s"][:-1], c["time_s"])]))
             tail = c["loss"][-max(1, len(c["loss"]) // 20):]
@@ -363,6 +373,9 @@ def collect(args, out: Path) -> dict:
                 "train_loop_s": mean_std(loops), "median_step_ms": mean_std(steps_ms), "final_loss": mean_std(final),
                 "curves": curves,
             }
+            if cpus:
+                summary["pretrain"][method]["process_cpu_s"] = mean_std(cpus)
+                summary["pretrain"][method]["load_avg_1m"] = mean_std(loads)
     g, s = summary["pretrain"].get("greenmim"), summary["pretrain"].get("simmim")
     if g and s:
         summary["measured_ratio"] = {
@@ -370,6 +383,8 @@ def collect(args, out: Path) -> dict:
             "median_step": s["median_step_ms"]["mean"] / g["median_step_ms"]["mean"],
             "process_wall": s["process_wall_s"]["mean"] / g["process_wall_s"]["mean"],
         }
+        if "process_cpu_s" in g and "process_cpu_s" in s:
+            summary["measured_ratio"]["process_cpu"] = s["process_cpu_s"]["mean"] / g["process_cpu_s"]["mean"]
     bench_json = out / "bench.json"
     if bench_json.is_file():
         b = json.loads(bench_json.read_text())
@@ -378,17 +393,21 @@ def collect(args, out: Path) -> dict:
         summary["bench"]["command"] = " ".join(shlex.quote(c) for c in bench_cmd(args, out)[2:]).replace("greenmim.cli.bench", "greenmim-bench", 1)
     majority = None
     for arm in ("A", "B", "C"):
-        for kind in EVALS:
-            vals = []
-            for seed in args.seeds:
+        for kind in summary["evals"]:
+            vals, seeds, runs = [], [], []
+            for seed in eval_seeds(args, arm, kind):
                 run = eval_dir(out, arm, seed, kind)
                 top1 = eval_top1(run)
-                if top1 is not None:
-                    vals.append(top1)
-                    if majority is None and (run / "results.json").is_file():
-                        majority = json.loads((run / "results.json").read_text()).get("majority_acc1")
+                if top1 is None:
+                    continue
+                vals.append(top1)
+                seeds.append(seed)
+                times = json.loads((run / "times.json").read_text()) if (run / "times.json").is_file() else {}
+                runs.append({"seed": seed, "top1": top1, "run": str(run), **times})
+                if majority is None:
+                    majority = json.loads((run / "results.json").read_text()).get("majority_acc1")
             if vals:
-                summary["eval"].setdefault(arm, {})[kind] = mean_std(vals)
+                summary["eval"].setdefault(arm, {})[kind] = {**mean_std(vals), "seeds": seeds, "runs": runs}
     summary["majority_acc1"] = majority
     return summary
 
@@ -409,30 +428,34 @@ def machine() -> str:
 
 def table(summary: dict) -> str:
     """The README table (markdown)."""
-    lines = ["| arm | " + " | ".join(f"{EVAL_LABELS[k]} top-1 (%)" for k in EVALS) + " |", "|---|" + "---|" * len(EVALS)]
+    evals = summary["evals"]
+    lines = ["| arm | " + " | ".join(f"{EVAL_LABELS[k]} top-1 (%)" for k in evals) + " |", "|---|" + "---|" * len(evals)]
     for arm in ("A", "B", "C"):
         row = summary["eval"].get(arm, {})
         cells = []
-        for k in EVALS:
+        for k in evals:
             m = row.get(k)
             cells.append(f"{m['mean']:.1f} ± {m['std']:.1f} (n={m['n']})" if m else "—")
         lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
     if summary.get("majority_acc1") is not None:
-        lines.append(f"| majority class | " + " | ".join(f"{summary['majority_acc1']:.1f}" for _ in EVALS) + " |")
+        lines.append("| majority class | " + " | ".join(f"{summary['majority_acc1']:.1f}" for _ in evals) + " |")
     pre = summary["pretrain"]
     if pre:
-        lines += ["", "| pretraining | steps | training-loop wall (s) | median step (ms) | process wall (s) | final loss |", "|---|---|---|---|---|---|"]
+        lines += ["", "| pretraining | steps | training-loop wall (s) | median step (ms) | process wall (s) | process CPU (s) | final loss |",
+                  "|---|---|---|---|---|---|---|"]
         for method, p in pre.items():
+            cpu = p.get("process_cpu_s")
             lines.append(
                 f"| {method} | {p['steps']} | {p['train_loop_s']['mean']:.0f} ± {p['train_loop_s']['std']:.0f} | "
                 f"{p['median_step_ms']['mean']:.0f} ± {p['median_step_ms']['std']:.0f} | "
                 f"{p['process_wall_s']['mean']:.0f} ± {p['process_wall_s']['std']:.0f} | "
-                f"{p['final_loss']['mean']:.4f} ± {p['final_loss']['std']:.4f} |"
+                + (f"{cpu['mean']:.0f} ± {cpu['std']:.0f} | " if cpu else "— | ")
+                + f"{p['final_loss']['mean']:.4f} ± {p['final_loss']['std']:.4f} |"
             )
     r = summary.get("measured_ratio")
     if r:
         lines += ["", f"simmim / greenmim wall time: training loop {r['train_loop']:.2f}x, median step {r['median_step']:.2f}x, "
-                      f"whole process {r['process_wall']:.2f}x"]
+                      f"whole process {r['process_wall']:.2f}x" + (f"; process CPU time {r['process_cpu']:.2f}x" if "process_cpu" in r else "")]
     if summary.get("bench"):
         lines += [f"greenmim-bench prediction: {summary['bench']['speedup']:.2f}x (`{summary['bench']['command']}`)"]
     return "\n".join(lines) + "\n"
@@ -467,8 +490,8 @@ def plot(summary: dict, png: Path, window: int) -> None:
         label = f"{method} ({p['seeds']} seeds)"
         axes[0].plot(steps, mean, color=colors[method], label=label)
         axes[0].fill_between(steps, lo, hi, color=colors[method], alpha=0.2)
-        for i, (c, l) in enumerate(zip(curves, losses)):
-            axes[1].plot([t / 60 for t in c["time_s"][:n]], l, color=colors[method], alpha=0.8, lw=1,
+        for i, (c, curve) in enumerate(zip(curves, losses)):
+            axes[1].plot([t / 60 for t in c["time_s"][:n]], curve, color=colors[method], alpha=0.8, lw=1,
                          label=label if i == 0 else None)
     axes[0].set(xlabel="pretraining step", ylabel=f"loss (norm-pix MSE, {window}-step mean)", title="pretraining loss vs step (band: min-max over seeds)")
     axes[1].set(xlabel="training-loop wall time (min)", ylabel="loss", title="pretraining loss vs wall time (one line per seed)")
@@ -483,10 +506,11 @@ def plot(summary: dict, png: Path, window: int) -> None:
         ax.grid(alpha=0.3)
     ax = axes[2]
     width = 0.27
+    evals = summary["evals"]
     for i, arm in enumerate(("A", "B", "C")):
         row = summary["eval"].get(arm, {})
-        xs = [j + (i - 1) * width for j, k in enumerate(EVALS) if k in row]
-        ms = [row[k] for k in EVALS if k in row]
+        xs = [j + (i - 1) * width for j, k in enumerate(evals) if k in row]
+        ms = [row[k] for k in evals if k in row]
         if not ms:
             continue
         ax.bar(xs, [m["mean"] for m in ms], width, yerr=[m["std"] for m in ms], capsize=3, color=colors[arm], alpha=0.75, label=ARM_LABELS[arm])
@@ -494,16 +518,105 @@ def plot(summary: dict, png: Path, window: int) -> None:
             ax.plot([x] * len(m["values"]), m["values"], "k.", ms=4)
     if summary.get("majority_acc1") is not None:
         ax.axhline(summary["majority_acc1"], color="tab:red", ls="--", lw=1, label=f"majority class {summary['majority_acc1']:.1f}%")
-    ax.set_xticks(range(len(EVALS)), [EVAL_LABELS[k].replace(", ", "\n") for k in EVALS])
+    ax.set_xticks(range(len(evals)), [EVAL_LABELS[k].replace(", ", "\n") for k in evals])
     ax.set(ylabel="val top-1 (%)", title="downstream accuracy (mean ± std over seeds; dots: seeds)")
-    lows = [v for row in summary["eval"].values() for m in row.values() for v in m["values"]] + [summary.get("majority_acc1") or 50]
-    ax.set_ylim(min(40.0, min(lows) - 5), 100)
+    values = [v for row in summary["eval"].values() for m in row.values() for v in m["values"]]
+    lows = values + [summary.get("majority_acc1") or 50]
+    ax.set_ylim(max(0.0, min(40.0, min(lows) - 5)), min(100.0, max(values + [50.0]) + 15))
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+#: the study file's arm names (``docs/study_imagewoof.json``, read by tooling)
+ARM_NAMES = {"A": "greenmim", "B": "simmim", "C": "scratch"}
+#: the study file's per-arm lists: field -> evaluation
+STUDY_FIELDS = {"finetune_10pct_top1": "finetune_10pct", "linear_probe_top1": "linear_probe", "knn_top1": "knn",
+                "finetune_full_top1": "finetune_full"}
+
+
+def count_images(folder: Path) -> int:
+    return sum(1 for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
+
+
+def targets(summary: dict) -> dict:
+    """The issue's three targets on the 10%-label fine-tune and the pretraining wall time (``None``: not
+    measured yet). Standard error of a mean: sample std / sqrt(n); of the A - B difference: the root sum
+    of both squared (Welch)."""
+    ev = {arm: summary["eval"].get(arm, {}).get("finetune_10pct") for arm in ("A", "B", "C")}
+    out: dict = {}
+    if ev["A"] and ev["C"]:
+        gap = ev["A"]["mean"] - ev["C"]["mean"]
+        out["finetune_10pct_A_vs_C"] = {"rule": "A >= C + 3 points", "difference": gap, "met": gap >= 3.0,
+                                        "n": [ev["A"]["n"], ev["C"]["n"]]}
+    if ev["A"] and ev["B"]:
+        gap = ev["A"]["mean"] - ev["B"]["mean"]
+        se = math.sqrt(ev["A"]["std"] ** 2 / ev["A"]["n"] + ev["B"]["std"] ** 2 / ev["B"]["n"])
+        margin = max(1.5, 2 * se)
+        out["finetune_10pct_A_vs_B"] = {"rule": "A >= B - max(1.5, 2 SE of the difference)", "difference": gap,
+                                        "se_difference": se, "margin": margin, "met": gap >= -margin,
+                                        "n": [ev["A"]["n"], ev["B"]["n"]]}
+    g, s = summary["pretrain"].get("greenmim"), summary["pretrain"].get("simmim")
+    if g and s:
+        ratio = g["train_loop_s"]["mean"] / s["train_loop_s"]["mean"]
+        out["pretrain_wall_A_over_B"] = {"rule": "A's training-loop wall time <= 0.5 x B's", "ratio": ratio, "met": ratio <= 0.5}
+        if "process_cpu_s" in g and "process_cpu_s" in s:
+            out["pretrain_wall_A_over_B"]["cpu_ratio"] = g["process_cpu_s"]["mean"] / s["process_cpu_s"]["mean"]
+    return out
+
+
+def study_file(args, summary: dict, out: Path) -> dict:
+    """The study file (``--json``): ``data.{train,val}_images``; per arm (``greenmim``, ``simmim``,
+    ``scratch``) the per-seed top-1 lists ``finetune_10pct_top1``, ``linear_probe_top1``, ``knn_top1``
+    (``finetune_full_top1`` when run) and ``pretrain_seconds`` (training-loop wall time; null for scratch);
+    plus seeds, runs, CPU times, targets, the command and versions."""
+    import torch
+
+    data = Path(args.data).resolve()
+    arms: dict = {}
+    for arm, name in ARM_NAMES.items():
+        row = summary["eval"].get(arm, {})
+        entry: dict = {}
+        for field, kind in STUDY_FIELDS.items():
+            if kind in args.evals:
+                entry[field] = [round(v, 2) for v in row[kind]["values"]] if kind in row else []
+                entry[field.replace("_top1", "_seeds")] = row[kind]["seeds"] if kind in row else []
+        pre = summary["pretrain"].get(METHODS.get(arm, ""))
+        entry["pretrain_seconds"] = round(pre["train_loop_s"]["mean"], 1) if pre else None
+        if pre:
+            entry["pretrain"] = {"train_loop_s": pre["train_loop_s"]["mean"], "process_wall_s": pre["process_wall_s"]["mean"],
+                                 "process_cpu_s": pre.get("process_cpu_s", {}).get("mean"),
+                                 "load_avg_1m": pre.get("load_avg_1m", {}).get("mean"), "steps": pre["steps"],
+                                 "median_step_ms": pre["median_step_ms"]["mean"], "final_loss": pre["final_loss"]["mean"]}
+        entry["runs"] = {kind: m["runs"] for kind, m in row.items()}
+        arms[name] = entry
+    import timm
+
+    return {
+        "data": {"train_images": count_images(data / "train"), "val_images": count_images(data / "val"), "root": args.data,
+                 "label_subset": {"fraction": args.label_fraction, "seed": args.label_seed,
+                                  "train_images": count_images(subset_root(args, out) / "train"),
+                                  "files": str(subset_root(args, out) / "files.txt")}},
+        "arms": arms,
+        "targets": targets(summary),
+        "majority_acc1": summary["majority_acc1"],
+        "measured_ratio_simmim_over_greenmim": summary.get("measured_ratio"),
+        "command": command_line(args),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("stage",)},
+        "versions": {"machine": summary["machine"], "torch": torch.__version__, "timm": timm.__version__,
+                     "greenmim_commit": git_commit()},
+    }
+
+
+def git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def report(args, out: Path) -> dict:
@@ -514,6 +627,9 @@ def report(args, out: Path) -> dict:
     (out / "summary.md").write_text(text)
     plot(summary, Path(args.png), window=max(1, args.smooth))
     print(text + f"\nfigure: {args.png}\nsummary: {out / 'summary.json'}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(study_file(args, summary, out), indent=2, default=str) + "\n")
+        print(f"study file: {args.json}", flush=True)
     return slim
 
 
@@ -522,7 +638,7 @@ def csv_list(text: str) -> List[str]:
     return [t for t in text.split(",") if t]
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/hymenoptera", help="folder-per-class dataset (train/, val/)")
     p.add_argument("--out", default="runs/study_pretraining", help="where every run goes")
@@ -551,6 +667,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--bench-iters", type=int, default=10, help="timed steps per method of the greenmim-bench prediction (0: skip it)")
     p.add_argument("--smooth", type=int, default=7, help="moving-average window (steps) of the plotted losses")
     p.add_argument("--eval-override", action="append", default=[], help="extra greenmim-finetune override for every evaluation (repeatable)")
+    p.add_argument("--json", default=None, help="also write the study file (e.g. docs/study_imagewoof.json)")
+    return p
+
+
+def command_line(args) -> str:
+    """``python scripts/study_pretraining.py`` with every option of ``args`` spelled out (``--stage`` left
+    out: the default runs every stage, skipping what is finished), the command that reproduces a study."""
+    words = ["python", "scripts/study_pretraining.py"]
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest in ("help", "stage"):
+            continue
+        value = getattr(args, action.dest)
+        if value is None:
+            continue
+        if action.dest in ("pretrain_override", "eval_override"):
+            for v in value:
+                words += [action.option_strings[0], v]
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        words += [action.option_strings[0], text]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     bad = sorted(set(args.arms) - {"A", "B", "C"}) + sorted(set(args.evals) - set(EVALS))
     if bad:
