@@ -1,6 +1,7 @@
 """Does the pretraining pay off? greenmim vs simmim vs no pretraining on a small labelled folder.
 
-Arms (every arm runs every seed; seed ``s`` pretrains with ``seed=s`` and evaluates with ``seed=s``):
+Arms (every arm runs every seed; seed ``s`` pretrains with ``seed=s`` and evaluates with ``seed=s``, or,
+with ``--pretrain-seeds 0``, one pretraining per method that every evaluation seed starts from):
 
 * ``A``: ``greenmim-pretrain model=greenmim_<model>`` on the *train* images, then k-NN, linear probe, fine-tune;
 * ``B``: ``greenmim-pretrain model=simmim_<model>``: the same model, data, steps and recipe, all-token encoder;
@@ -11,21 +12,27 @@ interrupted study continues where it stopped):
 
 1. ``prepare``: a resized copy of the dataset (shorter side ``--cache-size`` px, RGB JPEG q95) so that
    JPEG decoding of 500 px photos does not dominate a CPU step and dilute the wall-time ratio; the
-   128 px crops seen by the models are the same up to resampling.
+   128 px crops seen by the models are the same up to resampling (``--cache-size 0``: none, for data
+   that is small already, e.g. Imagewoof at 160 px). With ``finetune_10pct`` among ``--evals``, also
+   the fixed label subset (:func:`label_subset`: links, no copies) in ``<out>/labels_<pct>pct_s<seed>``.
 2. ``pretrain``: A and B per seed, interleaved (A s0, B s0, A s1, ...) so that load drift on a shared
    machine hits both methods alike. ``trainer.log_every=1``: ``metrics.jsonl`` holds the loss of every
    step and its throughput, from which the cumulative training wall time per step is computed
    (``batch / img_per_s``); ``wall.json`` adds the whole process' wall time.
 3. ``evaluate``: ``greenmim-finetune experiment={knn,linear_probe,finetune_small_data}`` per arm and seed,
-   plus the small-data recipe at 30 epochs / lr 1e-3 (``finetune_30ep``, its first version).
+   plus the small-data recipe at 30 epochs / lr 1e-3 (``finetune_30ep``, its first version); or
+   (``--evals``) ``finetune_10pct``: the small-data recipe for ``--ft-epochs`` on the label subset,
+   validated on the full val split, and ``finetune_full`` (the same on every train label).
 4. ``report``: ``summary.json``, ``summary.md`` (the README table) and one PNG (``--png``): loss vs step,
-   loss vs wall time, and downstream top-1 (mean +- std over seeds) of A, B, C.
+   loss vs wall time, and downstream top-1 (mean +- std over seeds) of A, B, C; with ``--json`` also the
+   study file (:func:`study_file`: per-arm lists of per-seed top-1, pretraining seconds, the targets).
 
 Usage (what ``scripts/study_pretraining.sh`` runs)::
 
     python scripts/study_pretraining.py --data ../shared/data/hymenoptera --out runs/study_pretraining \
         --png docs/study_pretraining.png
     python scripts/study_pretraining.py --stage evaluate --arms C ...      # one stage / some arms only
+    STUDY=imagewoof scripts/study_pretraining.sh                           # the Imagewoof study (README)
 
 Every command is printed before it runs, and each run's stdout/stderr go to ``<run dir>.log``.
 """
