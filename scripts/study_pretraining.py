@@ -494,7 +494,7 @@ def plot(summary: dict, png: Path, window: int) -> None:
         lo = [min(col) for col in zip(*losses)]
         hi = [max(col) for col in zip(*losses)]
         steps = curves[0]["step"][:n]
-        label = f"{method} ({p['seeds']} seeds)"
+        label = f"{method} ({p['seeds']} seed{'s' if p['seeds'] > 1 else ''})"
         axes[0].plot(steps, mean, color=colors[method], label=label)
         axes[0].fill_between(steps, lo, hi, color=colors[method], alpha=0.2)
         for i, (c, curve) in enumerate(zip(curves, losses)):
@@ -504,7 +504,7 @@ def plot(summary: dict, png: Path, window: int) -> None:
     axes[1].set(xlabel="training-loop wall time (min)", ylabel="loss", title="pretraining loss vs wall time (one line per seed)")
     r = summary.get("measured_ratio")
     if r:
-        note = f"simmim/greenmim time: {r['train_loop']:.2f}x"
+        note = f"simmim/greenmim time: {r['train_loop']:.2f}x" + (f"\n(process CPU time: {r['process_cpu']:.2f}x)" if "process_cpu" in r else "")
         if summary.get("bench"):
             note += f"\ngreenmim-bench predicts {summary['bench']['speedup']:.2f}x"
         axes[1].text(0.98, 0.97, note, transform=axes[1].transAxes, ha="right", va="top", fontsize=9)
