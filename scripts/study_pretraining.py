@@ -529,7 +529,7 @@ def plot(summary: dict, png: Path, window: int) -> None:
     ax.set(ylabel="val top-1 (%)", title="downstream accuracy (mean ± std over seeds; dots: seeds)")
     values = [v for row in summary["eval"].values() for m in row.values() for v in m["values"]]
     lows = values + [summary.get("majority_acc1") or 50]
-    ax.set_ylim(max(0.0, min(40.0, min(lows) - 5)), min(100.0, max(values + [50.0]) + 15))
+    ax.set_ylim(max(0.0, min(40.0, min(lows) - 5)), min(100.0, max(values + [40.0]) + 10))
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
