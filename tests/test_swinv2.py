@@ -176,7 +176,9 @@ def test_compiled_step_equals_eager_without_recompiles():
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
         if i == 0:
             warm = compile_counters()
-    # the two eager plan resolutions (model, encoder) split the step into 3 graphs; a break in V2's block would add more
-    assert warm["graphs"] - before["graphs"] == 3
+    # one eager plan resolution (the model's, passed on to the encoder) is the only break; one in V2's block
+    # would add a break and graphs
+    assert warm["graph_breaks"] - before["graph_breaks"] == 1
+    assert warm["graphs"] - before["graphs"] <= 2
     assert compile_counters()["graphs"] == warm["graphs"], "static plans: no recompiles"
     torch._dynamo.reset()

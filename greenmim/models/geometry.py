@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..masking import UnitGrid, unit_grid
+from ..masking import UnitGrid, check_mask, unit_grid
 from ..ops.sparse_conv import VisibleGeometry
 from ..planning import DevicePlan, HostPlan, VisiblePlanner, WindowPartition, as_device_plan, host_plan
 
@@ -49,6 +49,23 @@ class EncoderGeometryMixin:
                 f"(or set data.img_size to {expected[0]})"
             )
         return grid
+
+    def embed_with_mask_tokens(
+        self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, checked: bool = False
+    ) -> torch.Tensor:
+        """The all-token baselines' input: the patch embedding ``(B, H', W', C)`` of ``images`` with
+        ``mask_token`` at every token of a hidden unit. ``mask`` is checked where it lives (a device
+        mask is not read back: no sync), unless ``checked`` (checked where it was planned; the check
+        would break a ``torch.compile`` graph)."""
+        grid = self.check_images(images)
+        if mask.device.type == "cpu" and not checked:
+            mask = check_mask(mask, images.shape[0], grid.num_units)
+        mask = mask.to(images.device, non_blocking=True)
+        x = self.patch_embed(images)  # (B, H, W, C)
+        b, h, w, c = x.shape
+        t = h // grid.height
+        token_mask = mask.view(b, grid.height, 1, grid.width, 1).expand(-1, -1, t, -1, t).reshape(b, h, w, 1)
+        return torch.where(token_mask, mask_token.to(x.dtype).view(1, 1, 1, c), x)
 
     def use_fused_attention(self) -> None:
         """Make every timm attention module of this encoder run ``F.scaled_dot_product_attention``

@@ -40,7 +40,7 @@ from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from torch.utils.checkpoint import checkpoint
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel
-from ..masking import check_mask, to_pair
+from ..masking import to_pair
 from ..ops.reduced_attention import reduced_attention
 from ..ops.sparse_conv import VisibleGeometry, check_conv3x3_stride2, get_sparse_backend, tiled_depthwise3x3, unit_tiles
 from ..planning import DevicePlan
@@ -172,8 +172,8 @@ class VisiblePVTv2(VisibleEncoderMixin, PVTv2EncoderMixin, PyramidVisionTransfor
             x = outs[-1]
         return outs
 
-    def forward(self, images: torch.Tensor, mask=None, plan=None) -> torch.Tensor:
-        return self.forward_stages(images, mask, plan)[-1]  # the last stage's norm is the final norm
+    def forward_plan(self, images: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
+        return self.stages_from_plan(images, plan)[-1]  # the last stage's norm is the final norm
 
 
 class AllTokenPVTv2(PVTv2EncoderMixin, PyramidVisionTransformerV2):
@@ -191,17 +191,10 @@ class AllTokenPVTv2(PVTv2EncoderMixin, PyramidVisionTransformerV2):
         self._init_geometry(img_size)
         self.use_fused_attention()
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        grid = self.check_images(images)
-        if mask.device.type == "cpu":  # checked where it lives: a device mask is not read back
-            mask = check_mask(mask, images.shape[0], grid.num_units)
-        mask = mask.to(images.device, non_blocking=True)
-        x = self.patch_embed(images)  # (B, H, W, C)
-        b, h, w, c = x.shape
-        t = h // grid.height
-        token_mask = mask.view(b, grid.height, 1, grid.width, 1).expand(-1, -1, t, -1, t).reshape(b, h, w, 1)
-        x = torch.where(token_mask, mask_token.to(x.dtype).view(1, 1, 1, c), x)
-        x = self.stages(x)  # (B, C, H/32, W/32), the last stage's norm applied
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, checked: bool = False) -> torch.Tensor:
+        """See :meth:`~greenmim.models.geometry.EncoderGeometryMixin.embed_with_mask_tokens` for ``mask``
+        and ``checked``."""
+        x = self.stages(self.embed_with_mask_tokens(images, mask, mask_token, checked))  # (B, C, H/32, W/32), last stage's norm applied
         return x.flatten(2).transpose(1, 2)
 
 

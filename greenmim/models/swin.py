@@ -24,7 +24,6 @@ from timm.models.swin_transformer import SwinTransformer
 from torch.utils.checkpoint import checkpoint
 
 from ..grouping import DEFAULT_COST_MODEL, CostModel
-from ..masking import check_mask
 from ..ops.group_attention import GroupLayout, check_attention, group_window_attention
 from ..ops.sparse_conv import SPARSE_BACKENDS
 from ..planning import DevicePlan, WindowPartition
@@ -156,20 +155,11 @@ class AllTokenSwinMixin(EncoderGeometryMixin):
         self.num_stages = self.num_layers
         self.use_fused_attention()
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        """``mask`` is checked where it lives: give a host mask (or one already checked) to keep the
-        step free of device syncs."""
-        grid = self.check_images(images)
-        if mask.device.type == "cpu":
-            mask = check_mask(mask, images.shape[0], grid.num_units)
-        mask = mask.to(images.device, non_blocking=True)
-        x = self.patch_embed(images)  # (B, H, W, C)
-        b, h, w, c = x.shape
-        t = h // grid.height
-        token_mask = mask.view(b, grid.height, 1, grid.width, 1).expand(-1, -1, t, -1, t).reshape(b, h, w, 1)
-        x = torch.where(token_mask, mask_token.to(x.dtype).view(1, 1, 1, c), x)
-        x = self.norm(self.layers(x))
-        return x.reshape(b, grid.num_units, -1)
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, checked: bool = False) -> torch.Tensor:
+        """See :meth:`~greenmim.models.geometry.EncoderGeometryMixin.embed_with_mask_tokens` for ``mask``
+        and ``checked``."""
+        x = self.norm(self.layers(self.embed_with_mask_tokens(images, mask, mask_token, checked)))
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 class AllTokenSwin(AllTokenSwinMixin, SwinTransformer):
