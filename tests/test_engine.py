@@ -337,11 +337,11 @@ def test_detection_timing_script_reads_the_micro_model_from_the_configs():
 def test_device_prefetch_gives_the_same_losses_and_resumes_exactly(tmp_path):
     """Batches moved to the device one step ahead (a background thread) change nothing: same losses as
     the plain loader, and a stop/resume=auto in the middle reproduces them."""
-    def task():
-        return PretrainTask(MICRO, {**DATA, "device_prefetch": True, "num_workers": 1}, vis_every_epochs=0)
+    def task(prefetch=True):
+        return PretrainTask(MICRO, {**DATA, "device_prefetch": prefetch, "num_workers": 1}, vis_every_epochs=0)
 
     plain = tmp_path / "plain"
-    make_trainer(plain, epochs=1).fit()
+    make_trainer(plain, task=task(prefetch=False), epochs=1).fit()  # one loader worker too: the same CPU threads
     part = tmp_path / "part"
     make_trainer(part, task=task(), epochs=1, stop_at_step=2).fit()
     resumed = make_trainer(part, task=task(), epochs=1, resume="auto")
