@@ -49,7 +49,7 @@ def fake_batch(n: int, h: int, w: int, objects: int = 3):
 
 
 def main(argv=None) -> None:
-    from greenmim.detection import build_maskrcnn
+    from greenmim.tasks.detect import build_maskrcnn
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="swin_tiny_patch4_window7_224", help="timm swin_*/twins_* name, or a configs/model name ('micro': greenmim_swin_micro)")

@@ -9,9 +9,9 @@ training thread. Prints the worker's planning time and the training thread's tim
 """
 import statistics, time, torch
 from torch.utils.data import DataLoader, Dataset
-from greenmim.data.mim_batches import MaskCollator
+from greenmim.plan.collate import MaskCollator
 from greenmim.data.prefetch import DevicePrefetcher
-from greenmim.masking import unit_grid
+from greenmim.plan.masking import unit_grid
 from greenmim.models import create_encoder
 
 enc = create_encoder("swin_base_patch4_window7_224")

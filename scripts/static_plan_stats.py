@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from greenmim.masking import num_visible_units
+from greenmim.plan.masking import num_visible_units
 from greenmim.models import create_encoder
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from cli_helpers import assert_one_line, run_cli
 from greenmim.cli.architecture import adopt_checkpoint_architecture
 from greenmim.cli.export import export_encoder
-from greenmim.detection.backbone import TimmTrunk
-from greenmim.evaluation.run import build_frozen_encoder
+from greenmim.tasks.detect.backbone import TimmTrunk
+from greenmim.tasks.frozen_eval.run import build_frozen_encoder
 from greenmim.models.registry import create_encoder
 from greenmim.weights.architecture import read_architecture
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from conftest import TINY_PRETRAIN_ARGS
-from greenmim.data.mim_batches import MIMBatch, plan_masks, planner_for, pretrain_loss
+from greenmim.plan.collate import MIMBatch, plan_masks, planner_for
+from greenmim.tasks.pretrain.loss import pretrain_loss
 from greenmim.data.transforms import normalize
 from greenmim.engine import Precision, TrainingStep, build_optimizer, compile_model, load_checkpoint
 from greenmim.engine.step import compile_counters
-from greenmim.masking import seeded_masks, unit_grid
+from greenmim.plan.masking import seeded_masks, unit_grid
 from greenmim.models import create_pretrain_model
 
 # 128 px: a 4x4 unit grid (4 visible units at 0.75); window 4 tiles every stage; stage 1 has a shifted block

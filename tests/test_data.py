@@ -22,7 +22,7 @@ from greenmim.data import (
 )
 from greenmim.engine import ConfigError, DistInfo
 from greenmim.engine.image_counts import CountReport
-from greenmim.pretrain_task import build_pretrain_model
+from greenmim.tasks.pretrain.task import build_pretrain_model
 
 MICRO = dict(name="swin_tiny_patch4_window7_224", method="greenmim", decoder_dim=32, decoder_heads=2,
              encoder_args=dict(embed_dim=16, window_size=4, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2]))

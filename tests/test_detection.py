@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from greenmim.detection import (
+from greenmim.tasks.detect import (
     CocoDetection,
     CocoEvaluator,
     CocoFileNotFoundError,
@@ -15,8 +15,8 @@ from greenmim.detection import (
     ground_truth_as_predictions,
     hflip,
 )
-from greenmim.detection.synthetic import CATEGORY_IDS, write_synthetic_coco
-from greenmim.detection.task import detection_param_groups
+from greenmim.tasks.detect.synthetic import CATEGORY_IDS, write_synthetic_coco
+from greenmim.tasks.detect.task import detection_param_groups
 from greenmim.engine.errors import UserError
 
 SWIN = "swin_tiny_patch4_window7_224"

@@ -83,7 +83,7 @@ def test_cli_reports_a_missing_annotation_file_in_one_line(tmp_path):
 
 
 def _gather_worker(rank, world, init_file, img_dir, ann, queue):
-    from greenmim.detection import CocoDetection, CocoEvaluator, ground_truth_as_predictions
+    from greenmim.tasks.detect import CocoDetection, CocoEvaluator, ground_truth_as_predictions
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -100,7 +100,7 @@ def _gather_worker(rank, world, init_file, img_dir, ann, queue):
 
 
 def test_predictions_are_gathered_over_ranks(tmp_path):
-    from greenmim.detection.synthetic import write_synthetic_coco
+    from greenmim.tasks.detect.synthetic import write_synthetic_coco
 
     img_dir, ann = write_synthetic_coco(str(tmp_path / "coco"), num_images=4, size=(64, 80), seed=1)
     ctx = mp.get_context("spawn")

@@ -3,8 +3,9 @@ import timm
 import torch
 from timm.models.swin_transformer import PatchMerging, checkpoint_filter_fn
 
-from greenmim.detection import build_maskrcnn
-from greenmim.detection.official_swin import export_official, main, official_to_timm_swin, timm_to_official_swin
+from greenmim.tasks.detect import build_maskrcnn
+from greenmim.cli.official_swin import export_official, main
+from greenmim.weights.official_swin import official_to_timm_swin, timm_to_official_swin
 
 SWIN = "swin_tiny_patch4_window7_224"
 TINY = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))

@@ -26,7 +26,7 @@ from greenmim.engine import (
     scaled_lr,
 )
 from greenmim.engine.schedule import apply_lr
-from greenmim.pretrain_task import PretrainTask, build_pretrain_model
+from greenmim.tasks.pretrain.task import PretrainTask, build_pretrain_model
 
 MICRO = dict(
     name="swin_tiny_patch4_window7_224", method="greenmim", mask_ratio=0.75, decoder_dim=32, decoder_depth=1,

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from greenmim.cli.export import main as export_main
 from greenmim.engine import OptimConfig, Trainer, TrainerConfig
-from greenmim.pretrain_task import PretrainTask
+from greenmim.tasks.pretrain.task import PretrainTask
 
 ENCODER_ARGS = dict(embed_dim=16, window_size=4, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], drop_path_rate=0.1)
 

@@ -18,8 +18,8 @@ import torch.nn as nn
 from hydra import compose, initialize_config_module
 
 from cli_helpers import assert_one_line, run_cli
-from greenmim.detection.data import CocoDetection, CocoFormatError
-from greenmim.detection.synthetic import write_synthetic_coco
+from greenmim.tasks.detect.data import CocoDetection, CocoFormatError
+from greenmim.tasks.detect.synthetic import write_synthetic_coco
 from greenmim.engine import CheckpointManager, Trainer, TrainerConfig, TrainTask, UserError
 from greenmim.engine.sampler import ResumableDistributedSampler
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from greenmim.cli import bench
 from greenmim.cli.export import main as export_main
 from greenmim.cli.visualize import main as visualize_main
-from greenmim.detection.official_swin import main as official_main
+from greenmim.cli.official_swin import main as official_main
 from greenmim.engine.checkpoint import atomic_save
 from greenmim.engine.files import temporary_name
 from greenmim.models import create_pretrain_model
@@ -131,7 +131,7 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_no_file(checkpoint, tmp_
 # ------------------------------------------------------------------ shared files get the umask's mode, not 0600
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_exports_checkpoints_and_pictures_respect_the_umask(checkpoint, tmp_path, capsys, umask, mode):
-    from greenmim.visualization import save_png
+    from greenmim.tasks.pretrain.reconstructions import save_png
 
     stale = temporary_name(tmp_path / "ckpt.pt")  # a temporary file left by a crashed run, private
     stale.write_bytes(b"")
@@ -153,7 +153,7 @@ def test_official_swin_export_replaces_neither_its_source_nor_another_file(check
     source = tmp_path / "source.pth"
     source.write_bytes(checkpoint.read_bytes())
     before = source.read_bytes()
-    prog = "python -m greenmim.detection.official_swin"
+    prog = "python -m greenmim.cli.official_swin"
     line = one_error_line(lambda: official_main([str(source), str(source)]), capsys, prog)
     assert "is the input" in line and "would be replaced" in line
     line = one_error_line(lambda: official_main([str(source), str(tmp_path / "official.json")]), capsys, prog)

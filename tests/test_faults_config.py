@@ -16,9 +16,9 @@ from cli_helpers import assert_one_line, run_cli
 import greenmim
 from greenmim.engine import OptimConfig, TrainerConfig
 from greenmim.engine.errors import UserError
-from greenmim.evaluation import knn_scores, train_linear_probe
-from greenmim.finetune.data import build_classification_data
-from greenmim.finetune.evaluate import build_eval_loader, evaluate
+from greenmim.tasks.frozen_eval import knn_scores, train_linear_probe
+from greenmim.tasks.finetune.data import build_classification_data
+from greenmim.tasks.finetune.evaluate import build_eval_loader, evaluate
 
 PACKAGE = Path(greenmim.__file__).parent
 CONFIGS = Path(str(resources.files("greenmim.configs")))
@@ -142,8 +142,8 @@ class Logits(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("num_classes", [2, 5, 6])
 def test_top5_is_reported_only_with_more_than_5_classes(num_classes):
-    from greenmim.evaluation.linear_probe import probe_metrics, LinearProbe
-    from greenmim.evaluation.knn import topk_accuracy
+    from greenmim.tasks.frozen_eval.linear_probe import probe_metrics, LinearProbe
+    from greenmim.tasks.frozen_eval.knn import topk_accuracy
 
     ds = Logits(num_classes)
     want = {"acc1", "acc5"} if num_classes > 5 else {"acc1"}
@@ -231,8 +231,8 @@ def test_dataclass_and_function_defaults_equal_the_yaml():
 
 # ------------------------------------------------------------------ architecture overrides without "+"
 def test_architecture_keys_override_without_plus():
-    from greenmim.finetune.task import model_kwargs
-    from greenmim.pretrain_task import build_pretrain_model
+    from greenmim.tasks.finetune.task import model_kwargs
+    from greenmim.tasks.pretrain.task import build_pretrain_model
 
     ft = compose("model=greenmim_swin_tiny_w7", "model.encoder_args.embed_dim=16", "model.encoder_args.depths=[1,1,1,1]",
                  "model.encoder_args.num_heads=[1,1,2,2]", "model.encoder_args.window_size=2", "data.img_size=64")

@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_module
 
 from greenmim.cli import detect as detect_cli
 from greenmim.cli.validate import check_config
-from greenmim.detection import CocoDetection, CocoFormatError
-from greenmim.detection.synthetic import write_synthetic_coco
+from greenmim.tasks.detect import CocoDetection, CocoFormatError
+from greenmim.tasks.detect.synthetic import write_synthetic_coco
 from greenmim.engine.errors import ConfigError, UserError
 
 

@@ -7,8 +7,8 @@ from PIL import Image
 
 from greenmim.data.images import CorruptImageError, DataError
 from greenmim.engine.errors import ConfigError
-from greenmim.finetune.data import build_classification_data, build_mixup, build_train_criterion
-from greenmim.finetune.evaluate import ShardSampler, build_eval_loader, evaluate
+from greenmim.tasks.finetune.data import build_classification_data, build_mixup, build_train_criterion
+from greenmim.tasks.finetune.evaluate import ShardSampler, build_eval_loader, evaluate
 
 
 def write(path, color=(10, 200, 30), size=(20, 24)):
@@ -132,7 +132,7 @@ def test_randaugment_posterize_at_top_magnitude():
     """m9-mstd0.5 reaches magnitude 10 -> 0 bits kept; Pillow >= 11 rejects that, greenmim restores a black image."""
     from timm.data.auto_augment import AugmentOp
 
-    from greenmim.finetune.compat import patch_timm_posterize
+    from greenmim.tasks.finetune.compat import patch_timm_posterize
 
     patch_timm_posterize()  # what building a RandAugment transform does (independent of test order)
 

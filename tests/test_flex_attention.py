@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from conftest import SWIN_NAME
-from greenmim.data.mim_batches import MIMBatch, planner_for, pretrain_loss
+from greenmim.plan.collate import MIMBatch, planner_for
+from greenmim.tasks.pretrain.loss import pretrain_loss
 from greenmim.engine.step import compile_counters
-from greenmim.masking import random_mask, seeded_masks, unit_grid
+from greenmim.plan.masking import random_mask, seeded_masks, unit_grid
 from greenmim.models import check_architecture, create_encoder, create_pretrain_model
-from greenmim.ops.group_attention import GroupLayout, group_window_attention, plan_group_slots
-from greenmim.ops.windows import stage_windows
+from greenmim.ops.group_attention import GroupLayout, group_window_attention
+from greenmim.plan.slots import plan_group_slots
+from greenmim.plan.windows import stage_windows
 
 # 128 px: a 4x4 unit grid; window 4 tiles every stage; stage 1 has a shifted block
 SWIN = dict(img_size=128, window_size=4, embed_dim=16, depths=(2, 1, 1, 1), num_heads=(2, 2, 2, 4))
@@ -72,7 +74,7 @@ def test_flex_equals_sdpa_values_and_every_gradient(kind, shared, static):
 def test_flex_group_attention_equals_sdpa_with_windows_shared_by_groups():
     """One layer, several windows (and samples) per group, shifted partition, padding: the table
     gradient of the in-kernel bias equals the gathered bias's."""
-    from greenmim.grouping import CostModel
+    from greenmim.plan.grouping import CostModel
 
     mask = random_mask(3, 49, 0.5, generator=torch.Generator().manual_seed(2)).numpy()
     slots = plan_group_slots(stage_windows(mask, (7, 7), 2, 7, 3), CostModel(a=1.0, b=500.0), pad_groups_to=4)  # 14x14 grid

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from greenmim.evaluation import knn_scores, topk_accuracy, train_linear_probe
-from greenmim.evaluation.features import gather_in_order
+from greenmim.tasks.frozen_eval import knn_scores, topk_accuracy, train_linear_probe
+from greenmim.tasks.frozen_eval.features import gather_in_order
 from finetune_helpers import TINY, compose, make_folders, read_jsonl
 
 
@@ -80,9 +80,9 @@ def test_linear_probe_learns_separable_features():
 def test_linear_probe_run_leaves_encoder_bit_identical(folders, pretrained, tmp_path, monkeypatch):
     """End to end (greenmim-finetune's run): the encoder after the probe equals the checkpoint's encoder."""
     from greenmim.cli.finetune import run
-    from greenmim.evaluation import run as frozen
+    from greenmim.tasks.frozen_eval import run as frozen
     from greenmim.weights.loading import load_pretrained
-    from greenmim.finetune.model import create_classifier
+    from greenmim.tasks.finetune.model import create_classifier
 
     built = {}
     original = frozen.build_frozen_encoder

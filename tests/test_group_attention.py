@@ -5,11 +5,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_model
-from greenmim.grouping import CostModel
-from greenmim.masking import random_mask, unit_grid
-from greenmim.ops.group_attention import SPREAD_ROWS, GroupLayout, group_window_attention, plan_group_slots
-from greenmim.grouping import solve_grouping
-from greenmim.ops.windows import stage_windows
+from greenmim.plan.grouping import CostModel
+from greenmim.plan.masking import random_mask, unit_grid
+from greenmim.ops.group_attention import SPREAD_ROWS, GroupLayout, group_window_attention
+from greenmim.plan.slots import plan_group_slots
+from greenmim.plan.grouping import solve_grouping
+from greenmim.plan.windows import stage_windows
 
 
 def naive_window_attention(x, win, qkv, proj, heads, table):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from greenmim.grouping import CostModel, attention_cost, solve_grouping
-from greenmim.masking import random_mask
-from greenmim.ops.windows import stage_windows
+from greenmim.plan.grouping import CostModel, attention_cost, solve_grouping
+from greenmim.plan.masking import random_mask
+from greenmim.plan.windows import stage_windows
 
 
 def set_partitions(items):

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from conftest import SWIN_NAME, TINY_SWIN, tiny_model
-from greenmim.data.mim_batches import MaskCollator, planner_for
+from greenmim.plan.collate import MaskCollator, planner_for
 from greenmim.engine.optim import build_optimizer
-from greenmim.masking import random_mask, seeded_masks, unit_grid
-from greenmim.ops.group_attention import GroupLayout, plan_group_slots, relative_position_bias
-from greenmim.ops.windows import stage_windows
+from greenmim.plan.masking import random_mask, seeded_masks, unit_grid
+from greenmim.ops.group_attention import GroupLayout, relative_position_bias
+from greenmim.plan.slots import plan_group_slots
+from greenmim.plan.windows import stage_windows
 
 def stage1_layout(batch=4, shift=3):
     mask = random_mask(batch, 49, 0.5, generator=torch.Generator().manual_seed(0)).numpy()
@@ -238,7 +239,7 @@ def _planned_loader(n_batches=4, fail_at=None):
 
 def test_prefetcher_moves_planned_batches_ahead_and_keeps_the_loader_interface():
     from greenmim.data.prefetch import DevicePrefetcher
-    from greenmim.planning import DevicePlan
+    from greenmim.plan.planner import DevicePlan
 
     model, loader = _planned_loader()
     prefetched = DevicePrefetcher(loader, torch.device("cpu"))

@@ -18,7 +18,7 @@ from greenmim.data import DataError, build_pretrain_dataset, build_train_loader,
 from greenmim.data.device_decode import DeviceCrop, EncodedBatch
 from greenmim.data import images as images_module
 from greenmim.data.images import CorruptImageError, decode_rgb, open_image
-from greenmim.data.mim_batches import MaskCollator
+from greenmim.plan.collate import MaskCollator
 from greenmim.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,8 +31,8 @@ from greenmim.data.transforms import (
     rgb_pixels,
 )
 from greenmim.engine import DistInfo, OptimConfig, Trainer, TrainerConfig
-from greenmim.masking import unit_grid
-from greenmim.pretrain_task import PretrainTask
+from greenmim.plan.masking import unit_grid
+from greenmim.tasks.pretrain.task import PretrainTask
 
 STD_LEVELS = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255  # one normalised unit, in 8-bit levels
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from greenmim.masking import check_mask, num_visible_units, random_mask, unit_grid, visible_indices
+from greenmim.plan.masking import check_mask, num_visible_units, random_mask, unit_grid, visible_indices
 
 
 def test_per_sample_masks_have_exact_visible_counts_and_differ():

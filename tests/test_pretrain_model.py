@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SWIN_NAME, TINY_SWIN
-from greenmim.masking import random_mask, unit_grid
+from greenmim.plan.masking import random_mask, unit_grid
 from greenmim.models import create_pretrain_model, patchify, unpatchify
 from greenmim.models.decoder import sincos_pos_embed_2d
 

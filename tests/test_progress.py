@@ -73,9 +73,9 @@ def test_frozen_feature_extraction_shows_progress_and_one_conversion_total(folde
 
 
 def test_detection_evaluation_shows_progress(lines, tmp_path):
-    from greenmim.detection import CocoDetection
-    from greenmim.detection.synthetic import write_synthetic_coco
-    from greenmim.detection.task import evaluate_coco
+    from greenmim.tasks.detect import CocoDetection
+    from greenmim.tasks.detect.synthetic import write_synthetic_coco
+    from greenmim.tasks.detect.task import evaluate_coco
     from greenmim.engine.distributed import DistInfo
 
     class Nothing(nn.Module):
@@ -89,8 +89,8 @@ def test_detection_evaluation_shows_progress(lines, tmp_path):
 
 
 def test_coco_ap_tables_go_to_the_log_file_only(tmp_path, capsys):
-    from greenmim.detection import CocoDetection, CocoEvaluator, ground_truth_as_predictions
-    from greenmim.detection.synthetic import write_synthetic_coco
+    from greenmim.tasks.detect import CocoDetection, CocoEvaluator, ground_truth_as_predictions
+    from greenmim.tasks.detect.synthetic import write_synthetic_coco
     from greenmim.engine import setup_logging
 
     ds = CocoDetection(*write_synthetic_coco(str(tmp_path / "coco"), num_images=3, size=(64, 64), seed=0), train=False,

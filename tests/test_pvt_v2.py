@@ -7,7 +7,7 @@ import torch
 
 from greenmim.models import UnknownModelError, create_encoder, create_pretrain_model, list_encoders
 from greenmim.models.pvt_v2 import PVT_V2_ARCHS
-from greenmim.ops.windows import tokens_to_grid
+from greenmim.plan.windows import tokens_to_grid
 from pvt_v2_reference import CONFIGS, DEFAULT_SR, SMALL_SR, build, dense_masked_reference
 from twins_reference import dense_visible, inputs, skip_without
 

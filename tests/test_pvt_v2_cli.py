@@ -86,10 +86,11 @@ def test_detect_from_the_pretrained_checkpoint(checkpoint, tmp_path):
 
 def test_compiled_step_equals_eager_and_never_recompiles(eager_backend):  # noqa: F811
     """The trainer's compiled step (dynamo's eager backend: the same capture and guards) on static plans."""
-    from greenmim.data.mim_batches import MIMBatch, planner_for, pretrain_loss
+    from greenmim.plan.collate import MIMBatch, planner_for
+    from greenmim.tasks.pretrain.loss import pretrain_loss
     from greenmim.engine import Precision, TrainingStep, build_optimizer
     from greenmim.engine.step import compile_counters
-    from greenmim.masking import seeded_masks
+    from greenmim.plan.masking import seeded_masks
     from greenmim.models import create_pretrain_model
 
     torch.manual_seed(0)

@@ -6,14 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from greenmim.masking import random_mask
-from greenmim.ops.sparse_conv import (
-    NativeBackend,
-    VisibleGeometry,
-    get_sparse_backend,
-    submanifold_depthwise3x3,
-)
-from greenmim.ops.windows import tokens_to_grid
+from greenmim.plan.masking import random_mask
+from greenmim.ops.sparse_conv import NativeBackend, get_sparse_backend, submanifold_depthwise3x3
+from greenmim.plan.geometry import VisibleGeometry
+from greenmim.plan.windows import tokens_to_grid
 
 GRID = (3, 4)  # non-square unit grid
 

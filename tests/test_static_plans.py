@@ -6,12 +6,12 @@ import torch
 
 from conftest import SWIN_NAME, TINY_SWIN
 from swin_reference import dense_masked_swin
-from greenmim.data.mim_batches import MaskCollator
-from greenmim.masking import random_mask, unit_grid
+from greenmim.plan.collate import MaskCollator
+from greenmim.plan.masking import random_mask, unit_grid
 from greenmim.models import create_encoder
-from greenmim.ops.windows import stage_windows
-from greenmim.planning import HostPlan
-from greenmim.static_shapes import StaticShape, max_window_count
+from greenmim.plan.windows import stage_windows
+from greenmim.plan.planner import HostPlan
+from greenmim.plan.static_shapes import StaticShape, max_window_count
 from conftest import tiny_model
 from twins_reference import SVT, build, dense_masked_reference
 

@@ -4,9 +4,9 @@ import timm
 import torch
 
 from conftest import SWIN_NAME, TINY_SWIN
-from greenmim.masking import random_mask, unit_grid
+from greenmim.plan.masking import random_mask, unit_grid
 from greenmim.models import UnknownModelError, create_encoder
-from greenmim.ops.windows import tokens_to_grid
+from greenmim.plan.windows import tokens_to_grid
 from swin_reference import dense_masked_swin
 
 

@@ -7,10 +7,10 @@ import pytest
 import timm
 import torch
 
-from greenmim.masking import random_mask, unit_grid
+from greenmim.plan.masking import random_mask, unit_grid
 from greenmim.models import create_encoder, list_encoders
 from greenmim.models.swinv2 import SWINV2_ARCHS
-from greenmim.ops.windows import tokens_to_grid
+from greenmim.plan.windows import tokens_to_grid
 from swin_reference import dense_masked_swin
 
 NAME = "swinv2_tiny_window8_256"
@@ -158,9 +158,10 @@ def test_compiled_step_equals_eager_without_recompiles():
     import copy
 
     from conftest import tiny_model
-    from greenmim.data.mim_batches import MIMBatch, planner_for, pretrain_loss
+    from greenmim.plan.collate import MIMBatch, planner_for
+    from greenmim.tasks.pretrain.loss import pretrain_loss
     from greenmim.engine.step import compile_counters
-    from greenmim.masking import seeded_masks
+    from greenmim.plan.masking import seeded_masks
 
     torch._dynamo.reset()
     eager = tiny_model("swinv2")

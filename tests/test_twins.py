@@ -4,9 +4,9 @@ import pytest
 import timm
 import torch
 
-from greenmim.masking import random_mask
+from greenmim.plan.masking import random_mask
 from greenmim.models import create_encoder, create_pretrain_model, list_encoders
-from greenmim.ops.windows import tokens_to_grid
+from greenmim.plan.windows import tokens_to_grid
 from twins_reference import SVT, CONFIGS, BACKENDS, build, inputs, skip_without, dense_masked_reference, dense_visible
 
 

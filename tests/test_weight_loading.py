@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from greenmim.engine.errors import UserError
-from greenmim.finetune import create_classifier
+from greenmim.tasks.finetune import create_classifier
 from greenmim.models import create_pretrain_model, list_encoders
 
 SWIN = "swin_tiny_patch4_window7_224"

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from greenmim.masking import random_mask
+from greenmim.plan.masking import random_mask
 from greenmim.models import create_encoder
 # tiny configs: windows of 3 tokens cross the 8x8-token units of stage 1; sr_ratios below the
 # tokens per unit side (SVT) give several reduced keys per unit

@@ -1,6 +1,6 @@
 """Fit the grouping solver's cost model to measured group-attention times.
 
-The solver minimises ``n_g * (a * g**2 + b * g)`` (:class:`~greenmim.grouping.CostModel`). This
+The solver minimises ``n_g * (a * g**2 + b * g)`` (:class:`~greenmim.plan.grouping.CostModel`). This
 times :func:`~greenmim.ops.group_attention.group_window_attention` (forward + backward, the
 projections excluded, as they run on visible tokens whatever the grouping) on groups of several
 sizes ``g`` at two total slot counts (``slots`` and half of it: with one total, ``n_g * g`` would be
@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..grouping import CostModel
-from ..ops.group_attention import GroupLayout, group_window_attention, plan_group_slots
-from ..ops.windows import StageWindows
+from ..plan.grouping import CostModel
+from ..ops.group_attention import GroupLayout, group_window_attention
+from ..plan.slots import plan_group_slots
+from ..plan.windows import StageWindows
 from .step import DTYPES, synchronize
 
 DEFAULT_GROUP_SIZES = (8, 16, 24, 32, 40, 49, 64, 80, 98)

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..planning import DevicePlan, HostPlan, host_plan
+from ..plan.planner import DevicePlan, HostPlan, host_plan
 from .step import TrainStep
 
 

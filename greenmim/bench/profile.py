@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ..planning import HostPlan
+from ..plan.planner import HostPlan
 from .step import TrainStep, synchronize
 
 PHASES = ("forward", "backward", "optimizer")

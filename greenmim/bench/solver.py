@@ -1,9 +1,9 @@
 """Host cost of planning: solver time and packing efficiency on random masks, no training.
 
 For every stage and window partition of a visible-only encoder (its planner's partitions) this
-times :func:`~greenmim.ops.windows.stage_windows` (window membership) and
-:func:`~greenmim.grouping.solve_grouping` (the packing) on fresh random masks, and also the
-planner's whole :meth:`~greenmim.planning.VisiblePlanner.plan` (what a DataLoader worker pays per
+times :func:`~greenmim.plan.windows.stage_windows` (window membership) and
+:func:`~greenmim.plan.grouping.solve_grouping` (the packing) on fresh random masks, and also the
+planner's whole :meth:`~greenmim.plan.planner.VisiblePlanner.plan` (what a DataLoader worker pays per
 batch, slot vectors and neighbour indices included).
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..grouping import solve_grouping
-from ..masking import random_mask
-from ..ops.windows import stage_windows
+from ..plan.grouping import solve_grouping
+from ..plan.masking import random_mask
+from ..plan.windows import stage_windows
 
 
 def _stats(values: List[float]) -> Dict[str, float]:

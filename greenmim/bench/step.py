@@ -31,14 +31,16 @@ import torch.nn as nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.mim_batches import MIMBatch, plan_masks, planner_for, pretrain_loss
+from ..plan.collate import MIMBatch, plan_masks, planner_for
+
+from ..tasks.pretrain.loss import pretrain_loss
 from ..engine.optim import build_optimizer
 from ..engine.precision import Precision
 from ..engine.step import TrainingStep, compile_mode
-from ..masking import seeded_masks, unit_grid
+from ..plan.masking import seeded_masks, unit_grid
 from ..models import create_pretrain_model
 from ..data.prefetch import maybe_prefetch
-from ..planning import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
+from ..plan.planner import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
 
 METHODS = ("greenmim", "simmim")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,7 +95,7 @@ class TrainStep:
     ``dtype`` fp32 runs in full precision; bf16 and fp16 run under autocast (weights and optimizer
     stay fp32, as in mixed-precision training), fp16 with a gradient scaler. ``clip_grad`` as
     ``trainer.clip_grad`` (the pretraining recipe's is None); ``static_plans`` as
-    :func:`~greenmim.data.mim_batches.planner_for`. ``planning="inline"`` re-plans the
+    :func:`~greenmim.plan.collate.planner_for`. ``planning="inline"`` re-plans the
     batch's mask inside the step, on the calling thread.
     """
 

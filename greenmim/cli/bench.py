@@ -39,8 +39,23 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..bench.compare import DEFAULT_SWEEP_RATIOS, DEFAULT_SWEEP_SIZES, BenchConfig, environment, run_comparison, run_sweep
-from ..bench.report import calibration_table, comparison_table, output_paths, plot_sweep, solver_table, sweep_table, write_json
+from ..bench.compare import (
+    DEFAULT_SWEEP_RATIOS,
+    DEFAULT_SWEEP_SIZES,
+    BenchConfig,
+    environment,
+    run_comparison,
+    run_sweep,
+)
+from ..bench.report import (
+    calibration_table,
+    comparison_table,
+    output_paths,
+    plot_sweep,
+    solver_table,
+    sweep_table,
+    write_json,
+)
 from ..bench.step import DTYPES, METHODS
 from ..engine.errors import UserError
 from ..models import get_spec
@@ -258,7 +273,7 @@ def run_solver_only(cfg: BenchConfig) -> Dict[str, Any]:
 
 def run_calibration(cfg: BenchConfig) -> Dict[str, Any]:
     from ..bench.calibrate import calibrate_cost_model, first_window_attention
-    from ..masking import num_visible_units, unit_grid
+    from ..plan.masking import num_visible_units, unit_grid
 
     device = torch.device(cfg.device)
     encoder = greenmim_encoder(cfg)

@@ -33,7 +33,15 @@ if TYPE_CHECKING:  # annotations only: omegaconf is imported where it is used
 from ..engine.checkpoint import CHECKPOINT_DIR, find_latest, load_checkpoint
 from ..engine.distributed import cleanup_distributed
 from ..engine.monitor import setup_logging
-from ..engine.errors import EXIT_NONFINITE, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, Preempted, UserError, one_line
+from ..engine.errors import (
+    EXIT_NONFINITE,
+    EXIT_USER_ERROR,
+    ConfigError,
+    NonFiniteLossError,
+    Preempted,
+    UserError,
+    one_line,
+)
 from ..engine.rundir import check_outside_data, run_folder
 from . import EXIT_INTERRUPTED, interrupted_line
 from ..engine.trainer import OptimConfig, TrainerConfig

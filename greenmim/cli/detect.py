@@ -27,9 +27,9 @@ from typing import Any, Dict
 import hydra
 from omegaconf import DictConfig
 
-from ..detection.data import coco_paths
-from ..detection.synthetic import ensure_synthetic_coco
-from ..detection.task import DetectionTask, checkpoint_model_state, evaluate_coco, format_metrics
+from ..tasks.detect.data import coco_paths
+from ..tasks.detect.synthetic import ensure_synthetic_coco
+from ..tasks.detect.task import DetectionTask, checkpoint_model_state, evaluate_coco, format_metrics
 from ..engine import Trainer, init_distributed, setup_logging
 from ..engine.checkpoint import check_one_run, check_output_dir
 from ..engine.distributed import barrier

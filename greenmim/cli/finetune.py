@@ -32,10 +32,10 @@ from omegaconf import DictConfig
 from ..engine import MetricsWriter, Precision, Trainer, init_distributed, setup_logging
 from ..engine.errors import ConfigError
 from ..weights.loading import load_pretrained, read_checkpoint
-from ..finetune.data import build_classification_data
-from ..finetune.evaluate import build_eval_loader, describe_accuracy, evaluate
-from ..finetune.model import create_classifier
-from ..finetune.task import BEST_NAME, FinetuneTask, check_validation_images, model_kwargs
+from ..tasks.finetune.data import build_classification_data
+from ..tasks.finetune.evaluate import build_eval_loader, describe_accuracy, evaluate
+from ..tasks.finetune.model import create_classifier
+from ..tasks.finetune.task import BEST_NAME, FinetuneTask, check_validation_images, model_kwargs
 from .common import CONFIG_PATH, eval_checkpoint, launch, optim_config, run_app, sched_config, trainer_config
 
 PROG = "greenmim-finetune"
@@ -99,8 +99,8 @@ def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     protocol = cfg.get("protocol", "finetune")
-    if protocol != "finetune":  # knn | linear_probe: frozen-feature evaluation (greenmim.evaluation)
-        from ..evaluation.run import run_frozen_eval
+    if protocol != "finetune":  # knn | linear_probe: frozen-feature evaluation (greenmim.tasks.frozen_eval)
+        from ..tasks.frozen_eval.run import run_frozen_eval
 
         return run_frozen_eval(cfg)
     return evaluate_only(cfg) if cfg.get("eval_only", False) else train(cfg)

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..engine import Trainer
-from ..pretrain_task import PretrainTask
+from ..tasks.pretrain.task import PretrainTask
 from .common import CONFIG_PATH, launch, optim_config, run_app, sched_config, to_dict, trainer_config
 
 PROG = "greenmim-pretrain"

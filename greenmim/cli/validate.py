@@ -249,7 +249,7 @@ def check_img_size(cfg: DictConfig) -> None:
 
 def check_pretrain(cfg: DictConfig) -> None:
     """The mask ratio must leave at least one masked and one visible unit of the image's unit grid."""
-    from ..pretrain_task import check_mask_ratio, expected_unit
+    from ..tasks.pretrain.task import check_mask_ratio, expected_unit
 
     model = cfg.get("model") or {}
     if model.get("name") in (None, "???") or "mask_ratio" not in model:

@@ -22,8 +22,8 @@ from ..engine.checkpoint import write_error
 from ..engine.errors import ConfigError, UserError
 from ..engine.monitor import setup_logging
 from ..engine.progress import progress
-from ..pretrain_task import build_pretrain_model, check_mask_ratio
-from ..visualization import reconstruction_grid, save_png
+from ..tasks.pretrain.task import build_pretrain_model, check_mask_ratio
+from ..tasks.pretrain.reconstructions import reconstruction_grid, save_png
 from .common import load_pretrain_checkpoint, output_file, report_errors
 
 PROG = "greenmim-visualize"

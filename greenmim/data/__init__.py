@@ -11,7 +11,15 @@ from .datasets import (
     list_imagefolder,
 )
 from .images import IMAGE_EXTENSIONS, CorruptImageError, DataError, load_rgb, to_rgb
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, eval_transform, image_hw, normalize, pretrain_transform
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    denormalize,
+    eval_transform,
+    image_hw,
+    normalize,
+    pretrain_transform,
+)
 
 __all__ = [
     "DATASETS", "DECODE_MODES", "check_decode", "ImageFiles", "SyntheticImages", "build_pretrain_dataset", "build_train_loader", "list_folder",

@@ -262,7 +262,7 @@ def build_train_loader(
 
     Uses :class:`ResumableDistributedSampler` with per-sample augmentation seeds, so runs are
     reproducible for any ``num_workers`` and resume exactly mid-epoch. A ``collate_fn`` receives
-    ``(image, seed)`` samples (e.g. :class:`~greenmim.data.mim_batches.MaskCollator`, which draws
+    ``(image, seed)`` samples (e.g. :class:`~greenmim.plan.collate.MaskCollator`, which draws
     and plans the masks in the workers).
     """
     n = len(dataset)

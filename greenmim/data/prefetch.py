@@ -1,7 +1,7 @@
 """Move each batch to the device one step ahead, off the training thread.
 
 :class:`DevicePrefetcher` wraps a DataLoader whose batches have ``.to(device)`` (a
-:class:`~greenmim.data.mim_batches.MIMBatch`: the images' copy, the plan's copy and the pair tensors
+:class:`~greenmim.plan.collate.MIMBatch`: the images' copy, the plan's copy and the pair tensors
 derived from it on the device). A background thread takes the loader's next batch and issues that
 work, on a side CUDA stream on GPUs, while the training thread runs the current step; the training
 thread only makes its stream wait for the copy (no host synchronisation) and marks the tensors as

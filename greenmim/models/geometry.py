@@ -6,7 +6,7 @@ needs ``patch_embed``, ``patch_stride`` and ``num_stages`` from the encoder.
 :class:`VisibleEncoderMixin` (the visible-only encoders): planning and the forward. An encoder
 lists its windowed attentions (:meth:`window_partitions`) and the stages with a submanifold conv
 (:attr:`peg_stages`), and computes its stages from a device plan (:meth:`stages_from_plan`);
-:meth:`planner` turns the geometry into a picklable :class:`~greenmim.planning.VisiblePlanner` for
+:meth:`planner` turns the geometry into a picklable :class:`~greenmim.plan.planner.VisiblePlanner` for
 the DataLoader workers, and :meth:`device_plan` resolves what a forward was given (a mask, a host
 plan or a device plan).
 """
@@ -17,9 +17,9 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..masking import UnitGrid, check_mask, unit_grid
-from ..ops.sparse_conv import VisibleGeometry
-from ..planning import DevicePlan, HostPlan, VisiblePlanner, WindowPartition, as_device_plan, host_plan
+from ..plan.masking import UnitGrid, check_mask, unit_grid
+from ..plan.geometry import VisibleGeometry
+from ..plan.planner import DevicePlan, HostPlan, VisiblePlanner, WindowPartition, as_device_plan, host_plan
 
 Plan = Union[HostPlan, DevicePlan]
 
@@ -97,7 +97,7 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
         self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, plan: Optional[Plan] = None
     ) -> List[torch.Tensor]:
         """Per-stage outputs (before the final norm): stage ``i`` is ``(B, N_vis * t_i^2, C_i)``,
-        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.ops.windows.tokens_to_grid`).
+        unit-major with ``t_i = 8 >> i`` tokens per unit side (see :func:`greenmim.plan.windows.tokens_to_grid`).
         Give the ``mask`` or its ``plan`` (see :meth:`device_plan`)."""
         return self.stages_from_plan(images, self.device_plan(images, mask, plan))
 
@@ -116,7 +116,7 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
     def planner(
         self, group_multiple: int = 1, pad_groups_to: int = 0, static: bool = False, shared_mask: bool = False
     ) -> VisiblePlanner:
-        """A picklable planner for this encoder's geometry (see :class:`~greenmim.planning.VisiblePlanner`:
+        """A picklable planner for this encoder's geometry (see :class:`~greenmim.plan.planner.VisiblePlanner`:
         ``static`` fixes every plan's shapes per batch size and mask ratio, ``shared_mask`` plans one
         sample of a batch that shares one mask)."""
         return VisiblePlanner(
@@ -143,7 +143,7 @@ class VisibleEncoderMixin(EncoderGeometryMixin):
     def device_plan(self, images: torch.Tensor, mask: Optional[torch.Tensor], plan: Optional[Plan]) -> DevicePlan:
         """The plan of this forward on the images' device.
 
-        ``plan`` (from a loader, see :mod:`greenmim.data.mim_batches`) is used as given; without one
+        ``plan`` (from a loader, see :mod:`greenmim.plan.collate`) is used as given; without one
         the mask is planned here, on the training thread (fine for inference and tests; a mask
         on an accelerator then costs a device sync), broadcast over the batch when its rows are
         all equal (a shared mask). Runs eagerly under ``torch.compile``.

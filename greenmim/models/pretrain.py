@@ -13,7 +13,7 @@ The two methods share the decoder; they differ only in the encoder: greenmim's s
 units only, simmim's sees every token with a learned mask token in place of hidden patches.
 
 Training passes ``plan=`` instead of a mask: the mask and its grouping planned ahead of the step
-in the DataLoader workers (:mod:`greenmim.data.mim_batches`), so that a step never waits on the
+in the DataLoader workers (:mod:`greenmim.plan.collate`), so that a step never waits on the
 host planning and never reads a device value back (no device-host synchronisation).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..masking import check_mask, random_mask, unit_grid
-from ..planning import DevicePlan, HostPlan, planned_mask
+from ..plan.masking import check_mask, random_mask, unit_grid
+from ..plan.planner import DevicePlan, HostPlan, planned_mask
 from .decoder import MIMDecoder
 from .registry import create_encoder
 

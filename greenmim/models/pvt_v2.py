@@ -7,7 +7,7 @@ size); these encoders take one (default 224) for their mask-unit grid and keep i
 ``patch_embed.img_size``.
 
 :class:`VisiblePVTv2` runs on the visible mask units only (unit = total stride = 32 px), tokens
-unit-major (see :mod:`greenmim.ops.windows`; ``t = 8, 4, 2, 1`` tokens per unit side):
+unit-major (see :mod:`greenmim.plan.windows`; ``t = 8, 4, 2, 1`` tokens per unit side):
 
 * the overlapping stem (7x7, stride 4, padding 3): each visible unit's pixels with a 3 px border of
   its neighbours (hidden units' and out-of-image pixels zero), then the same conv without padding:
@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from torch.utils.checkpoint import checkpoint
 
-from ..grouping import DEFAULT_COST_MODEL, CostModel
-from ..masking import to_pair
+from ..plan.grouping import DEFAULT_COST_MODEL, CostModel
+from ..plan.masking import to_pair
 from ..ops.reduced_attention import reduced_attention
-from ..ops.sparse_conv import VisibleGeometry, check_conv3x3_stride2, get_sparse_backend, tiled_depthwise3x3, unit_tiles
-from ..planning import DevicePlan
+from ..plan.geometry import VisibleGeometry
+from ..ops.sparse_conv import check_conv3x3_stride2, get_sparse_backend, tiled_depthwise3x3, unit_tiles
+from ..plan.planner import DevicePlan
 from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_windows
 from .registry import EncoderSpec, refuse_encoder, register_encoder
 

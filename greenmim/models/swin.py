@@ -7,7 +7,7 @@ only the classifier head over.
 :class:`VisibleSwin` runs on the visible mask units only:
 
 * patch embedding on the visible units' pixels (a kernel=stride conv never crosses a unit);
-* tokens kept unit-major (see :mod:`greenmim.ops.windows`), so patch merging is a reshape;
+* tokens kept unit-major (see :mod:`greenmim.plan.windows`), so patch merging is a reshape;
 * window attention through :func:`~greenmim.ops.group_attention.group_window_attention`, with one
   grouping per stage and window partition, shared by the blocks of that stage.
 
@@ -23,10 +23,10 @@ import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformer
 from torch.utils.checkpoint import checkpoint
 
-from ..grouping import DEFAULT_COST_MODEL, CostModel
+from ..plan.grouping import DEFAULT_COST_MODEL, CostModel
 from ..ops.group_attention import GroupLayout, check_attention, group_window_attention
 from ..ops.sparse_conv import SPARSE_BACKENDS
-from ..planning import DevicePlan, WindowPartition
+from ..plan.planner import DevicePlan, WindowPartition
 from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_pixels
 from .registry import EncoderSpec, register_encoder
 
@@ -117,7 +117,7 @@ class VisibleSwin(VisibleSwinMixin, SwinTransformer):
     ``forward(images, mask)``: images ``(B, 3, H, W)``, mask ``(B, num_units)`` bool (True = masked,
     equal visible count per sample) -> ``(B, N_vis, C)`` final-stage features of the visible units
     in ascending raster order, final norm applied. ``forward(images, plan=plan)`` takes the mask's
-    plan instead (planned ahead, e.g. in the DataLoader workers: see :mod:`greenmim.planning`).
+    plan instead (planned ahead, e.g. in the DataLoader workers: see :mod:`greenmim.plan.planner`).
 
     ``attention``: ``"sdpa"`` (default) or ``"flex"`` (FlexAttention, the relative-position bias read
     from its table inside the kernel; see :mod:`greenmim.ops.group_attention`).

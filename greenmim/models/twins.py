@@ -5,7 +5,7 @@ layouts and ``load_state_dict(timm_model.state_dict(), strict=False)`` leaves on
 head over.
 
 :class:`VisibleTwins` runs on the visible mask units only, with tokens kept unit-major (see
-:mod:`greenmim.ops.windows`; ``t = 8, 4, 2, 1`` tokens per unit side at 224 px):
+:mod:`greenmim.plan.windows`; ``t = 8, 4, 2, 1`` tokens per unit side at 224 px):
 
 * patch embeddings (4x4 on pixels, then 2x2 between stages) as kernel == stride sparse convs;
 * locally-grouped attention (LSA) through group window attention, no relative bias;
@@ -29,12 +29,13 @@ import torch.nn as nn
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, Twins
 from torch.utils.checkpoint import checkpoint
 
-from ..grouping import DEFAULT_COST_MODEL, CostModel
-from ..masking import check_mask, to_pair
+from ..plan.grouping import DEFAULT_COST_MODEL, CostModel
+from ..plan.masking import check_mask, to_pair
 from ..ops.group_attention import GroupLayout, check_attention, group_window_attention
 from ..ops.reduced_attention import reduced_attention
-from ..ops.sparse_conv import VisibleGeometry, get_sparse_backend
-from ..planning import DevicePlan, WindowPartition
+from ..plan.geometry import VisibleGeometry
+from ..ops.sparse_conv import get_sparse_backend
+from ..plan.planner import DevicePlan, WindowPartition
 from .geometry import EncoderGeometryMixin, VisibleEncoderMixin, visible_unit_pixels
 from .registry import EncoderSpec, register_encoder
 

@@ -1,1 +1,1 @@
-"""Low-level operators on visible tokens: window geometry, group window attention (and sparse convs)."""
+"""Device kernels on visible tokens: group window attention (layouts, bias, SDPA / FlexAttention) and sparse convolutions."""

@@ -1,6 +1,6 @@
 """Sparse convolutions on visible tokens: one adapter interface, two backends.
 
-Tokens are stored *unit-major* (see :mod:`greenmim.ops.windows`): per sample, the visible mask
+Tokens are stored *unit-major* (see :mod:`greenmim.plan.windows`): per sample, the visible mask
 units in ascending raster order, inside a unit its ``t x t`` tokens in raster order. Two kinds of
 convolution occur in the hierarchical encoders, and both are computed on visible positions only:
 
@@ -23,7 +23,7 @@ Backends (:func:`get_sparse_backend`):
 
 * ``native``: PyTorch only. kernel == stride convs are a reshape of the unit-major tokens into
   ``s x s`` blocks plus one matrix product; the depthwise conv gathers each token's 9 neighbours
-  through an index planned on the host ahead of the step (:func:`neighbour_index`).
+  through an index planned on the host ahead of the step (:func:`~greenmim.plan.geometry.neighbour_index`).
 * ``spconv``: kernel == stride convs through ``spconv.pytorch.SparseConv2d`` (CPU build ``pip install
   spconv``, GPU builds ``spconv-cuXXX``). spconv has no grouped/depthwise convolution, so the PEG
   (and PVTv2's stride-2 3x3 conv) use the native gather on this backend too.
@@ -40,97 +40,19 @@ spconv backend converts them to its own layout on every call, so gradients flow 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .windows import visible_token_coords
+if TYPE_CHECKING:
+    from ..plan.geometry import VisibleGeometry
 
 SPARSE_BACKENDS = ("auto", "spconv", "native")
 
 # kernel offsets of a 3x3 conv, in the raster order of nn.Conv2d's weight (dy, dx)
-_OFFSETS_3X3 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-
-
-def neighbour_index(mask: np.ndarray, grid: Tuple[int, int], t: int) -> np.ndarray:
-    """``(B * N, 9)`` int64: for each visible token of a stage with ``t`` tokens per unit side
-    (flattened over the batch, unit-major) the index of its 3x3 neighbours in nn.Conv2d kernel
-    order; ``B * N`` (one past the end) where the neighbour is masked or outside the image.
-
-    ``mask``: ``(B, num_units)`` numpy bool, True = masked; ``grid``: the unit grid ``(H, W)``."""
-    batch = mask.shape[0]
-    h, w = grid[0] * t, grid[1] * t
-    ys, xs = visible_token_coords(mask, grid, t)
-    n = ys.size
-    b = np.repeat(np.arange(batch), n // max(batch, 1))
-    # a one-token border of "missing" around each sample's map handles the image edges
-    table = np.full((batch, h + 2, w + 2), n, dtype=np.int64)
-    table[b, ys + 1, xs + 1] = np.arange(n)
-    return np.stack([table[b, ys + 1 + dy, xs + 1 + dx] for dy, dx in _OFFSETS_3X3], axis=1)
-
-
-class VisibleGeometry:
-    """Coordinates and neighbour indices of the visible tokens of every stage, cached per ``t``
-    (tokens per unit side), so every block of a stage reuses them.
-
-    Args:
-        mask: ``(B, num_units)`` numpy bool, True = masked, equal visible count per sample.
-        grid: the unit grid ``(height, width)``.
-        device: where the index tensors live.
-        neighbours: ``{t: neighbour index}`` already on ``device`` (planned ahead, see
-            :mod:`greenmim.planning`); missing ones are built here from the host mask.
-    """
-
-    def __init__(
-        self,
-        mask: np.ndarray,
-        grid: Tuple[int, int],
-        device: torch.device,
-        neighbours: Optional[Dict[int, torch.Tensor]] = None,
-    ):
-        self.mask = mask
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.device = torch.device(device)
-        self.batch_size = mask.shape[0]
-        self._cache: Dict[Tuple[str, int], torch.Tensor] = {("neighbours", t): v for t, v in (neighbours or {}).items()}
-
-    def shape(self, t: int) -> Tuple[int, int]:
-        """Stage grid ``(H, W)`` at ``t`` tokens per unit side."""
-        return self.grid[0] * t, self.grid[1] * t
-
-    def _cached(self, kind: str, t: int, build) -> torch.Tensor:
-        key = (kind, t)
-        if key not in self._cache:
-            host = torch.from_numpy(np.ascontiguousarray(build()))
-            if self.device.type == "cuda":  # pinned memory makes the copy asynchronous
-                host = host.pin_memory()
-            self._cache[key] = host.to(self.device, non_blocking=True)
-        return self._cache[key]
-
-    def _coords(self, t: int):
-        ys, xs = visible_token_coords(self.mask, self.grid, t)
-        batch = np.repeat(np.arange(self.batch_size), ys.size // max(self.batch_size, 1))
-        return batch, ys, xs
-
-    def sparse_indices(self, t: int) -> torch.Tensor:
-        """``(B * N, 3)`` int32 ``(batch, y, x)`` of the visible tokens in unit-major order (spconv's layout)."""
-        return self._cached("indices", t, lambda: np.stack(self._coords(t), axis=1).astype(np.int32))
-
-    def token_keys(self, t: int) -> torch.Tensor:
-        """``(B * N,)`` long: ``(batch * H + y) * W + x`` of the visible tokens in unit-major order."""
-        h, w = self.shape(t)
-        return self._cached("keys", t, lambda: self._keys(t, h, w))
-
-    def _keys(self, t: int, h: int, w: int) -> np.ndarray:
-        b, ys, xs = self._coords(t)
-        return ((b * h + ys) * w + xs).astype(np.int64)
-
-    def neighbours(self, t: int) -> torch.Tensor:
-        """:func:`neighbour_index` of the stage with ``t`` tokens per unit side, on the device."""
-        return self._cached("neighbours", t, lambda: neighbour_index(self.mask, self.grid, t))
+OFFSETS_3X3 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
 
 def check_stride_conv(conv: nn.Conv2d, t: int) -> int:
@@ -222,7 +144,7 @@ def unit_tiles(neighbours: torch.Tensor, t: int) -> torch.Tensor:
     image), built on the device from the stage's 3x3 neighbour index ``(N_u * t * t, 9)``."""
     n = neighbours.view(-1, t, t, 9)
     tiles = n.new_empty(n.shape[0], t + 2, t + 2)
-    for k, (dy, dx) in enumerate(_OFFSETS_3X3):  # neighbour k of token (y, x) sits at tile (y + 1 + dy, x + 1 + dx)
+    for k, (dy, dx) in enumerate(OFFSETS_3X3):  # neighbour k of token (y, x) sits at tile (y + 1 + dy, x + 1 + dx)
         tiles[:, 1 + dy:1 + dy + t, 1 + dx:1 + dx + t] = n[..., k]
     return tiles
 
@@ -253,7 +175,7 @@ def check_conv3x3_stride2(conv: nn.Conv2d) -> None:
 
 def stride2_neighbours(neighbours: torch.Tensor, t: int) -> torch.Tensor:
     """The inputs of a 3x3 stride-2 padding-1 conv from a stage with ``t`` tokens per unit side:
-    the rows of its 3x3 neighbour index (:func:`neighbour_index`) at the even positions of every
+    the rows of its 3x3 neighbour index (:func:`~greenmim.plan.geometry.neighbour_index`) at the even positions of every
     unit, i.e. ``(B * N_u * (t/2)^2, 9)`` in the unit-major order of the output stage."""
     if t % 2:
         raise ValueError(f"a stride-2 conv needs an even number of tokens per unit side, got {t}")

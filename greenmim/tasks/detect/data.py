@@ -49,11 +49,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data.datasets import ImageFiles
-from ..data.images import DECODE_CHECK_LIMIT
-from ..data.transforms import rgb_pixels
-from ..engine.errors import ConfigError, UserError
-from ..engine.progress import progress
+from ...data.datasets import ImageFiles
+from ...data.images import DECODE_CHECK_LIMIT
+from ...data.transforms import rgb_pixels
+from ...engine.errors import ConfigError, UserError
+from ...engine.progress import progress
 from .rle import rle_problem
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 The trainer owns the loop (DDP, precision, accumulation, clipping, warmup + cosine per step,
 checkpoints, ``resume``, progress, TensorBoard / ``metrics.jsonl``); this task supplies:
 
-* the classifier (:func:`~greenmim.finetune.model.create_classifier`, optionally from pretrained weights);
+* the classifier (:func:`~greenmim.tasks.finetune.model.create_classifier`, optionally from pretrained weights);
 * the training loader (RandAugment + random erasing, per-sample seeded so resume is exact);
 * the loss of a batch (timm Mixup/CutMix with label smoothing + SoftTargetCrossEntropy);
 * layer-decay parameter groups (:mod:`~greenmim.weights.layer_decay`);
@@ -25,15 +25,15 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.datasets import build_train_loader
-from ..data.images import check_images
-from ..engine import TrainTask, atomic_save
-from ..engine.checkpoint import CHECKPOINT_DIR
-from ..engine.distributed import DistInfo
-from ..engine.errors import ConfigError
-from ..engine.signals import with_ignored_stop_signals
-from ..models.registry import timm_takes_img_size
-from ..weights import LoadReport, param_groups_layer_decay, transfer_kwargs
+from ...data.datasets import build_train_loader
+from ...data.images import check_images
+from ...engine import TrainTask, atomic_save
+from ...engine.checkpoint import CHECKPOINT_DIR
+from ...engine.distributed import DistInfo
+from ...engine.errors import ConfigError
+from ...engine.signals import with_ignored_stop_signals
+from ...models.registry import timm_takes_img_size
+from ...weights import LoadReport, param_groups_layer_decay, transfer_kwargs
 from .data import ClassificationData, build_classification_data, build_mixup, build_train_criterion
 from .evaluate import build_eval_loader, evaluate
 from .model import create_classifier

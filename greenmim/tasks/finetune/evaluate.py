@@ -20,8 +20,8 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..engine.distributed import is_dist
-from ..engine.progress import progress
+from ...engine.distributed import is_dist
+from ...engine.progress import progress
 
 
 class ShardSampler(Sampler):

@@ -31,11 +31,11 @@ from typing import Any, Dict
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..engine import MetricsWriter, Precision, init_distributed, setup_logging
-from ..engine.image_counts import CountReport
-from ..engine.distributed import seed_everything
-from ..engine.errors import ConfigError
-from ..engine.rundir import check_no_other_run, run_folder
+from ...engine import MetricsWriter, Precision, init_distributed, setup_logging
+from ...engine.image_counts import CountReport
+from ...engine.distributed import seed_everything
+from ...engine.errors import ConfigError
+from ...engine.rundir import check_no_other_run, run_folder
 from ..finetune.data import build_classification_data
 from ..finetune.evaluate import describe_accuracy
 from ..finetune.model import create_classifier

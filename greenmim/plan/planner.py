@@ -3,7 +3,7 @@
 Everything a visible-only encoder needs from the mask is integer bookkeeping on small arrays, and
 none of it depends on the images or the weights. It is therefore done on the host, ahead of the
 step, by a picklable :class:`VisiblePlanner` (in the trainer: inside the DataLoader workers, next
-to image decoding; see :mod:`greenmim.data.mim_batches`). Its result, a :class:`HostPlan`, holds
+to image decoding; see :mod:`greenmim.plan.collate`). Its result, a :class:`HostPlan`, holds
 CPU int tensors only (O(N) in the visible tokens); the training thread pins nothing and computes
 nothing: it copies the plan to the device with :meth:`HostPlan.to` (asynchronous from pinned
 memory), and the O(n_g * g^2) pair tensors are derived there, on the device.
@@ -22,9 +22,10 @@ import torch
 
 from .grouping import DEFAULT_COST_MODEL, CostModel
 from .masking import UnitGrid, check_mask, visible_indices
-from .ops.group_attention import GroupLayout, GroupSlots, plan_group_slots
-from .ops.sparse_conv import neighbour_index
-from .ops.windows import stage_windows
+from ..ops.group_attention import GroupLayout
+from .slots import GroupSlots, plan_group_slots
+from .geometry import neighbour_index
+from .windows import stage_windows
 from .static_shapes import StaticShape, fit_static_shapes
 
 
@@ -147,7 +148,7 @@ class VisiblePlanner:
             :meth:`HostPlan.to` derives on the device).
         static: fixed shapes: every plan of one batch size and visible count has the same tensor
             shapes (one ``(n_g, g)`` per layout, sized once per batch shape by
-            :func:`~greenmim.static_shapes.fit_static_shapes`; a rare overflowing batch gets a
+            :func:`~greenmim.plan.static_shapes.fit_static_shapes`; a rare overflowing batch gets a
             larger shape, still exact). For ``torch.compile`` and CUDA graphs; the free solver
             (False) does less attention work.
         shared_mask: every row of a mask is the same (one mask per batch): the layouts are planned

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..engine.monitor import FILE_ONLY
+from ...engine.monitor import FILE_ONLY
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ def knn_predict(train_features, train_labels, query_features, num_classes: int, 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> Dict[str, float]:
     """``{"acc1": ..., "acc5": ...}`` in percent. Top-``k`` for ``k > 1`` is reported only with more than
-    ``k`` classes (:func:`~greenmim.finetune.evaluate.reported_topk`: otherwise it is 100% by definition)."""
+    ``k`` classes (:func:`~greenmim.tasks.finetune.evaluate.reported_topk`: otherwise it is 100% by definition)."""
     out = {}
     labels = labels.to(scores.device)
     for k in reported_topk(scores.shape[1], topk):

@@ -3,7 +3,7 @@
 The encoder is timm's own classifier built with ``num_classes=0``: ``model(images)`` returns the
 pre-logits features ``(B, C)`` — for Swin, the final LayerNorm'd tokens averaged over the grid (timm's
 ``global_pool="avg"``); for Twins the same. Every rank reads a disjoint shard of the dataset
-(indices ``rank, rank + world, ...``, no padding: :class:`~greenmim.finetune.evaluate.ShardSampler`),
+(indices ``rank, rank + world, ...``, no padding: :class:`~greenmim.tasks.finetune.evaluate.ShardSampler`),
 and :func:`gather_in_order` reassembles the full ``(N, C)`` matrix, in dataset order, on every rank.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch.distributed as tdist
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ..engine.distributed import is_dist
-from ..engine.progress import progress
+from ...engine.distributed import is_dist
+from ...engine.progress import progress
 from ..finetune.evaluate import build_eval_loader
 
 

@@ -5,7 +5,6 @@
 * :mod:`.data`: :class:`CocoDetection` (pycocotools; polygons/RLE, crowd, id mapping, flip);
 * :mod:`.evaluate`: :class:`CocoEvaluator` (COCOeval bbox + segm, results JSON, DDP gathering);
 * :mod:`.task`: :class:`DetectionTask` for the shared engine (``greenmim-detect`` runs it);
-* :mod:`.official_swin`: the encoder in the official Swin key layout (mmdetection / detectron2);
 * :mod:`.synthetic`: a generated COCO-format dataset of drawn shapes (smoke runs, tests).
 
 (``scripts/detection_timing.py`` times Mask R-CNN iterations for the README's figures.)

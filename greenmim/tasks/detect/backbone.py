@@ -44,8 +44,8 @@ import torch.nn as nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..engine.errors import ConfigError
-from ..weights.loading import LoadReport, load_pretrained
+from ...engine.errors import ConfigError
+from ...weights.loading import LoadReport, load_pretrained
 
 FAMILIES = ("swin", "twins", "pvt_v2")
 

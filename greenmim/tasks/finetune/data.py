@@ -30,9 +30,9 @@ from timm.data import Mixup, create_transform
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import find_classes, make_dataset
 
-from ..data.datasets import ImageFiles, listing
-from ..data.images import IMAGE_EXTENSIONS, DataError
-from ..engine.errors import ConfigError
+from ...data.datasets import ImageFiles, listing
+from ...data.images import IMAGE_EXTENSIONS, DataError
+from ...engine.errors import ConfigError
 from .compat import patch_timm_posterize
 
 _logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def build_transform(is_training: bool, img_size: int, aug: Any = None, crop_pct:
     evaluation resize to ``img_size / crop_pct`` + center crop."""
     aug = aug if aug is not None else {}
     if aug.get("auto_augment"):
-        patch_timm_posterize()  # timm's RandAugment vs Pillow >= 11 (see greenmim.finetune.compat); idempotent
+        patch_timm_posterize()  # timm's RandAugment vs Pillow >= 11 (see greenmim.tasks.finetune.compat); idempotent
     if not is_training:
         return create_transform(input_size=img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct)
     return create_transform(

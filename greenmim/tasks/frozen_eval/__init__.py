@@ -7,7 +7,7 @@
 * :mod:`.run`: the ``greenmim-finetune protocol=knn|linear_probe`` runs (``experiment=knn`` /
   ``experiment=linear_probe``) that write ``metrics.jsonl`` and ``results.json``.
 
-These live apart from :mod:`greenmim.finetune` because nothing here trains the encoder: the encoder
+These live apart from :mod:`greenmim.tasks.finetune` because nothing here trains the encoder: the encoder
 is loaded exactly as the fine-tuner loads it (same sources, same checks) and then only read.
 """
 from .features import extract_features, gather_in_order

@@ -20,14 +20,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
-from ..engine.distributed import DistInfo, broadcast_object
-from ..engine.errors import ConfigError
-from ..engine.optim import no_weight_decay_names
-from ..engine.progress import progress
-from ..engine.sampler import ResumableDistributedSampler, SeededDataset
-from ..engine.signals import ignore_stop_signals
-from ..engine.trainer import TrainTask, unwrap
-from ..weights import layer_id_fn, transfer_kwargs
+from ...engine.distributed import DistInfo, broadcast_object
+from ...engine.errors import ConfigError
+from ...engine.optim import no_weight_decay_names
+from ...engine.progress import progress
+from ...engine.sampler import ResumableDistributedSampler, SeededDataset
+from ...engine.signals import ignore_stop_signals
+from ...engine.trainer import TrainTask, unwrap
+from ...weights import layer_id_fn, transfer_kwargs
 from .data import CocoDetection, CocoFormatError, collate
 from .evaluate import CocoEvaluator
 from .model import TRUNK_PREFIX, build_maskrcnn
@@ -274,7 +274,7 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
 
 def checkpoint_model_state(path: str) -> Dict[str, torch.Tensor]:
     """The detector weights of a ``greenmim-detect`` checkpoint (or a bare state dict)."""
-    from ..weights.loading import read_checkpoint, unwrap_state_dict
+    from ...weights.loading import read_checkpoint, unwrap_state_dict
 
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint '{path}' does not exist: pass a greenmim-detect checkpoint as checkpoint=PATH")

@@ -4,7 +4,7 @@ checked) from the ``model`` and ``data`` configs.
 Used by ``greenmim-pretrain`` (Hydra), ``greenmim-visualize`` and the config checks of
 :mod:`greenmim.cli.validate`, and usable from Python::
 
-    from greenmim.pretrain_task import PretrainTask
+    from greenmim.tasks.pretrain.task import PretrainTask
     Trainer(PretrainTask(model_cfg, data_cfg), TrainerConfig(...), OptimConfig(...), sched).fit()
 """
 from __future__ import annotations
@@ -17,14 +17,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw
-from .data.mim_batches import MaskCollator, MIMBatch, planner_for, pretrain_loss
-from .data.prefetch import maybe_prefetch
-from .engine import ConfigError, DistInfo, TrainTask
-from .masking import num_visible_units, unit_grid
-from .models import UnknownModelError, create_pretrain_model, get_spec, timm_args
-from .models.pretrain import MIM_MODEL_KEYS
-from .visualization import reconstruction_grid, save_png
+from ...data import build_pretrain_dataset, build_train_loader, eval_transform, image_hw
+from ...plan.collate import MaskCollator, MIMBatch, planner_for
+from .loss import pretrain_loss
+from ...data.prefetch import maybe_prefetch
+from ...engine import ConfigError, DistInfo, TrainTask
+from ...plan.masking import num_visible_units, unit_grid
+from ...models import UnknownModelError, create_pretrain_model, get_spec, timm_args
+from ...models.pretrain import MIM_MODEL_KEYS
+from .reconstructions import reconstruction_grid, save_png
 
 log = logging.getLogger("greenmim")
 
@@ -113,7 +114,7 @@ class PretrainTask(TrainTask):
         static_plans: plan static shapes (True: as a compiled step needs, ``trainer.compile=true``;
             None: the device's default, static on CUDA).
 
-    Masks are drawn and planned in the loader workers (:class:`~greenmim.data.mim_batches.MaskCollator`)
+    Masks are drawn and planned in the loader workers (:class:`~greenmim.plan.collate.MaskCollator`)
     from each sample's seed, a function of ``(seed, epoch, index)``: nothing to checkpoint, and a
     resumed run sees the same masks.
     """

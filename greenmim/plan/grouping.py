@@ -123,7 +123,7 @@ def solve_grouping(
         group_multiple: consider only group sizes that are multiples of this (fused GPU attention
             kernels want the key length aligned to 8); optimality is over those sizes.
         group_size: pack into groups of exactly this size (static plans: see
-            :mod:`greenmim.static_shapes`) instead of searching ``g``; it must hold the largest
+            :mod:`greenmim.plan.static_shapes`) instead of searching ``g``; it must hold the largest
             count. Optimality (``plan.optimal``, ``plan.lower_bound``) is then over this size only.
     """
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)

@@ -1,7 +1,7 @@
 """Pretraining batches whose masks are drawn and planned in the DataLoader workers.
 
 A visible-only step needs, besides the images, the mask and its plan (windows, groups, slot and
-neighbour indices: :mod:`greenmim.planning`). Both are host work on small integer arrays that
+neighbour indices: :mod:`greenmim.plan.planner`). Both are host work on small integer arrays that
 depend on nothing but the mask, so :class:`MaskCollator` does them where the images are decoded,
 ahead of the step and off the training thread. The training thread receives a :class:`MIMBatch`
 whose tensors the loader has already pinned, and only issues asynchronous copies.
@@ -18,10 +18,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import default_collate
 
-from ..masking import UnitGrid, check_mask, num_visible_units, seeded_masks, visible_indices
-from .device_decode import EncodedBatch, EncodedImage
-from .transforms import normalize
-from ..planning import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
+from .masking import UnitGrid, check_mask, num_visible_units, seeded_masks, visible_indices
+from ..data.device_decode import EncodedBatch, EncodedImage
+from .planner import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
 
 
 @dataclass
@@ -86,15 +85,6 @@ class MaskCollator:
         return MIMBatch(images, plan_masks(mask, self.grid, self.planner))
 
 
-def pretrain_loss(model, batch: MIMBatch, device: torch.device) -> torch.Tensor:
-    """The pretraining loss of ``batch`` (what :meth:`~greenmim.pretrain_task.PretrainTask.training_step`
-    and the benchmark's step compute): ``model(images, plan=batch.plan)``'s loss, the uint8 images
-    normalised on ``device``."""
-    images = normalize(batch.images.to(device, non_blocking=True))  # uint8 -> fp32 on the device
-    loss, _, _ = model(images, plan=batch.plan)
-    return loss
-
-
 def planner_for(model, device: torch.device, static: Optional[bool] = None) -> Optional[VisiblePlanner]:
     """The planner a loader uses for pretraining ``model`` on ``device``: the visible-only encoder's,
     on CUDA with group sizes in multiples of 8 (aligned keys for the fused attention kernels) and
@@ -111,7 +101,7 @@ def planner_for(model, device: torch.device, static: Optional[bool] = None) -> O
 
 
 def plan_masks(mask: torch.Tensor, grid: UnitGrid, planner: Optional[VisiblePlanner]) -> HostPlan:
-    """The plan of host masks ``(B, num_units)``, checked here (:func:`~greenmim.masking.check_mask`):
+    """The plan of host masks ``(B, num_units)``, checked here (:func:`~greenmim.plan.masking.check_mask`):
     the full plan with a planner, else (all-token baseline) just the mask and its visible indices."""
     if planner is not None:
         return planner.plan(mask)  # checks the mask

@@ -8,8 +8,8 @@ from typing import Any, Optional, Tuple
 import timm
 import torch.nn as nn
 
-from ..engine.errors import ConfigError
-from ..weights.loading import LoadReport, load_pretrained
+from ...engine.errors import ConfigError
+from ...weights.loading import LoadReport, load_pretrained
 
 _logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Static plan shapes: one group size ``g`` and group count ``n_g`` per window layout.
 
-The free solver (:func:`~greenmim.grouping.solve_grouping`) picks ``g`` and ``n_g`` per batch, so the
+The free solver (:func:`~greenmim.plan.grouping.solve_grouping`) picks ``g`` and ``n_g`` per batch, so the
 attention's shapes change from step to step and defeat ``torch.compile`` and CUDA graphs. For one
 batch size and mask ratio the number of visible tokens of every stage is fixed, and so is the
 geometry; only the split of those tokens over the windows varies. A static plan therefore fixes,
@@ -28,7 +28,7 @@ from typing import Dict, Hashable, List, Sequence, Tuple
 import numpy as np
 
 from .grouping import CostModel, GroupingPlan, best_fit_groups, solve_grouping
-from .ops.windows import stage_windows
+from .windows import stage_windows
 
 CALIBRATION_BATCHES = 64  # random batches that size each layout's shape
 GROUP_MARGIN = 0.02  # extra groups over the worst calibration batch (fraction, at least one group)
@@ -125,7 +125,7 @@ def fit_static_shapes(
     cost_model: CostModel, group_multiple: int,
 ) -> Dict[Tuple[int, Hashable], StaticShape]:
     """``{(stage, partition key): StaticShape}`` for batches of ``batch`` masks with ``num_visible``
-    visible units each (``partitions``: the planner's :class:`~greenmim.planning.WindowPartition`)."""
+    visible units each (``partitions``: the planner's :class:`~greenmim.plan.planner.WindowPartition`)."""
     masks = calibration_masks(batch, grid[0] * grid[1], num_visible)
     shapes: Dict[Tuple[int, Hashable], StaticShape] = {}
     for part in partitions:

@@ -20,7 +20,7 @@ from typing import Tuple
 
 import numpy as np
 
-from ..masking import visible_indices
+from .masking import visible_indices
 
 
 @dataclass

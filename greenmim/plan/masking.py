@@ -118,7 +118,7 @@ def check_mask(mask: torch.Tensor, batch_size: int, num_units: int) -> torch.Ten
     if visible.numel() and (visible.min() != visible.max() or int(visible.min()) == 0):
         raise ValueError(
             "every sample must keep the same, non-zero number of visible units "
-            f"(got visible counts {visible.tolist()[:8]}...); draw masks with greenmim.masking.random_mask"
+            f"(got visible counts {visible.tolist()[:8]}...); draw masks with greenmim.plan.masking.random_mask"
         )
     return mask
 

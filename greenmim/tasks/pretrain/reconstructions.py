@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-from .data import denormalize
-from .engine.files import atomic_write
-from .masking import unit_grid
-from .models.pretrain import unpatchify
+from ...data import denormalize
+from ...engine.files import atomic_write
+from ...plan.masking import unit_grid
+from ...models.pretrain import unpatchify
 
 
 def reconstruction_grid(model: nn.Module, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0, min_cell: int = 128) -> np.ndarray:
