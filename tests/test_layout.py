@@ -101,3 +101,14 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_device_kernels_do_not_import_the_host_planner():
     """``ops`` runs on the device and knows nothing of planning (``plan`` builds on ``ops``, not back)."""
     assert "plan" not in room_graph().get("ops", set())
+
+
+def test_the_readme_layout_table_names_every_room():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("## How the package is laid out"):]
+    rooms = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    missing = [r for r in rooms if f"`greenmim/{r}/`" not in table]
+    assert not missing, f"README's layout table lacks {missing}"
+    stale = [name for name in ("masking.py", "planning.py", "grouping.py`)", "pretrain_task.py", "detection/", "evaluation/")
+             if f"`greenmim/{name}" in table]
+    assert not stale, f"README's layout table names moved modules {stale}"
