@@ -7,11 +7,19 @@ Importing this package (the first thing a console script or ``python -m greenmim
 before torch and Hydra load for seconds) installs a ``sys.excepthook`` for a Ctrl-C that escapes
 to the top level: one line on stderr and exit 130 instead of a traceback through the imports.
 Other exceptions go to the previous hook unchanged.
+
+It also makes SIGINT raise ``KeyboardInterrupt`` when the process started with SIGINT ignored: a
+non-interactive shell starts background commands that way (``cmd &`` in a script, ``nohup``), and
+Python then leaves SIGINT ignored, so an explicit ``kill -INT`` during start-up did nothing while the
+trainer, which installs its own SIGINT handler, honours it: the command ran on instead of exiting 130.
+A terminal's Ctrl-C does not reach a background process group, so this only changes explicit signals.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
@@ -49,3 +57,12 @@ def _interrupt_hook(previous):
 
 if not getattr(sys.excepthook, "greenmim", False):
     sys.excepthook = _interrupt_hook(sys.excepthook)
+
+
+def _honour_sigint() -> None:
+    """SIGINT raises ``KeyboardInterrupt`` even if this process inherited it ignored (see the module docstring)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_honour_sigint()
