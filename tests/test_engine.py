@@ -68,6 +68,37 @@ def test_seeded_dataset_is_reproducible_and_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_seeded_dataset_forwards_nothing_of_what_it_wraps():
+    """A DataLoader asks its dataset for ``__getitems__``: a ``Subset`` has one, and a forwarded one took
+    the ``(index, seed)`` keys past the seeding (TypeError: list indices must be integers)."""
+    subset = torch.utils.data.Subset([torch.rand(2) for _ in range(4)], [3, 2, 1, 0])
+    ds = SeededDataset(subset)
+    assert ds.dataset is subset and not hasattr(ds, "__getitems__") and not hasattr(ds, "indices")
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, sampler=[(0, 7), (1, 8)])))
+    assert torch.equal(batch, torch.stack([subset[0], subset[1]]))
+
+
+def test_worker_init_ignores_the_stop_signals_then_runs_the_loaders_own():
+    import pickle
+    import signal
+
+    from greenmim.engine.signals import STOP_SIGNALS, ignore_stop_signals, with_ignored_stop_signals
+
+    assert with_ignored_stop_signals(None) is ignore_stop_signals
+    assert with_ignored_stop_signals(ignore_stop_signals) is ignore_stop_signals
+    own = []
+    init = with_ignored_stop_signals(own.append)
+    pickle.loads(pickle.dumps(init))  # picklable: workers may be spawned, not forked
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        init(3)
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in STOP_SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert own == [3]
+
+
 # ----------------------------------------------------------------------------------------- lr / optimizer
 def test_warmup_cosine_and_step_schedules():
     s = build_schedule({"name": "cosine", "warmup_epochs": 1, "min_lr_ratio": 0.1}, total_steps=20, steps_per_epoch=5)
@@ -346,7 +377,9 @@ def test_device_prefetch_gives_the_same_losses_and_resumes_exactly(tmp_path):
     make_trainer(part, task=task(), epochs=1, stop_at_step=2).fit()
     resumed = make_trainer(part, task=task(), epochs=1, resume="auto")
     resumed.fit()
-    assert type(resumed.loader).__name__ == "DevicePrefetcher"
+    assert type(resumed.batches).__name__ == "DevicePrefetcher" and resumed.batches.loader is resumed.loader
+    # the trainer sets its workers' stop-signal init on the DataLoader itself, not through the prefetcher
+    assert isinstance(resumed.loader, torch.utils.data.DataLoader) and resumed.loader.worker_init_fn is not None
     assert losses(part) == losses(plain) and sorted(losses(plain)) == [1, 2, 3, 4]
 
 

@@ -198,9 +198,10 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.parametrize("root, modules", [
-    ("finetune", ["finetune/task.py", "finetune/data.py", "finetune/evaluate.py", "evaluation/run.py", "cli/finetune.py"]),
-    ("pretrain", ["pretrain_task.py", "cli/pretrain.py"]),
-    ("detect", ["detection/task.py", "detection/data.py", "cli/detect.py"]),
+    ("finetune", ["tasks/finetune/task.py", "tasks/finetune/data.py", "tasks/finetune/evaluate.py", "tasks/finetune/run.py",
+                  "tasks/frozen_eval/run.py", "cli/finetune.py"]),
+    ("pretrain", ["tasks/pretrain/task.py", "cli/pretrain.py"]),
+    ("detect", ["tasks/detect/task.py", "tasks/detect/data.py", "tasks/detect/prepare.py", "tasks/detect/run.py", "cli/detect.py"]),
 ])
 def test_code_defaults_of_config_keys_equal_the_yaml(root, modules):
     from hydra import compose as hydra_compose

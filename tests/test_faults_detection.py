@@ -12,8 +12,10 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from greenmim.cli import detect as detect_cli
+from greenmim.cli.common import to_dict
 from greenmim.cli.validate import check_config
 from greenmim.tasks.detect import CocoDetection, CocoFormatError
+from greenmim.tasks.detect.prepare import prepare_data
 from greenmim.tasks.detect.synthetic import write_synthetic_coco
 from greenmim.engine.errors import ConfigError, UserError
 
@@ -165,7 +167,7 @@ def test_coco_paths_are_relative_to_data_root(coco, tmp_path):
     cfg = compose_detect("data=coco", f"data.root={coco}", "data.train_images=train",
                          "data.train_ann=annotations/instances_train.json", f"data.val_images={coco / 'val'}",
                          "data.val_ann=annotations/instances_val.json")
-    data = detect_cli.prepare_data(detect_cli.to_dict(cfg.data), SimpleNamespace(is_main=True), tmp_path / "out")
+    data = prepare_data(to_dict(cfg.data), SimpleNamespace(is_main=True), tmp_path / "out")
     assert data["train_images"] == str(coco / "train") and data["val_images"] == str(coco / "val")
     assert data["train_ann"] == str(coco / "annotations" / "instances_train.json")
     assert data["val_ann"] == str(coco / "annotations" / "instances_val.json")

@@ -237,16 +237,14 @@ def _planned_loader(n_batches=4, fail_at=None):
     return model, DataLoader(Samples(), batch_size=2, collate_fn=collate)
 
 
-def test_prefetcher_moves_planned_batches_ahead_and_keeps_the_loader_interface():
+def test_prefetcher_moves_planned_batches_ahead_and_wraps_the_loader_without_impersonating_it():
     from greenmim.data.prefetch import DevicePrefetcher
     from greenmim.plan.planner import DevicePlan
 
     model, loader = _planned_loader()
     prefetched = DevicePrefetcher(loader, torch.device("cpu"))
-    assert len(prefetched) == len(loader) and prefetched.batch_size == 2 and prefetched.sampler is loader.sampler
-    prefetched.worker_init_fn = print  # the trainer sets this: it reaches the DataLoader
-    assert loader.worker_init_fn is print
-    loader.worker_init_fn = None
+    assert len(prefetched) == len(loader) and prefetched.loader is loader  # the sampler, batch size, workers: on .loader
+    assert not any(hasattr(prefetched, name) for name in ("sampler", "batch_size", "num_workers", "worker_init_fn"))
     batches = list(prefetched)
     assert len(batches) == 4 and all(isinstance(b.plan, DevicePlan) for b in batches)
     assert [float(b.images[0, 0, 0, 0]) for b in batches] == [0.0, 2.0, 4.0, 6.0]  # order kept

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 if TYPE_CHECKING:  # annotations only: omegaconf is imported where it is used
     from omegaconf import DictConfig
 
-from ..engine.checkpoint import CHECKPOINT_DIR, find_latest, load_checkpoint
+from ..engine.checkpoint import CHECKPOINT_DIR, find_latest
 from ..engine.distributed import cleanup_distributed
 from ..engine.monitor import setup_logging
 from ..engine.errors import (
@@ -103,20 +103,6 @@ def eval_checkpoint(cfg: DictConfig, output_dir: Path, prefer: Optional[str] = N
 
 def sched_config(cfg: DictConfig) -> Dict[str, Any]:
     return to_dict(cfg.sched)
-
-
-def load_pretrain_checkpoint(path: str, contents: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """A ``greenmim-pretrain`` checkpoint (with its resolved config); a fine-tune or detection
-    checkpoint, or one without a config, is a :class:`UserError` naming what was given.
-    ``contents``: the file's contents if already read."""
-    ckpt = load_checkpoint(path, contents=contents)
-    config = ckpt.get("config") or {}
-    task = config.get("task")
-    if task not in (None, "pretrain"):
-        raise UserError(f"{path} is a greenmim-{task} checkpoint: pass a greenmim-pretrain checkpoint (checkpoints/step-*.pt of a pretraining run)")
-    if "model" not in config or "data" not in config:
-        raise UserError(f"{path} has no resolved config; it was not written by greenmim-pretrain")
-    return ckpt
 
 
 def output_file(output: str, default_name: str, suffixes: Sequence[str], inputs: Sequence[str], option: str = "-o") -> Path:

@@ -17,93 +17,36 @@ Training runs on the shared engine (:class:`greenmim.engine.Trainer`): DDP under
 ``results.json`` holds the last and best validation metrics. ``eval_only=true`` evaluates
 ``checkpoint=`` (default: ``output_dir/checkpoints/best.pt``, else the latest checkpoint) and writes
 ``eval.json``.
+
+This file reads the config; the flows are :mod:`greenmim.tasks.finetune.run` (fine-tuning, ``eval_only``)
+and :mod:`greenmim.tasks.frozen_eval.run` (``protocol=knn|linear_probe``).
 """
 from __future__ import annotations
 
-import json
-import logging
-import time
 from pathlib import Path
 from typing import Any, Dict
 
 import hydra
 from omegaconf import DictConfig
 
-from ..engine import MetricsWriter, Precision, Trainer, init_distributed, setup_logging
-from ..engine.errors import ConfigError
-from ..weights.loading import load_pretrained, read_checkpoint
-from ..tasks.finetune.data import build_classification_data
-from ..tasks.finetune.evaluate import build_eval_loader, describe_accuracy, evaluate
-from ..tasks.finetune.model import create_classifier
-from ..tasks.finetune.task import BEST_NAME, FinetuneTask, check_validation_images, model_kwargs
+from ..tasks.finetune.run import evaluate_checkpoint, train
+from ..tasks.finetune.task import BEST_NAME
 from .common import CONFIG_PATH, eval_checkpoint, launch, optim_config, run_app, sched_config, trainer_config
 
 PROG = "greenmim-finetune"
-log = logging.getLogger("greenmim")
-
-
-def train(cfg: DictConfig) -> Dict[str, Any]:
-    """Fine-tune as configured; returns ``{"last": {...}, "best": {...}}`` validation metrics (all ranks)."""
-    t0 = time.time()
-    task = FinetuneTask(cfg)
-    trainer = Trainer(task, trainer_config(cfg), optim_config(cfg), sched_config(cfg))
-    trainer.fit()
-    results = {
-        "last": dict(task.last_metrics, epoch=trainer.epoch, step=trainer.step),
-        "best": dict(task.best),
-        "num_classes": task.num_classes,
-        "train_images": len(task.data.train),
-        "val_images": len(task.data.val),
-        "pretrained": cfg.get("pretrained"),
-        "load_report": task.load_report.to_dict() if task.load_report else None,
-        "wall_s": time.time() - t0,
-    }
-    if trainer.dist.is_main:
-        (trainer.output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        if task.last_metrics:
-            log.info("val %s (best top-1 %.2f%% at epoch %d); results in %s", describe_accuracy(task.last_metrics, "val_"),
-                     task.best["acc1"], task.best["epoch"], trainer.output_dir / "results.json")
-    return results
-
-
-def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
-    """Evaluate a checkpoint on the validation split (distributed under torchrun); returns the metrics."""
-    tcfg = trainer_config(cfg)
-    dist = init_distributed(tcfg.device)
-    output_dir = Path(cfg.output_dir).expanduser().resolve()
-    setup_logging(output_dir, dist.rank)
-    data = build_classification_data(cfg.data, cfg.aug, need_train=False)
-    check_validation_images(data)
-    path = eval_checkpoint(cfg, output_dir, prefer=BEST_NAME)
-    raw = read_checkpoint(path)
-    classes = raw.get("classes")
-    if classes is not None and list(classes) != data.classes:
-        raise ConfigError(f"{path} was trained on classes {classes[:5]}... but data.root has {data.classes[:5]}...: evaluate it on its own dataset")
-    model, _ = create_classifier(cfg.model.name, data.num_classes, drop_path_rate=0.0, **model_kwargs(cfg))
-    report = load_pretrained(model, path, use_ema=bool(cfg.eval_ema), allow_missing_head=False, checkpoint=raw)
-    model.to(dist.device)
-    d = cfg.data
-    loader = build_eval_loader(data.val, int(d.get("eval_batch_size") or d.batch_size), int(d.num_workers),
-                               dist.rank, dist.world_size, pin_memory=dist.device.type == "cuda")
-    t0 = time.time()
-    metrics = evaluate(model, loader, dist.device, Precision(tcfg.precision, dist.device).autocast)
-    result = {"checkpoint": path, "ema": bool(cfg.eval_ema), **metrics, "wall_s": time.time() - t0}
-    if dist.is_main:
-        log.info("eval %s (%s): %s, loss %.4f on %d images", path, report.kind, describe_accuracy(metrics), metrics["loss"], metrics["count"])
-        (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
-        writer = MetricsWriter(output_dir, tensorboard=tcfg.tensorboard)
-        writer.add_scalars(0, {k: v for k, v in metrics.items() if k != "count"}, prefix="eval")
-        writer.close()
-    return result
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
+    """Fine-tune, evaluate a checkpoint (``eval_only=true``) or run a frozen-feature protocol, as configured."""
     protocol = cfg.get("protocol", "finetune")
     if protocol != "finetune":  # knn | linear_probe: frozen-feature evaluation (greenmim.tasks.frozen_eval)
         from ..tasks.frozen_eval.run import run_frozen_eval
 
         return run_frozen_eval(cfg)
-    return evaluate_only(cfg) if cfg.get("eval_only", False) else train(cfg)
+    tcfg = trainer_config(cfg)
+    if cfg.get("eval_only", False):
+        return evaluate_checkpoint(cfg, tcfg, eval_checkpoint(cfg, Path(cfg.output_dir).expanduser().resolve(), prefer=BEST_NAME))
+    return train(cfg, tcfg, optim_config(cfg), sched_config(cfg))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="finetune")

@@ -24,7 +24,8 @@ from ..engine.monitor import setup_logging
 from ..engine.progress import progress
 from ..tasks.pretrain.task import build_pretrain_model, check_mask_ratio
 from ..tasks.pretrain.reconstructions import reconstruction_grid, save_png
-from .common import load_pretrain_checkpoint, output_file, report_errors
+from ..weights.loading import load_pretrain_checkpoint
+from .common import output_file, report_errors
 
 PROG = "greenmim-visualize"
 log = logging.getLogger("greenmim")

@@ -7,9 +7,11 @@ work, on a side CUDA stream on GPUs, while the training thread runs the current 
 thread only makes its stream wait for the copy (no host synchronisation) and marks the tensors as
 used on its stream, so the caching allocator does not hand their memory back to the side stream early.
 
-The wrapper keeps the loader's ``sampler``, ``batch_size`` and ``len()`` (the trainer positions the
-sampler for exact resume), and re-raises the loader's errors (a corrupt image, a data error) in the
-training thread.
+The wrapper is only an iterable of batches (and their count, ``len()``): the DataLoader it wraps is
+:attr:`DevicePrefetcher.loader`, where its ``sampler``, ``batch_size`` and workers are set and read
+(the trainer keeps the DataLoader and iterates the prefetcher, see
+:meth:`~greenmim.engine.task.TrainTask.device_batches`). The loader's errors (a corrupt image, a data
+error) are re-raised in the training thread.
 """
 from __future__ import annotations
 
@@ -47,26 +49,14 @@ class DevicePrefetcher:
         depth: batches moved ahead (2: the next one is ready while the one after is being copied).
 
     The loader should have worker processes: its main-process part then runs no dataset code
-    (see :func:`maybe_prefetch`).
+    (see :func:`maybe_prefetch`). ``len()`` is the loader's; anything else of it is read and set on
+    :attr:`loader` itself.
     """
 
     def __init__(self, loader, device: torch.device, depth: int = 2):
         self.loader = loader
         self.device = torch.device(device)
         self.depth = depth
-
-    _OWN = ("loader", "device", "depth")
-
-    def __getattr__(self, name: str) -> Any:  # sampler, batch_size, num_workers, ... of the wrapped loader
-        if name in DevicePrefetcher._OWN:
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:  # e.g. the trainer's worker_init_fn
-        if name in DevicePrefetcher._OWN:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.loader, name, value)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -106,6 +106,10 @@ class SeededDataset(Dataset):
     masks) are untouched even with ``num_workers=0``. A plain integer key is passed through.
     With ``with_seed=True`` a seeded sample comes as ``(sample, seed)``, for a collate function that
     draws more per-sample randomness from the seed (the pretraining masks).
+
+    The wrapped dataset is :attr:`dataset`; nothing of it is forwarded (a DataLoader asks its dataset
+    for ``__getitems__``: a forwarded one, e.g. a :class:`~torch.utils.data.Subset`'s, would take the
+    ``(index, seed)`` keys past the seeding).
     """
 
     def __init__(self, dataset: Dataset, with_seed: bool = False):
@@ -128,8 +132,3 @@ class SeededDataset(Dataset):
                 return (sample, seed) if self.with_seed else sample
             finally:
                 random.setstate(py_state)
-
-    def __getattr__(self, name):  # forward e.g. `.samples`, `.stats` to the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)

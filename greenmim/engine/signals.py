@@ -11,6 +11,7 @@ process while it is finishing its step; the workers exit with their parent.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -61,19 +62,15 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 
 def with_ignored_stop_signals(worker_init_fn: Optional[Callable[[int], None]]) -> Callable[[int], None]:
-    """A ``worker_init_fn`` that ignores the stop signals, then runs ``worker_init_fn`` (if any)."""
-    if isinstance(worker_init_fn, _IgnoringInit):
-        return worker_init_fn
-    return _IgnoringInit(worker_init_fn)
+    """A ``worker_init_fn`` that ignores the stop signals, then runs ``worker_init_fn``: :func:`ignore_stop_signals`
+    itself when there is none (or it is that already), else a :func:`functools.partial` of
+    :func:`ignore_stop_signals_then` (picklable: workers may be spawned, not forked)."""
+    if worker_init_fn is None or worker_init_fn is ignore_stop_signals:
+        return ignore_stop_signals
+    return functools.partial(ignore_stop_signals_then, worker_init_fn)
 
 
-class _IgnoringInit:
-    """Picklable wrapper (workers may be spawned, not forked)."""
-
-    def __init__(self, inner: Optional[Callable[[int], None]]):
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        ignore_stop_signals(worker_id)
-        if self.inner is not None:
-            self.inner(worker_id)
+def ignore_stop_signals_then(worker_init_fn: Callable[[int], None], worker_id: int) -> None:
+    """:func:`ignore_stop_signals`, then the loader's own ``worker_init_fn(worker_id)``."""
+    ignore_stop_signals(worker_id)
+    worker_init_fn(worker_id)

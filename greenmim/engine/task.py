@@ -2,7 +2,7 @@
 optional hooks) and the :class:`~greenmim.engine.Trainer` that runs it."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,13 @@ class TrainTask:
         so the sampler must have it: use :class:`~greenmim.engine.sampler.ResumableDistributedSampler`).
         Its ``batch_size`` is the per-process micro-batch."""
         raise NotImplementedError
+
+    def device_batches(self, loader: torch.utils.data.DataLoader, device: torch.device) -> Iterable[Any]:
+        """What the training loop iterates: ``loader`` itself (the default; :meth:`training_step` moves
+        each batch to the device), or an iterable of its batches already on ``device`` (e.g.
+        :func:`~greenmim.data.prefetch.maybe_prefetch`). The trainer keeps ``loader`` for its sampler,
+        batch size and workers."""
+        return loader
 
     def training_step(self, model: nn.Module, batch: Any, trainer: "Trainer") -> Tuple[torch.Tensor, Dict[str, float]]:
         """Loss of one micro-batch (a scalar tensor, run under autocast) and extra metrics to log

@@ -131,7 +131,9 @@ class Trainer:
 
     After :meth:`setup` (called by :meth:`fit`): ``dist``, ``device``, ``output_dir``, ``model`` (the
     training model, DDP-wrapped when distributed), ``optimizer``, ``schedule``, ``precision``,
-    ``loader``, ``writer``, ``peak_lr``, ``effective_batch``, ``steps_per_epoch``, ``total_steps``;
+    ``loader`` (the task's DataLoader), ``batches`` (what the loop iterates: the loader, or its batches
+    moved to the device ahead, :meth:`TrainTask.device_batches`), ``writer``, ``peak_lr``,
+    ``effective_batch``, ``steps_per_epoch``, ``total_steps``;
     during training: ``epoch`` (0-based), ``step`` (optimizer steps done), ``batch_in_epoch``
     (micro-batches of this epoch consumed, a multiple of ``accum_steps``), :attr:`is_last_epoch`.
     """
@@ -258,6 +260,7 @@ class Trainer:
         length: ``effective_batch``, ``steps_per_epoch``, ``total_steps``, ``epochs``."""
         cfg = self.cfg
         self.loader = self.task.build_train_loader(self.dist, cfg.seed)
+        self.batches = self.task.device_batches(self.loader, self.device)  # what the loop iterates
         self.loader.worker_init_fn = with_ignored_stop_signals(self.loader.worker_init_fn)
         if self.device.type == "cpu":
             leave_cores_for_loader_workers(self.loader.num_workers, self.dist.world_size)
@@ -544,7 +547,7 @@ class Trainer:
                     "task's loader with greenmim.engine.ResumableDistributedSampler"
                 )
             sampler.set_start(self.batch_in_epoch * (self.loader.batch_size or 1))
-        batches = iter(self.loader)
+        batches = iter(self.batches)
         for _ in range(self.batch_in_epoch // accum, self.steps_per_epoch):
             first = next(batches, _END)
             if first is _END:  # a loader shorter than its len(): the epoch ends here

@@ -26,7 +26,7 @@ from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 def shutdown_loader_workers(loader: Any) -> None:
     """End the worker processes of ``loader``'s persistent iterator, if it has one (a DataLoader with
-    ``persistent_workers=True``, or a wrapper forwarding ``_iterator`` to one); a no-op otherwise."""
+    ``persistent_workers=True``); a no-op otherwise."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is None:
         return

@@ -114,6 +114,22 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
         raise UserError(f"cannot read checkpoint '{path}' ({type(exc).__name__}: {exc}); is it a complete torch/safetensors file?") from exc
 
 
+def load_pretrain_checkpoint(path: str, contents: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A ``greenmim-pretrain`` checkpoint (with its resolved config); a fine-tune or detection
+    checkpoint, or one without a config, is a :class:`UserError` naming what was given.
+    ``contents``: the file's contents if already read."""
+    from ..engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, contents=contents)
+    config = ckpt.get("config") or {}
+    task = config.get("task")
+    if task not in (None, "pretrain"):
+        raise UserError(f"{path} is a greenmim-{task} checkpoint: pass a greenmim-pretrain checkpoint (checkpoints/step-*.pt of a pretraining run)")
+    if "model" not in config or "data" not in config:
+        raise UserError(f"{path} has no resolved config; it was not written by greenmim-pretrain")
+    return ckpt
+
+
 def unwrap_state_dict(ckpt: Mapping[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """The tensor dictionary inside a checkpoint (``model`` / ``state_dict`` / EMA containers, ``module.`` prefix)."""
     state: Any = ckpt

@@ -4,7 +4,9 @@
 * :mod:`.model`: :func:`build_maskrcnn`;
 * :mod:`.data`: :class:`CocoDetection` (pycocotools; polygons/RLE, crowd, id mapping, flip);
 * :mod:`.evaluate`: :class:`CocoEvaluator` (COCOeval bbox + segm, results JSON, DDP gathering);
-* :mod:`.task`: :class:`DetectionTask` for the shared engine (``greenmim-detect`` runs it);
+* :mod:`.prepare`: the COCO paths of a ``data`` config (standard layout under ``data.root``), checked;
+* :mod:`.task`: :class:`DetectionTask` for the shared engine;
+* :mod:`.run`: the flows ``greenmim-detect`` calls: training, and evaluating a checkpoint (``eval_only``);
 * :mod:`.synthetic`: a generated COCO-format dataset of drawn shapes (smoke runs, tests).
 
 (``scripts/detection_timing.py`` times Mask R-CNN iterations for the README's figures.)

@@ -433,7 +433,3 @@ def collate(batch: Sequence[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]):
     """Detection batches stay lists: images differ in size (the model pads them to a multiple of 32)."""
     return tuple(zip(*batch))
 
-
-def coco_paths(root: str, split: str, year: str = "2017") -> Tuple[str, str]:
-    """Standard COCO layout: ``root/{split}{year}/`` images and ``root/annotations/instances_{split}{year}.json``."""
-    return os.path.join(root, f"{split}{year}"), os.path.join(root, "annotations", f"instances_{split}{year}.json")

@@ -255,14 +255,16 @@ class DetectionTask(TrainTask):
             return {}
         return self.evaluate_model(model, trainer)
 
+    def coco_metrics(self, model: nn.Module, dist: DistInfo, output_dir, prefix: str) -> Dict[str, float]:
+        """COCO AP of ``model`` on the validation set (all ranks); detections in
+        ``output_dir/{prefix}results_{bbox,segm}.json`` (:func:`evaluate_coco`)."""
+        d = self.data_cfg
+        return evaluate_coco(model, self.val_set, dist.device, dist, batch_size=int(d.get("eval_batch_size", 1)),
+                             num_workers=int(d["num_workers"]), output_dir=str(output_dir), prefix=prefix)
+
     def evaluate_model(self, model: nn.Module, trainer) -> Dict[str, float]:
         """COCO AP of ``model`` on the validation set now (all ranks); kept in ``last_metrics``."""
-        d = self.data_cfg
-        self.last_metrics = evaluate_coco(
-            model, self.val_set, trainer.device, trainer.dist, batch_size=int(d.get("eval_batch_size", 1)),
-            num_workers=int(d["num_workers"]), output_dir=str(trainer.output_dir),
-            prefix="val_",
-        )
+        self.last_metrics = self.coco_metrics(model, trainer.dist, trainer.output_dir, "val_")
         if trainer.dist.is_main:
             log.info("COCO val: %s", format_metrics(self.last_metrics))
         return self.last_metrics
@@ -271,11 +273,3 @@ class DetectionTask(TrainTask):
 def format_metrics(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{k} {100 * v:.1f}" if v >= 0 else f"{k} n/a" for k, v in metrics.items())
 
-
-def checkpoint_model_state(path: str) -> Dict[str, torch.Tensor]:
-    """The detector weights of a ``greenmim-detect`` checkpoint (or a bare state dict)."""
-    from ...weights.loading import read_checkpoint, unwrap_state_dict
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint '{path}' does not exist: pass a greenmim-detect checkpoint as checkpoint=PATH")
-    return unwrap_state_dict(read_checkpoint(path))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as tdist
@@ -37,7 +37,9 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.length, self.num_replicas))
 
 
-def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                      worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
+    """This rank's shard of ``dataset`` in order (:class:`ShardSampler`), every sample once."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -46,6 +48,7 @@ def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank:
         pin_memory=pin_memory,
         drop_last=False,
         persistent_workers=False,
+        worker_init_fn=worker_init_fn,
         generator=torch.Generator(),  # worker seeds from a private generator: evaluating leaves the training RNG alone
     )
 

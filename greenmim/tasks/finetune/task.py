@@ -31,7 +31,7 @@ from ...engine import TrainTask, atomic_save
 from ...engine.checkpoint import CHECKPOINT_DIR
 from ...engine.distributed import DistInfo
 from ...engine.errors import ConfigError
-from ...engine.signals import with_ignored_stop_signals
+from ...engine.signals import ignore_stop_signals
 from ...models.registry import timm_takes_img_size
 from ...weights import LoadReport, param_groups_layer_decay, transfer_kwargs
 from .data import ClassificationData, build_classification_data, build_mixup, build_train_criterion
@@ -140,8 +140,8 @@ class FinetuneTask(TrainTask):
                 dist.rank,
                 dist.world_size,
                 pin_memory=dist.device.type == "cuda",
+                worker_init_fn=ignore_stop_signals,  # a stop signal is the training process' to handle
             )
-            self._val_loader.worker_init_fn = with_ignored_stop_signals(self._val_loader.worker_init_fn)
         return self._val_loader
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> Optional[List[Dict[str, Any]]]:

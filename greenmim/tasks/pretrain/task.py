@@ -147,7 +147,7 @@ class PretrainTask(TrainTask):
         if dist.is_main:
             log.info("data: %s, %d images of %s px, decoded on the %s", self.data_cfg["name"], len(dataset),
                      image_hw(self.data_cfg["img_size"]), self.data_cfg.get("decode", "cpu"))
-        loader = build_train_loader(
+        return build_train_loader(
             dataset,
             int(self.data_cfg["batch_size"]),
             dist,
@@ -155,7 +155,10 @@ class PretrainTask(TrainTask):
             num_workers=int(self.data_cfg["num_workers"]),
             collate_fn=self.mask_collator(dist.device),
         )
-        return maybe_prefetch(loader, dist.device, self.data_cfg.get("device_prefetch"))
+
+    def device_batches(self, loader, device: torch.device):
+        """The loader's batches copied to the device one step ahead (``data.device_prefetch``; default: on CUDA)."""
+        return maybe_prefetch(loader, device, self.data_cfg.get("device_prefetch"))
 
     def training_step(self, model: nn.Module, batch: MIMBatch, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
         return pretrain_loss(model, batch, trainer.device), {}
