@@ -1,6 +1,7 @@
 """Smoke test of ``greenmim-bench`` at a tiny size on CPU (not a timed test: no speed assertions)."""
 import argparse
 import json
+import logging
 import re
 
 import pytest
@@ -24,8 +25,10 @@ def restore_threads():
 def test_bench_cli_reports_both_methods(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(TINY + ["--warmup", "1", "--iters", "1", "--out", str(out)]) == 0
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     assert "greenmim" in stdout and "simmim" in stdout and "speedup" in stdout
+    assert "[bench] timing: 2 steps per method in " in captured.err
     result = json.loads((tmp_path / "bench.json").read_text())
     for method in ("greenmim", "simmim"):
         figures = result["methods"][method]
@@ -49,20 +52,44 @@ def test_bench_one_method_alone(tmp_path, capsys):
     assert len(result["profile"]["greenmim"]["top"]) == 20
 
 
-def test_progress_is_a_line_every_few_seconds_off_a_terminal():
-    from greenmim.bench.progress import Progress
+def test_interleaved_timing_shows_the_engines_progress_off_a_terminal(monkeypatch):
+    """The timing phase reports through the engine's one progress (a line every ``LOG_EVERY_S``, 0
+    here, on the ``greenmim`` logger), and alternates the methods' order: A B, B A, A B."""
+    from greenmim.bench.step import time_interleaved
+    from greenmim.engine import progress as engine_progress
+
+    monkeypatch.setattr(engine_progress, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(engine_progress, "interactive", lambda: False)
+    calls = []
+
+    class Step:
+        device, planning, plan_thread_ms, grouping = torch.device("cpu"), "workers", 0.0, {}
+
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, batch):
+            calls.append((self.name, batch))
+
+    class Batches:
+        def next_batches(self):
+            return {"greenmim": len(calls) // 2, "simmim": len(calls) // 2}
 
     lines = []
-    with Progress("timing", 3, 2, lines.append, every=0.0, terminal=False) as progress:
-        for i in (-1, 0, 1):
-            for method in ("greenmim", "simmim"):
-                progress.step_done(method, i, 0.01)
-            if i == -1:
-                progress.warm()
-    assert lines[:3] == ["[bench] timing: 1/3 steps per method, last greenmim 10 ms, simmim 10 ms",
-                         "[bench] timing: warm-up done (1 steps per method, greenmim 10 ms, simmim 10 ms)",
-                         "[bench] timing: 2/3 steps per method, last greenmim 10 ms, simmim 10 ms"]
-    assert lines[3].startswith("[bench] timing: 3/3 steps per method in ") and len(lines) == 4
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("greenmim")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        times = time_interleaved({m: Step(m) for m in ("greenmim", "simmim")}, Batches(), 1, 2, what="[bench] timing")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [line.split(",")[0] for line in lines] == ["[bench] timing: 1/3 steps per method (33%)", "[bench] timing: 2/3 steps per method (67%)"]
+    assert calls == [("greenmim", 0), ("simmim", 0), ("simmim", 1), ("greenmim", 1), ("greenmim", 2), ("simmim", 2)]
+    assert [len(times[m].seconds) for m in ("greenmim", "simmim")] == [2, 2]  # the warm-up step is not timed
 
 
 def test_bench_solver_only(capsys):
@@ -110,3 +137,12 @@ def test_bad_input_is_one_line(args, message, capsys):
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[bench]")]  # progress
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("greenmim-bench: error: ")
     assert re.search(message, err[0]), err[0]
+
+
+def test_swin_head_dim_frees_the_heads_from_the_width():
+    """``--override head_dim=N`` (Swin's per-head width): heads need not divide the stage width."""
+    from greenmim.models import check_architecture
+
+    check_architecture("swin_tiny_patch4_window7_224", {"embed_dim": 16, "num_heads": (1, 3, 2, 2), "head_dim": 8})
+    with pytest.raises(ValueError, match="stage 1 has width 32 and 3 heads"):
+        check_architecture("swin_tiny_patch4_window7_224", {"embed_dim": 16, "num_heads": (1, 3, 2, 2)})

@@ -222,11 +222,12 @@ def test_bench_unknown_override_names_the_valid_keys(override, message, capsys, 
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--depths", "1,1", "--num-heads", "1,2,4,8"], r"--depths 1,1 has 2 stages but --num-heads 1,2,4,8 has 4: give one value per stage"),
-    (["--depths", "1,1,1"], r"--depths 1,1,1 has 3 stages but --num-heads 1,1,2,2 has 4"),
-    (["--num-heads", "1,3,2,2"], r"stage 2 is 32 wide, not divisible by its 3 head\(s\) \(--num-heads\): .*another --embed-dim"),
-    (["--embed-dim", "10", "--num-heads", "1,1,1,3"], r"stage 4 is 80 wide, not divisible by its 3 head"),
-    (["--num-heads", "1,0,2,2"], r"--num-heads 1,0,2,2: give positive integers"),
+    # models.check_architecture's messages (stages counted from 0), naming the bench's flags
+    (["--depths", "1,1", "--num-heads", "1,2,4,8"], r"--num-heads=\(1, 2, 4, 8\) is invalid: give one value per stage \(2 stages: --depths has 2 entries\)"),
+    (["--depths", "1,1,1"], r"--num-heads=\(1, 1, 2, 2\) is invalid: give one value per stage \(3 stages: --depths has 3 entries\)"),
+    (["--num-heads", "1,3,2,2"], r"--num-heads=\(1, 3, 2, 2\) is invalid: stage 1 has width 32 and 3 heads: the heads must divide the width"),
+    (["--embed-dim", "10", "--num-heads", "1,1,1,3"], r"--num-heads=\(1, 1, 1, 3\) is invalid: stage 3 has width 80 and 3 heads: the heads must divide"),
+    (["--num-heads", "1,0,2,2"], r"--num-heads=\(1, 0, 2, 2\) is invalid: set it to a positive integer per stage"),
 ])
 def test_bench_stage_lists_must_agree(args, message, capsys, no_run):
     line = one_error_line(lambda: bench.main(BENCH_TINY + args), capsys, "greenmim-bench")
@@ -234,8 +235,8 @@ def test_bench_stage_lists_must_agree(args, message, capsys, no_run):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--override", "embed_dims=(16,32,64)"], r"--depths 2,2,10,4 has 4 stages but --num-heads 2,4,8,16 has 4 and embed_dims 3"),
-    (["--override", "embed_dims=(16,32,64,100)"], r"stage 4 is 100 wide, not divisible by its 16 head\(s\) .*another embed_dims"),
+    (["--override", "embed_dims=(16,32,64)"], r"--override embed_dims=\(16, 32, 64\) is invalid: give one value per stage \(4 stages: --depths has 4 entries\)"),
+    (["--override", "embed_dims=(16,32,64,100)"], r"--override embed_dims=\(16, 32, 64, 100\) is invalid: stage 3 has width 100 and 16 heads: the heads must divide"),
     (["--embed-dim", "16"], r"twins_svt_small has no argument 'embed_dim': did you mean embed_dims\?"),
 ])
 def test_bench_twins_stage_lists_must_agree(args, message, capsys, no_run):

@@ -22,7 +22,8 @@ from ..plan.grouping import CostModel
 from ..ops.group_attention import GroupLayout, group_window_attention
 from ..plan.slots import plan_group_slots
 from ..plan.windows import StageWindows
-from .step import DTYPES, synchronize
+from ..engine.precision import Precision
+from .step import synchronize
 
 DEFAULT_GROUP_SIZES = (8, 16, 24, 32, 40, 49, 64, 80, 98)
 
@@ -54,7 +55,7 @@ def time_group_attention(
     table = torch.randn((2 * wh - 1) * (2 * ww - 1), heads, device=device, requires_grad=True) if rel_bias else None
     x = torch.randn(num_groups * group_size, 3 * dim, device=device, requires_grad=True)
     ident = nn.Identity()
-    autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+    autocast = Precision(dtype, device).autocast()
     times = []
     for i in range(reps + 1):
         synchronize(device)

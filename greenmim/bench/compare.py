@@ -17,7 +17,6 @@ from .flops import count_step_flops
 from .memory import measure_step_memory
 from .profile import profile_steps
 from ..engine.step import compile_counters
-from .progress import Progress
 from .step import METHODS, PlannedBatches, TrainStep, build_models, time_interleaved, timed_step
 
 Log = Callable[[str], None]
@@ -139,23 +138,23 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
         f"({'shared' if cfg.shared_mask else 'per-sample'}) {cfg.dtype} {device}, planning {cfg.planning}"
         f"{f' ({cfg.plan_workers} workers)' if cfg.planning == 'workers' else ''}: "
         f"{cfg.warmup} warm-up + {cfg.iters} timed steps per method" + (", interleaved" if len(methods_run) > 1 else ""))
-    with Progress("timing", cfg.warmup + cfg.iters, len(steps), log) as progress:
-        times = time_interleaved(steps, batches, cfg.warmup, cfg.iters, on_step=progress.step_done,
-                                 on_warm=progress.warm)
+    t0 = time.perf_counter()
+    times = time_interleaved(steps, batches, cfg.warmup, cfg.iters, what="[bench] timing")
+    log(f"[bench] timing: {cfg.warmup + cfg.iters} steps per method in {time.perf_counter() - t0:.0f} s")
     methods: Dict[str, Dict[str, Any]] = {m: times[m].summary(cfg.batch_size) for m in methods_run}
     for m in methods_run:
         methods[m]["params"] = sum(p.numel() for p in models[m].parameters())
     if cfg.memory:
         log("[bench] peak memory of one step per method ...")
-        plans = batches.next_plans()
+        batch = batches.next_batches()
         for m in methods_run:
-            stats = measure_step_memory(lambda: steps[m](batches.images, plans[m]), models[m], steps[m].optimizer, device)
+            stats = measure_step_memory(lambda: steps[m](batch[m]), models[m], steps[m].optimizer, device)
             methods[m]["memory"] = stats.as_dict()
     if cfg.flops:
         log("[bench] counting FLOPs ...")
-        plans = batches.next_plans()
+        batch = batches.next_batches()
         for m in methods_run:
-            methods[m]["flops"] = count_step_flops(steps[m], batches.images, plans[m])
+            methods[m]["flops"] = count_step_flops(steps[m], batch[m])
     result: Dict[str, Any] = {
         "config": {**asdict(cfg), "model_kwargs": kwargs},
         "environment": env,
@@ -164,8 +163,8 @@ def run_comparison(cfg: BenchConfig, log: Log = _stderr) -> Dict[str, Any]:
     }
     if cfg.profile:
         log(f"[bench] profiling {cfg.profile} step(s) per method ...")
-        plans = [batches.next_plans() for _ in range(cfg.profile)]
-        result["profile"] = {m: profile_steps(steps[m], batches.images, [p[m] for p in plans]) for m in methods_run}
+        profiled = [batches.next_batches() for _ in range(cfg.profile)]
+        result["profile"] = {m: profile_steps(steps[m], [b[m] for b in profiled]) for m in methods_run}
     if cfg.compile:
         result["compile"] = compiled_comparison(steps, batches, cfg, methods, log)
     return result
@@ -204,7 +203,7 @@ def compiled_comparison(steps: Dict[str, TrainStep], batches: PlannedBatches, cf
         before = compile_counters()
         t0 = time.perf_counter()
         try:
-            timed_step(step, batches.images, batches.next_plans()[m], None)  # compiles forward and backward
+            timed_step(step, batches.next_batches()[m], None)  # compiles forward and backward
         except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report
             step.eager()
             message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
@@ -220,12 +219,10 @@ def compiled_comparison(steps: Dict[str, TrainStep], batches: PlannedBatches, cf
         modes = ", ".join(f"{m} mode {out[m]['mode']}" for m in compiled)
         log(f"[bench] compiled steps ({modes}): timing again")
         warm: Dict[str, int] = {}
-        with Progress("timing compiled", cfg.warmup + cfg.iters, len(compiled), log) as progress:
-            def on_warm() -> None:
-                warm.update(compile_counters())
-                progress.warm()
-
-            times = time_interleaved(compiled, batches, cfg.warmup, cfg.iters, on_step=progress.step_done, on_warm=on_warm)
+        t0 = time.perf_counter()
+        times = time_interleaved(compiled, batches, cfg.warmup, cfg.iters, on_warm=lambda: warm.update(compile_counters()),
+                                 what="[bench] timing compiled")
+        log(f"[bench] timing compiled: {cfg.warmup + cfg.iters} steps per method in {time.perf_counter() - t0:.0f} s")
         recompiles = compile_counters()["graphs"] - warm["graphs"]
         for m in compiled:
             summary = times[m].summary(cfg.batch_size)

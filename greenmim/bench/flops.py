@@ -18,7 +18,8 @@ from typing import Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..plan.planner import DevicePlan, HostPlan, host_plan
+from ..plan.collate import MIMBatch
+from ..plan.planner import host_plan
 from .step import TrainStep
 
 
@@ -36,12 +37,12 @@ def _countable_attention(model: torch.nn.Module) -> Iterator[bool]:
             encoder.attention = "flex"
 
 
-def count_step_flops(step: TrainStep, images: torch.Tensor, plan: "HostPlan | DevicePlan") -> int:
+def count_step_flops(step: TrainStep, batch: MIMBatch) -> int:
     """FLOPs of ``step``'s forward + backward on one batch (gradients are cleared afterwards)."""
     with _countable_attention(step.model) as switched:
         if switched:  # the device derives SDPA's pair tensors from the host plan
-            plan = replace(host_plan(plan), attention="sdpa")
+            batch = MIMBatch(batch.images, replace(host_plan(batch.plan), attention="sdpa"))
         with FlopCounterMode(display=False) as counter:
-            step.forward_backward(images, plan)
+            step.forward_backward(batch)
     step.optimizer.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

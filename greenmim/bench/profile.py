@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ..plan.planner import HostPlan
+from ..plan.collate import MIMBatch
 from .step import TrainStep, synchronize
 
 PHASES = ("forward", "backward", "optimizer")
@@ -22,8 +22,8 @@ def quiet_profiler(device: torch.device) -> None:
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above every level it logs at
 
 
-def profile_steps(step: TrainStep, images: torch.Tensor, plans: Sequence[HostPlan], rows: int = 20) -> Dict[str, Any]:
-    """Profile one full step per plan and return, per step, its phases' time and the top ``rows``
+def profile_steps(step: TrainStep, batches: Sequence[MIMBatch], rows: int = 20) -> Dict[str, Any]:
+    """Profile one full step per batch and return, per step, its phases' time and the top ``rows``
     operators by self time (CPU self time on CPU; CUDA self time when the step runs on a GPU),
     plus the encoder's grouping time (host) of those steps.
 
@@ -35,17 +35,17 @@ def profile_steps(step: TrainStep, images: torch.Tensor, plans: Sequence[HostPla
     time per step with their count per step, and ``launches`` counts them all (a step with many
     small kernels is host-bound once the host spends more per launch than the GPU does).
     """
-    device = images.device
+    device = step.device
     quiet_profiler(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
     grouping_ms = 0.0
     with profile(activities=activities) as prof:
-        for plan in plans:
-            step(images, plan)
+        for batch in batches:
+            step(batch)
             synchronize(device)
             grouping_ms += float(step.grouping.get("ms", 0.0))
-    n = len(plans)
+    n = len(batches)
     cuda = device.type == "cuda"
     events = prof.key_averages()
     ops = [e for e in events if not _on_device(e)]  # host operators (their kernels are listed apart)

@@ -9,10 +9,12 @@ greenmim and simmim models of one backbone with the same weights, and :func:`tim
 times their steps alternately in one process, so that slow drifts of a shared machine (other
 jobs, thermal state, allocator warm-up) hit both methods alike.
 
-Masks are planned as in training: by :class:`PlannedBatches`, in DataLoader worker processes ahead
-of the step (``planning="workers"``), so the timed step pays only the copy of the plan to the
-device. ``planning="inline"`` plans inside the timed step instead, on the training thread (what
-greenmim did before planning moved to the loader), to show what that costs.
+Batches come as in training: :func:`~greenmim.data.datasets.build_train_loader` over fixed uint8
+images, its ``collate_fn`` running one :class:`~greenmim.plan.collate.MaskCollator` per method on
+the same seeded samples (so each compared pair of steps sees the same images and masks), in
+DataLoader worker processes ahead of the step (``planning="workers"``), so the timed step pays only
+the copy of the plan to the device. ``planning="inline"`` plans inside the timed step instead, on
+the training thread (what greenmim did before planning moved to the loader), to show what that costs.
 
 Per step the benchmark records the wall time (bracketed by device synchronisation), the training
 thread's *host* time until the step's last kernel is queued, the GPU time between CUDA events
@@ -24,26 +26,28 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.profiler import record_function
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..plan.collate import MIMBatch, plan_masks, planner_for
-
-from ..tasks.pretrain.loss import pretrain_loss
+from ..data.datasets import build_train_loader
+from ..data.prefetch import maybe_prefetch
+from ..engine.config import OptimConfig
+from ..engine.distributed import DistInfo
 from ..engine.optim import build_optimizer
 from ..engine.precision import Precision
+from ..engine.progress import progress
 from ..engine.step import TrainingStep, compile_mode
-from ..plan.masking import seeded_masks, unit_grid
 from ..models import create_pretrain_model
-from ..data.prefetch import maybe_prefetch
-from ..plan.planner import DevicePlan, HostPlan, VisiblePlanner, as_device_plan, planned_mask
+from ..plan.collate import MaskCollator, MIMBatch, planner_for
+from ..plan.masking import unit_grid
+from ..plan.planner import DevicePlan, HostPlan, as_device_plan, planned_mask
+from ..tasks.pretrain.loss import pretrain_loss
 
 METHODS = ("greenmim", "simmim")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PLANNING = ("workers", "inline")
 
 
@@ -83,49 +87,56 @@ def build_models(
     return models
 
 
-def make_optimizer(model: nn.Module, lr: float = 1.5e-4, weight_decay: float = 0.05) -> torch.optim.Optimizer:
-    """GreenMIM's pretraining optimizer, exactly as the trainer builds it: AdamW (0.9, 0.95), wd 0.05
-    with the usual no-decay groups (docs/design.md, recipes)."""
-    return build_optimizer(model, lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+def make_optimizer(model: nn.Module, optim: Optional[OptimConfig] = None) -> torch.optim.Optimizer:
+    """The trainer's optimizer with the ``optim.*`` settings (default: the pretraining recipe's,
+    :class:`~greenmim.engine.config.OptimConfig`) at ``optim.lr``, else ``optim.blr``: a timed step
+    costs the same at any rate, so the base rate needs no batch scaling here."""
+    o = optim or OptimConfig()
+    return build_optimizer(model, o.lr if o.lr is not None else o.blr, o.weight_decay, o.betas, o.eps, o.name)
+
+
+def engine_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, clip_grad: Optional[float],
+                compile_mode: Optional[str] = None) -> TrainingStep:
+    """The trainer's step over ``model``: the one place the benchmark builds it."""
+    return TrainingStep(model, optimizer, precision, clip_grad, compile_mode=compile_mode)
 
 
 class TrainStep:
     """One full pretraining step of ``model``, run by the trainer's :class:`~greenmim.engine.step.TrainingStep`.
 
-    ``dtype`` fp32 runs in full precision; bf16 and fp16 run under autocast (weights and optimizer
-    stay fp32, as in mixed-precision training), fp16 with a gradient scaler. ``clip_grad`` as
-    ``trainer.clip_grad`` (the pretraining recipe's is None); ``static_plans`` as
-    :func:`~greenmim.plan.collate.planner_for`. ``planning="inline"`` re-plans the
-    batch's mask inside the step, on the calling thread.
+    ``dtype`` is a ``trainer.precision`` (:class:`~greenmim.engine.precision.Precision`: fp32 in full
+    precision; bf16 and fp16 under autocast, weights and optimizer in fp32, fp16 with a gradient
+    scaler). ``clip_grad`` as ``trainer.clip_grad`` (the pretraining recipe's is None);
+    ``static_plans`` as :func:`~greenmim.plan.collate.planner_for`; ``optim`` as
+    :func:`make_optimizer`. ``planning="inline"`` re-plans the batch's mask inside the step, on
+    the calling thread.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: str = "fp32", planning: str = "workers",
-                 clip_grad: Optional[float] = None, static_plans: Optional[bool] = None):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+                 clip_grad: Optional[float] = None, static_plans: Optional[bool] = None, optim: Optional[OptimConfig] = None):
         if planning not in PLANNING:
             raise ValueError(f"planning must be one of {', '.join(PLANNING)}, got '{planning}'")
+        self.precision = Precision(dtype, device)  # refuses an unknown dtype, naming the choices
         self.model = model
         self.device = device
         self.dtype = dtype
         self.planning = planning
         self.planner = planner_for(model, device, static_plans)
-        self.optimizer = make_optimizer(model)
-        self.precision = Precision(dtype, device)
+        self.optimizer = make_optimizer(model, optim)
         self.clip_grad = clip_grad
-        self.engine = TrainingStep(model, self.optimizer, self.precision, clip_grad)
+        self.engine = engine_step(model, self.optimizer, self.precision, clip_grad)
         self.plan_thread_ms = 0.0  # training-thread time spent on the last step's plan
 
     def compile(self, mode: str = "auto") -> str:
         """Run the model compiled as ``trainer.compile=true`` with ``trainer.compile_mode=mode`` does;
         returns the resolved mode. :meth:`eager` undoes it."""
         resolved = compile_mode(mode, self.device)
-        self.engine = TrainingStep(self.model, self.optimizer, self.precision, self.clip_grad, compile_mode=resolved)
+        self.engine = engine_step(self.model, self.optimizer, self.precision, self.clip_grad, resolved)
         return resolved
 
     def eager(self) -> None:
         """Back to the eager model (after a failed compilation); gradients are cleared."""
-        self.engine = TrainingStep(self.model, self.optimizer, self.precision, self.clip_grad)
+        self.engine = engine_step(self.model, self.optimizer, self.precision, self.clip_grad)
         self.optimizer.zero_grad(set_to_none=True)
 
     def device_plan(self, plan: "HostPlan | DevicePlan"):
@@ -140,18 +151,17 @@ class TrainStep:
         self.plan_thread_ms = (time.perf_counter() - t0) * 1e3
         return plan
 
-    def forward_backward(self, images: torch.Tensor, plan: HostPlan) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_backward(self, batch: MIMBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """The trainer's micro-step on one batch: ``(loss, finite)``, device tensors."""
         with record_function("plan"):
-            plan = self.device_plan(plan)
-        batch = MIMBatch(images, plan)
+            batch = MIMBatch(batch.images, self.device_plan(batch.plan))
         loss, finite, _ = self.engine.micro_step(lambda model: (pretrain_loss(model, batch, self.device), {}))
         return loss, finite
 
-    def __call__(self, images: torch.Tensor, plan: HostPlan) -> torch.Tensor:
+    def __call__(self, batch: MIMBatch) -> torch.Tensor:
         """One step; its phases are profiler ranges ``plan``, ``forward``, ``backward`` and ``optimizer``."""
         self.engine.begin()
-        loss, finite = self.forward_backward(images, plan)
+        loss, finite = self.forward_backward(batch)
         self.engine.optimizer_step(~finite)
         return loss
 
@@ -162,43 +172,55 @@ class TrainStep:
 
 
 @dataclass
-class MethodPlans:
-    """One step's masks planned for every method (``{method: plan}``), movable like a batch."""
+class MethodBatches:
+    """One step's batch for every method (``{method: MIMBatch}``), movable like a batch."""
 
-    plans: Dict[str, Any]
+    batches: Dict[str, MIMBatch]
 
-    def __getitem__(self, method: str):
-        return self.plans[method]
+    def __getitem__(self, method: str) -> MIMBatch:
+        return self.batches[method]
 
-    def pin_memory(self) -> "MethodPlans":
-        return MethodPlans({m: p.pin_memory() for m, p in self.plans.items()})
+    def pin_memory(self) -> "MethodBatches":
+        return MethodBatches({m: b.pin_memory() for m, b in self.batches.items()})
 
-    def to(self, device: torch.device) -> "MethodPlans":
-        return MethodPlans({m: p.to(device) for m, p in self.plans.items()})
+    def to(self, device: torch.device) -> "MethodBatches":
+        return MethodBatches({m: b.to(device) for m, b in self.batches.items()})
 
 
-class _PlanDataset(Dataset):
-    """Item ``i``: the masks of step ``i`` (from seeds ``(seed, i, sample)``), planned for every method."""
+@dataclass
+class MethodCollator:
+    """``collate_fn`` running every method's :class:`~greenmim.plan.collate.MaskCollator` on the same
+    ``(image, seed)`` samples: the same images and masks, each planned for its method."""
 
-    def __init__(self, planners: Mapping[str, Optional[VisiblePlanner]], grid, batch_size: int, mask_ratio: float,
-                 shared: bool, seed: int, length: int):
-        self.planners, self.grid, self.batch_size = dict(planners), grid, batch_size
-        self.mask_ratio, self.shared, self.seed, self.length = mask_ratio, shared, seed, length
+    collators: Dict[str, MaskCollator]
+
+    def __call__(self, samples) -> MethodBatches:
+        return MethodBatches({m: collate(samples) for m, collate in self.collators.items()})
+
+
+class _FixedImages(Dataset):
+    """``length`` samples cycling over ``images`` (uint8 ``(n, 3, H, W)``): the benchmark times the
+    step, not the input pipeline (``greenmim-bench --loader`` does that)."""
+
+    def __init__(self, images: torch.Tensor, length: int):
+        self.images, self.length = images, length
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> MethodPlans:
-        seeds = [hash((self.seed, i, b)) & (2**63 - 1) for b in range(self.batch_size)]
-        mask = seeded_masks(seeds, self.grid.num_units, self.mask_ratio, shared=self.shared)
-        return MethodPlans({m: plan_masks(mask, self.grid, planner) for m, planner in self.planners.items()})
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i % len(self.images)]
 
 
 class PlannedBatches:
-    """Fixed random images on the device and, per step, one mask batch planned for every method
-    (each compared pair of steps sees the same masks), planned ahead in ``workers`` DataLoader
-    worker processes (0: in the calling thread, before the step), pinned on CUDA and, as the
-    trainer does there, copied to the device one step ahead (:func:`~greenmim.data.prefetch.maybe_prefetch`)."""
+    """Per step, one :class:`MethodBatches` from the training loader
+    (:func:`~greenmim.data.datasets.build_train_loader`, see the module docstring): fixed random
+    uint8 images (as the loader hands them to the trainer's step, which normalises them on the
+    device) with masks drawn from the sampler's per-sample seeds and planned for every method, in
+    ``workers`` DataLoader worker processes (0: in the calling thread, before the step), pinned on
+    CUDA and, as the trainer does there, copied to the device one step ahead
+    (:func:`~greenmim.data.prefetch.maybe_prefetch`). ``planners`` are the methods' planners
+    (:attr:`TrainStep.planner`; None for the all-token baseline)."""
 
     def __init__(
         self,
@@ -207,7 +229,7 @@ class PlannedBatches:
         unit: int,
         mask_ratio: float,
         device: torch.device,
-        planners: Mapping[str, Optional[VisiblePlanner]],
+        planners: Mapping[str, Any],
         steps: int,
         seed: int = 0,
         shared: bool = False,
@@ -215,18 +237,15 @@ class PlannedBatches:
     ):
         grid = unit_grid(img_size, unit)
         gen = torch.Generator().manual_seed(seed)
-        # uint8 pixels, as the loader hands them to the trainer's step (which normalises them on the device)
-        self.images = torch.randint(0, 256, (batch_size, 3, *grid.img_size), generator=gen, dtype=torch.uint8).to(device)
+        images = torch.randint(0, 256, (batch_size, 3, *grid.img_size), generator=gen, dtype=torch.uint8)
+        collate = MethodCollator({m: MaskCollator(grid, mask_ratio, planner, shared, batch_size) for m, planner in planners.items()})
         self.workers = workers
-        dataset = _PlanDataset(planners, grid, batch_size, mask_ratio, shared, seed, steps)
-        self._loader = DataLoader(
-            dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-        )
-        self._loader = maybe_prefetch(self._loader, device)
-        self._it: Iterator[MethodPlans] = iter(self._loader)
+        loader = build_train_loader(_FixedImages(images, steps * batch_size), batch_size, DistInfo(device=torch.device(device)),
+                                    seed, num_workers=workers, shuffle=False, collate_fn=collate)
+        self._loader = maybe_prefetch(loader, device)
+        self._it: Iterator[MethodBatches] = iter(self._loader)
 
-    def next_plans(self) -> MethodPlans:
+    def next_batches(self) -> MethodBatches:
         try:
             return next(self._it)
         except StopIteration:  # more steps than planned (extra measurements): start over
@@ -284,16 +303,16 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def timed_step(step: TrainStep, images: torch.Tensor, plan: HostPlan, rec: Optional[StepTimes]) -> float:
+def timed_step(step: TrainStep, batch: MIMBatch, rec: Optional[StepTimes]) -> float:
     """Run one step bracketed by device synchronisation; record wall, host and GPU time into ``rec``."""
-    device = images.device
+    device = step.device
     cuda = device.type == "cuda"
     synchronize(device)
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     t0 = time.perf_counter()
-    step(images, plan)
+    step(batch)
     host = time.perf_counter() - t0  # the last kernel is queued: the host's part of the step
     if cuda:
         end.record()
@@ -318,27 +337,29 @@ def time_interleaved(
     batches: PlannedBatches,
     warmup: int,
     iters: int,
-    on_step: Optional[Callable[[str, int, float], None]] = None,
     on_warm: Optional[Callable[[], None]] = None,
+    what: Optional[str] = None,
 ) -> Dict[str, StepTimes]:
     """Time ``iters`` steps of every method after ``warmup`` untimed ones, interleaved.
 
-    Iteration ``i`` takes one planned mask batch and runs every method on it; the order of the
-    methods is reversed on odd iterations (A B, B A, A B, ...) so neither method always runs right
-    after the other. ``on_step(method, i, seconds)`` is called after each step (progress), ``i``
-    counting the timed steps from 0 (warm-up steps: ``i < 0``); ``on_warm()`` once after the warm-up steps.
+    Iteration ``i`` takes one step's batches (the same images and masks) and runs every method on
+    it; the order of the methods is reversed on odd iterations (A B, B A, A B, ...) so neither
+    method always runs right after the other. ``on_warm()`` is called once after the warm-up steps.
+    With ``what``, the iterations show progress as every long phase does
+    (:func:`~greenmim.engine.progress.progress`: a bar on a terminal, else a line every few seconds).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     names = list(steps)
     times = {name: StepTimes() for name in names}
-    for i in range(warmup + iters):
+    iterations: Iterable[int] = range(warmup + iters)
+    if what is not None:
+        iterations = progress(iterations, what, unit="steps per method")
+    for i in iterations:
         if i == warmup and on_warm is not None:
             on_warm()
-        plans = batches.next_plans()
+        batch = batches.next_batches()
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
-            dt = timed_step(steps[name], batches.images, plans[name], times[name] if i >= warmup else None)
-            if on_step is not None:
-                on_step(name, i - warmup, dt)
+            timed_step(steps[name], batch[name], times[name] if i >= warmup else None)
     return times

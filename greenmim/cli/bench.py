@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import inspect
+import logging
 import os
+import re
 import sys
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -56,9 +59,11 @@ from ..bench.report import (
     sweep_table,
     write_json,
 )
-from ..bench.step import DTYPES, METHODS
+from ..bench.step import METHODS
+from ..engine.distributed import resolve_device
 from ..engine.errors import UserError
-from ..models import get_spec
+from ..engine.precision import PRECISIONS
+from ..models import check_architecture, get_spec
 from ..models.pretrain import MIM_MODEL_KEYS
 from .common import output_file
 
@@ -109,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {DEFAULT_BATCH}; {SOLVER_BATCH} with --solver-only)")
     r.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of mask units hidden (default: %(default)s)")
-    r.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast bf16/fp16 with fp32 weights (default: %(default)s)")
+    r.add_argument("--dtype", choices=PRECISIONS, default="fp32", help="fp32, or autocast bf16/fp16 with fp32 weights (default: %(default)s)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     r.add_argument("--warmup", type=int, default=2, help="untimed steps per method (default: %(default)s)")
@@ -163,23 +168,25 @@ def batch_size(args: argparse.Namespace) -> int:
     return args.batch_size or (SOLVER_BATCH if args.solver_only else DEFAULT_BATCH)
 
 
-def resolve_device(name: Optional[str]) -> torch.device:
-    """``--device`` as a device this machine has (default: cuda when available, else cpu); anything
-    else ends in one error line."""
+def bench_device(name: Optional[str]) -> torch.device:
+    """``--device`` as a device this machine has: the trainer's choice
+    (:func:`~greenmim.engine.distributed.resolve_device`; default ``auto``: cuda when available,
+    else cpu) plus a CUDA index this machine has; anything else ends in one error line."""
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device("auto")
     try:
         device = torch.device(name)
     except RuntimeError:
         fail(f"--device {name} is not a device: use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            fail(f"--device {name}: CUDA is not available on this machine: use --device cpu")
-        if device.index is not None and device.index >= count:
-            fail(f"--device {name}: this machine has {count} CUDA device(s): use cuda:0 .. cuda:{count - 1}")
-    elif device.type != "cpu":
+    if device.type not in ("cpu", "cuda"):
         fail(f"--device {name}: greenmim-bench runs on cpu or cuda: use --device cpu or --device cuda")
+    try:
+        resolved = resolve_device(device.type, device.index or 0)
+    except UserError:  # CUDA asked for, none visible
+        fail(f"--device {name}: CUDA is not available on this machine: use --device cpu")
+    count = torch.cuda.device_count() if resolved.type == "cuda" else 0
+    if resolved.type == "cuda" and resolved.index >= count:
+        fail(f"--device {name}: this machine has {count} CUDA device(s): use cuda:0 .. cuda:{count - 1}")
     return device
 
 
@@ -198,34 +205,24 @@ def valid_model_arguments(model: str) -> List[str]:
     return sorted(names)
 
 
+#: the flag that sets an encoder argument named in a :func:`~greenmim.models.check_architecture` message
+ARCH_FLAGS = {"depths": "--depths", "num_heads": "--num-heads", "embed_dim": "--embed-dim", "window_size": "--window-size"}
+
+
 def check_overrides(model: str, overrides: Dict[str, Any]) -> None:
-    """Unknown keys (with a did-you-mean and the valid ones), and per-stage lists that disagree:
-    ``depths`` and ``num_heads`` (and Twins' ``embed_dims``) one value per stage, every stage's
-    width divisible by its heads."""
+    """Unknown keys (with a did-you-mean and the valid ones), then the architecture
+    (:func:`~greenmim.models.check_architecture`: sizes >= 1, one value per stage, heads dividing
+    widths), its message naming the flags (``--num-heads``, ``--override KEY``)."""
     valid = valid_model_arguments(model)
     for key in overrides:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             fail(f"--override {key}: {model} has no argument {key!r}: {hint}valid: {', '.join(valid)}")
-    arch = {**get_spec(model).args, **overrides}
-    depths, heads = tuple(arch.get("depths", ())), tuple(arch.get("num_heads", ()))
-    for flag, values in (("--depths", depths), ("--num-heads", heads)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-            fail(f"{flag} {','.join(map(str, values))}: give positive integers, one per stage (e.g. 1,1,2,1)")
-    if "embed_dims" in arch:  # Twins: one width per stage
-        widths, width_flag = tuple(arch["embed_dims"]), "embed_dims"
-    else:  # Swin: the width doubles at every stage
-        widths, width_flag = tuple(int(arch["embed_dim"]) * 2 ** i for i in range(len(depths))), "--embed-dim"
-    if len(heads) != len(depths) or len(widths) != len(depths):
-        fail(f"--depths {','.join(map(str, depths))} has {len(depths)} stages but --num-heads {','.join(map(str, heads))} "
-             f"has {len(heads)}" + ("" if len(widths) == len(depths) else f" and embed_dims {len(widths)}")
-             + ": give one value per stage to each")
-    if arch.get("head_dim") is None:  # Swin's head_dim, when set, decouples heads from the width
-        for stage, (width, head) in enumerate(zip(widths, heads)):
-            if head < 1 or width % head:
-                fail(f"stage {stage + 1} is {width} wide, not divisible by its {head} head(s) (--num-heads): "
-                     f"choose heads that divide it, or another {width_flag}")
+    try:
+        check_architecture(model, overrides)
+    except ValueError as exc:
+        fail(re.sub(r"model\.encoder_args\.(\w+)", lambda m: ARCH_FLAGS.get(m[1], f"--override {m[1]}"), str(exc)))
 
 
 def attention_supported(model: str) -> bool:
@@ -309,7 +306,7 @@ def check_args(args: argparse.Namespace) -> None:
                              ("--plan-workers", args.plan_workers, 0), ("--threads", args.threads, 1), ("--img-size", args.img_size, 1)):
         if value is not None and value < low:
             fail(f"{flag} {value} must be >= {low}")
-    resolve_device(args.device)
+    bench_device(args.device)
     if args.method and (args.sweep or args.calibrate or args.solver_only or args.loader):
         fail("--method times one method of a comparison: drop it for --sweep, --calibrate, --solver-only and --loader")
     if args.attention not in (None, "sdpa") and not attention_supported(model_name(args)):
@@ -320,24 +317,40 @@ def check_args(args: argparse.Namespace) -> None:
         check_out(args.out)
 
 
+@contextlib.contextmanager
+def progress_on_stderr() -> Iterator[None]:
+    """While the benchmark runs, the INFO lines of the ``greenmim`` logger (the progress of
+    :func:`~greenmim.engine.progress.progress` off a terminal) go to stderr, with the bench's own lines."""
+    logger = logging.getLogger("greenmim")
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     try:
-        return run(args)
+        with progress_on_stderr():
+            return run(args)
     except ValueError as exc:  # a size, window or override the model refuses: its message names the fix
         fail(str(exc).splitlines()[0])
     except (RuntimeError, MemoryError) as exc:
         if not out_of_memory(exc):
             raise
-        fail(f"out of memory at --batch-size {batch_size(args)} on {resolve_device(args.device)}: use a smaller --batch-size")
+        fail(f"out of memory at --batch-size {batch_size(args)} on {bench_device(args.device)}: use a smaller --batch-size")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = model_overrides(args)
-    device = resolve_device(args.device)
+    device = bench_device(args.device)
     json_path = png_path = None
     if args.out:
         json_path, png_path = output_paths(args.out)

@@ -140,7 +140,7 @@ def check_architecture(name: str, encoder_args: Optional[Mapping[str, Any]]) -> 
             fail(key, f"give one value per stage ({stages} stages: model.encoder_args.depths has {stages} entries)")
     heads = args["num_heads"] if isinstance(args["num_heads"], (list, tuple)) else [args["num_heads"]] * stages
     widths = args.get("embed_dims") or [args["embed_dim"] * 2 ** i for i in range(stages)]  # Swin doubles per stage
-    bad = [i for i, (w, h) in enumerate(zip(widths, heads)) if w % h]
+    bad = [] if args.get("head_dim") else [i for i, (w, h) in enumerate(zip(widths, heads)) if w % h]  # Swin's head_dim frees the heads
     if bad:
         i = bad[0]
         key = "num_heads" if "num_heads" in given else ("embed_dims" if "embed_dims" in args else "embed_dim")
