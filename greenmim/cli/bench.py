@@ -60,6 +60,7 @@ from ..bench.step import DTYPES, METHODS
 from ..engine.errors import UserError
 from ..models import get_spec
 from ..models.pretrain import MIM_MODEL_KEYS
+from ..plan.masking import DEFAULT_MASK_RATIO
 from .common import output_file
 
 ATTENTIONS = ("sdpa", "flex")
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other model argument (timm constructor or decoder_dim/decoder_depth/...); repeatable")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {DEFAULT_BATCH}; {SOLVER_BATCH} with --solver-only)")
-    r.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of mask units hidden (default: %(default)s)")
+    r.add_argument("--mask-ratio", type=float, default=DEFAULT_MASK_RATIO, help="fraction of mask units hidden (default: %(default)s)")
     r.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast bf16/fp16 with fp32 weights (default: %(default)s)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")

@@ -52,18 +52,18 @@ def synthetic_root(data: Dict[str, Any], output_dir: Path) -> Path:
     """The folder ``data.synthetic`` may generate into: ``data.root`` when it lies under the run's
     ``output_dir`` or the cache folder and holds nothing but an earlier generated set. Generated
     files never go into a dataset the user named; anything else is a :class:`ConfigError`."""
-    if data.get("name") != "coco_synthetic":
+    if data["name"] != "coco_synthetic":
         raise ConfigError(
-            f"data.synthetic is set but data={data.get('name')} reads your own files: drop it (data.synthetic=null), "
+            f"data.synthetic is set but data={data['name']} reads your own files: drop it (data.synthetic=null), "
             "or use data=coco_synthetic for a generated set"
         )
-    given = [k for k in PATH_KEYS if data.get(k)]
+    given = [k for k in PATH_KEYS if data[k]]
     if given:
         raise ConfigError(
             f"data.synthetic generates a dataset but data.{given[0]} names your own files: drop one of them "
             "(data=coco data.synthetic=null for your files)"
         )
-    root = Path(str(data.get("root") or output_dir / "synthetic_coco")).expanduser().resolve()
+    root = Path(str(data["root"] or output_dir / "synthetic_coco")).expanduser().resolve()  # null: inside the run
     allowed = (output_dir.resolve(), cache_dir().resolve())
     if not any(root == base or base in root.parents for base in allowed):
         raise ConfigError(
@@ -79,10 +79,10 @@ def check_coco_files(data: Dict[str, Any], splits) -> None:
     """Raise naming every expected COCO file or folder that is absent (not just the first)."""
     missing = [f"{data[f'{s}_{kind}']}" for s in splits for kind in ("images", "ann") if not os.path.exists(data[f"{s}_{kind}"])]
     if missing:
-        where = f"data.root={data.get('root')}" if data.get("root") else "the data.*_images / data.*_ann paths"
+        where = f"data.root={data['root']}" if data["root"] else "the data.*_images / data.*_ann paths"
         raise ConfigError(
             f"{where} lacks the expected COCO files: {', '.join(missing)}; point data.root at the COCO folder "
-            f"(train{data.get('year', 2017)}/, val{data.get('year', 2017)}/, annotations/instances_*.json) "
+            f"(train{data['year']}/, val{data['year']}/, annotations/instances_*.json) "
             "or set data.train_images= data.train_ann= data.val_images= data.val_ann="
         )
 
@@ -92,21 +92,21 @@ def prepare_data(data: Dict[str, Any], dist, output_dir: Path, eval_only: bool =
     relative to ``data.root``) and check they exist; with
     ``data.synthetic``, generate the set first (rank 0), only under ``output_dir`` or the cache folder."""
     data = dict(data)
-    synthetic = data.get("synthetic")
+    synthetic = data["synthetic"]
     if synthetic:
         root = synthetic_root(data, output_dir)
         if dist.is_main:
-            ensure_synthetic_coco(str(root), int(synthetic.get("num_train", 64)), int(synthetic.get("num_val", 16)),
-                                  tuple(synthetic.get("size", (160, 192))), int(synthetic.get("seed", 0)))
+            ensure_synthetic_coco(str(root), int(synthetic["num_train"]), int(synthetic["num_val"]),
+                                  tuple(synthetic["size"]), int(synthetic["seed"]))
         barrier()
         for split in ("train", "val"):
             data[f"{split}_images"] = str(root / split)
             data[f"{split}_ann"] = str(root / "annotations" / f"instances_{split}.json")
     year = str(data["year"])
-    root = os.path.expanduser(str(data.get("root") or "."))
+    root = os.path.expanduser(str(data["root"] or "."))  # null: paths relative to the working directory
     for split in ("train", "val"):
         for key, default in zip((f"{split}_images", f"{split}_ann"), coco_paths(root, split, year)):
-            given = data.get(key)
+            given = data[key]
             # a relative path is relative to data.root (an absolute one stays as it is)
             data[key] = os.path.join(root, os.path.expanduser(str(given))) if given else default
     check_coco_files(data, ("val",) if eval_only else ("train", "val"))
@@ -118,15 +118,14 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     tcfg = trainer_config(cfg)
     dist = init_distributed(tcfg.device)
     output_dir = Path(cfg.output_dir).expanduser().resolve()
-    eval_only = bool(cfg.get("eval_only", False))
+    eval_only = bool(cfg.eval_only)
     if not eval_only and dist.is_main:  # before a synthetic set is generated into output_dir
         check_output_dir(output_dir)
-        check_one_run(output_dir, cfg.get("resume"), None)
+        check_one_run(output_dir, cfg.resume, None)
     data = prepare_data(to_dict(cfg.data), dist, output_dir, eval_only)
-    task = DetectionTask(to_dict(cfg.model), data, to_dict(cfg.detector), pretrained=cfg.get("pretrained"),
-                         use_ema=bool(cfg.get("pretrained_use_ema", False)),
-                         layer_decay=float(cfg.optim.get("layer_decay", 1.0) or 1.0),
-                         eval_every=int(cfg.get("eval_every", 1)), train=not eval_only)
+    task = DetectionTask(to_dict(cfg.model), data, to_dict(cfg.detector), pretrained=cfg.pretrained,
+                         use_ema=bool(cfg.pretrained_use_ema), layer_decay=float(cfg.optim.layer_decay),
+                         eval_every=int(cfg.eval_every), train=not eval_only)
 
     if eval_only:
         setup_logging(output_dir, dist.rank)
@@ -141,7 +140,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         model.to(dist.device)
         log.info("%s", task.data_summary())
         log.info("eval_only: %s on %d images", ckpt, len(task.val_set))
-        metrics = evaluate_coco(model, task.val_set, dist.device, dist, batch_size=int(data.get("eval_batch_size", 1)),
+        metrics = evaluate_coco(model, task.val_set, dist.device, dist, batch_size=int(data["eval_batch_size"]),
                                 num_workers=int(data["num_workers"]), output_dir=str(output_dir), prefix="eval_")
     else:
         trainer = Trainer(task, tcfg, optim_config(cfg), sched_config(cfg))

@@ -42,7 +42,7 @@ from ..engine.checkpoint import FORMAT, write_error
 from ..engine.errors import UserError
 from ..engine.files import atomic_write, write_bytes
 from ..models.registry import timm_args, timm_takes_img_size
-from ..weights.architecture import is_official_greenmim, read_architecture
+from ..weights.architecture import export_metadata, is_official_greenmim, read_architecture
 from ..weights.loading import split_pretrain_state, timm_filter, unwrap_state_dict
 from .common import check_replaceable, load_pretrain_checkpoint, output_file, report_errors
 
@@ -57,7 +57,7 @@ def timm_model_args(config: Dict[str, Any]) -> Dict[str, Any]:
     """The ``timm.create_model`` keyword arguments that rebuild the pretrained encoder's architecture."""
     args = {k: v for k, v in timm_args(config["model"].get("encoder_args")).items() if k not in GREENMIM_ONLY_ARGS}
     args.pop("drop_path_rate", None)  # a training choice, not architecture
-    img = config.get("data", {}).get("img_size")
+    img = config["data"]["img_size"]
     if img is not None and timm_takes_img_size(config["model"]["name"]):  # timm's PVTv2 takes none
         args["img_size"] = img
     return args
@@ -131,7 +131,7 @@ def is_greenmim_export(path: Path) -> bool:
             info = json.loads(path.read_text(encoding="utf-8"))
         else:
             with safe_open(str(path), framework="pt") as f:
-                info = json.loads((f.metadata() or {}).get("greenmim", "null"))
+                info = export_metadata(f)
     except (OSError, ValueError, SafetensorError):
         return False
     return isinstance(info, dict) and all(k in info for k in INFO_KEYS)
@@ -158,7 +158,7 @@ def export_encoder(checkpoint: str, output: Optional[str] = None, verify: bool =
         name = config["model"]["name"]
         args = timm_model_args(config)
         state = encoder_state_dict(ckpt)
-        info = {"step": int(ckpt.get("step", 0)), "method": config["model"].get("method")}
+        info = {"step": int(ckpt["step"]), "method": config["model"].get("method")}
     if verify:
         check_against_timm(name, args, state)
     info = {"timm_name": name, "model_args": args, **info, "checkpoint": str(checkpoint)}

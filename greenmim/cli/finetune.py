@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         "num_classes": task.num_classes,
         "train_images": len(task.data.train),
         "val_images": len(task.data.val),
-        "pretrained": cfg.get("pretrained"),
+        "pretrained": cfg.pretrained,
         "load_report": task.load_report.to_dict() if task.load_report else None,
         "wall_s": time.time() - t0,
     }
@@ -83,7 +83,7 @@ def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
     report = load_pretrained(model, path, use_ema=bool(cfg.eval_ema), allow_missing_head=False, checkpoint=raw)
     model.to(dist.device)
     d = cfg.data
-    loader = build_eval_loader(data.val, int(d.get("eval_batch_size") or d.batch_size), int(d.num_workers),
+    loader = build_eval_loader(data.val, int(d.eval_batch_size or d.batch_size), int(d.num_workers),
                                dist.rank, dist.world_size, pin_memory=dist.device.type == "cuda")
     t0 = time.time()
     metrics = evaluate(model, loader, dist.device, Precision(tcfg.precision, dist.device).autocast)
@@ -98,12 +98,11 @@ def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
-    protocol = cfg.get("protocol", "finetune")
-    if protocol != "finetune":  # knn | linear_probe: frozen-feature evaluation (greenmim.tasks.frozen_eval)
+    if cfg.protocol != "finetune":  # knn | linear_probe: frozen-feature evaluation (greenmim.tasks.frozen_eval)
         from ..tasks.frozen_eval.run import run_frozen_eval
 
         return run_frozen_eval(cfg)
-    return evaluate_only(cfg) if cfg.get("eval_only", False) else train(cfg)
+    return evaluate_only(cfg) if cfg.eval_only else train(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="finetune")
