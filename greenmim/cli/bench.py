@@ -305,7 +305,7 @@ def check_args(args: argparse.Namespace) -> None:
         except ValueError as exc:
             fail(str(exc))
     if not 0.0 < args.mask_ratio < 1.0:
-        fail(f"--mask-ratio {args.mask_ratio} is outside (0, 1): use e.g. 0.75")
+        fail(f"--mask-ratio {args.mask_ratio} is outside (0, 1): use e.g. {DEFAULT_MASK_RATIO}")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
                              ("--plan-workers", args.plan_workers, 0), ("--threads", args.threads, 1), ("--img-size", args.img_size, 1)):
         if value is not None and value < low:

@@ -43,10 +43,11 @@ def check_pretrain(cfg: DictConfig) -> None:
     from ..tasks.pretrain.task import expected_unit
 
     check_decode(cfg.data.decode)
-    if cfg.model.name == "???":
+    name = value_of(cfg, "model.name")
+    if name in (MISSING, None, "???"):
         return
     try:
-        unit = expected_unit(cfg.model.name, value_of(cfg, "model.encoder_args"))
+        unit = expected_unit(name, value_of(cfg, "model.encoder_args"))
     except ValueError:  # an unknown model name: reported when the model is built, with a did-you-mean
         return
     check_mask_ratio(cfg.model.mask_ratio, value_of(cfg, "data.img_size"), unit)

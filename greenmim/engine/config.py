@@ -247,7 +247,7 @@ def check_choices(cfg: "DictConfig") -> None:
     for key, allowed in CHOICES.items():
         value = value_of(cfg, key)
         if value is not _MISSING and value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}: set {key}=<one of them>")
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}: set e.g. {key}={allowed[0]}")
 
 
 def check_flags(cfg: "DictConfig") -> None:
@@ -385,7 +385,7 @@ class TrainerConfig:
     def from_yaml(cls, task: str = "pretrain", **fields: Any) -> "TrainerConfig":
         """The ``task`` root config's trainer settings (the YAML's defaults; ``config`` empty), with
         ``fields`` replaced: ``TrainerConfig.from_yaml(output_dir="runs/x", epochs=10)``."""
-        return dataclasses.replace(trainer_config(compose(task)), config={}, **fields)
+        return dataclasses.replace(trainer_config(compose(task)), **{"config": {}, **fields})
 
 
 @dataclass
@@ -416,10 +416,14 @@ def compose(task: str, *overrides: str) -> "DictConfig":
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    if GlobalHydra.instance().is_initialized():  # e.g. inside a running Hydra app: compose in a fresh context
-        GlobalHydra.instance().clear()
-    with initialize_config_module("greenmim.configs", version_base="1.3"):
-        return hydra_compose(task, overrides=list(overrides))
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()  # compose in a context of its own, e.g. inside a running Hydra app ...
+    try:
+        with initialize_config_module("greenmim.configs", version_base="1.3"):
+            return hydra_compose(task, overrides=list(overrides))
+    finally:
+        if outer is not None:  # ... whose context is restored afterwards
+            GlobalHydra.instance().initialize(outer)
 
 
 def to_dict(node: Any) -> Dict[str, Any]:
