@@ -2,10 +2,13 @@
 checked) from the ``model`` and ``data`` configs.
 
 Used by ``greenmim-pretrain`` (Hydra), ``greenmim-visualize`` and the config checks of
-:mod:`greenmim.cli.validate`, and usable from Python::
+:mod:`greenmim.cli.validate`, and usable from Python with a config composed from ``configs/`` (the
+one place of its defaults)::
 
+    from greenmim.engine.config import compose, optim_config, sched_config, to_dict, trainer_config
     from greenmim.tasks.pretrain.task import PretrainTask
-    Trainer(PretrainTask(model_cfg, data_cfg), TrainerConfig(...), OptimConfig(...), sched).fit()
+    cfg = compose("pretrain", "experiment=quickstart", "output_dir=runs/x")
+    Trainer(PretrainTask(to_dict(cfg.model), to_dict(cfg.data)), trainer_config(cfg), optim_config(cfg), sched_config(cfg)).fit()
 """
 from __future__ import annotations
 
