@@ -90,7 +90,11 @@ def test_every_experiment_composes_for_its_own_entry_point(name, task):
     assert task, f"experiment/{name}.yaml sets no task:"
     if not (CONFIGS / f"{task}.yaml").is_file():
         pytest.skip(f"no root config {task}.yaml")
-    assert cfg_of(task, f"experiment={name}").task == task
+    cfg = cfg_of(task, f"experiment={name}")
+    assert cfg.task == task
+    from greenmim.cli.validate import check_config
+
+    check_config(cfg, task)  # every shipped recipe passes the schema's one check
 
 
 def test_an_experiment_of_another_entry_point_is_named_as_such(monkeypatch, capsys):
