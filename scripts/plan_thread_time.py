@@ -11,11 +11,11 @@ import statistics, time, torch
 from torch.utils.data import DataLoader, Dataset
 from greenmim.plan.collate import MaskCollator
 from greenmim.data.prefetch import DevicePrefetcher
-from greenmim.plan.masking import unit_grid
+from greenmim.plan.masking import DEFAULT_MASK_RATIO, unit_grid
 from greenmim.models import create_encoder
 
 enc = create_encoder("swin_base_patch4_window7_224")
-collate = MaskCollator(unit_grid((224, 224), 32), 0.75, enc.planner(group_multiple=8))
+collate = MaskCollator(unit_grid((224, 224), 32), DEFAULT_MASK_RATIO, enc.planner(group_multiple=8))
 
 class Seeds(Dataset):
     def __len__(self): return 128 * 14

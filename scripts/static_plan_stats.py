@@ -14,13 +14,13 @@ from collections import Counter
 import numpy as np
 import torch
 
-from greenmim.plan.masking import num_visible_units
+from greenmim.plan.masking import DEFAULT_MASK_RATIO, num_visible_units
 from greenmim.models import create_encoder
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--model", default="swin_tiny_patch4_window7_224")
 p.add_argument("--batch-size", type=int, default=8)
-p.add_argument("--mask-ratio", type=float, default=0.75)
+p.add_argument("--mask-ratio", type=float, default=DEFAULT_MASK_RATIO)
 p.add_argument("--group-multiple", type=int, default=1)
 p.add_argument("--batches", type=int, default=500)
 p.add_argument("--shared-mask", action="store_true", help="one mask per batch, layouts planned on one sample")

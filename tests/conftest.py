@@ -1,3 +1,5 @@
+import copy
+import functools
 import os
 from pathlib import Path
 
@@ -30,6 +32,20 @@ def tiny_model(kind, **kw):
     name, cfg = MODELS[kind]
     torch.manual_seed(0)
     return create_pretrain_model(name, decoder_dim=32, decoder_heads=2, **cfg, **kw)
+
+@functools.lru_cache(maxsize=None)
+def _composed(task, overrides):
+    from greenmim.engine.config import compose, to_dict
+
+    return to_dict(compose(task, *overrides))
+
+
+def yaml_node(task, node, *overrides, **fields):
+    """The ``node`` (``"data"``, ``"aug"``, ``"model"``, ...) of the ``task`` root config composed from
+    configs/ with ``overrides`` (e.g. ``"data=synthetic"``), as a plain dict with ``fields`` replaced:
+    a complete config for a library call, its defaults read from the YAML instead of restated here."""
+    return copy.deepcopy({**_composed(task, tuple(overrides))[node], **fields})
+
 
 # Real photos used where present (the shared folder next to the checkout); tests that need them skip otherwise.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import yaml_node
 from greenmim.data import (
     CorruptImageError,
     DataError,
@@ -111,7 +112,7 @@ def test_bad_folders_have_clear_messages(tmp_path, make, name, message):
         (base / "empty_sub").mkdir(exist_ok=True)
         (base / "readme.txt").write_text("x")
     with pytest.raises(DataError, match=message) as err:
-        build_pretrain_dataset({"name": name, "root": None if root is None else str(root), "img_size": 64})
+        build_pretrain_dataset(yaml_node("pretrain", "data", "data=imagefolder", name=name, root=None if root is None else str(root), img_size=64))
     assert "\n" not in str(err.value)
 
 
@@ -139,5 +140,5 @@ def test_hymenoptera_imagefolder_reads_every_file_including_the_palette_gif(hyme
     assert len(paths) > 200 and any(p.endswith(".gif") for p in paths)
     gif = next(p for p in paths if p.endswith(".gif"))
     assert load_rgb(gif).mode == "RGB"
-    ds = build_pretrain_dataset({"name": "imagefolder", "root": str(hymenoptera), "split": "train", "img_size": 64})
+    ds = build_pretrain_dataset(yaml_node("pretrain", "data", "data=imagefolder", root=str(hymenoptera), split="train", img_size=64))
     assert ds[paths.index(gif)].shape == (3, 64, 64) and torch.isfinite(ds[0]).all()

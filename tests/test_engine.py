@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import yaml_node
 from greenmim.engine import (
     CheckpointManager,
     ConfigError,
@@ -33,7 +34,7 @@ MICRO = dict(
     decoder_heads=2, norm_pix_loss=True,
     encoder_args=dict(embed_dim=16, window_size=4, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], drop_path_rate=0.1),
 )
-DATA = dict(name="synthetic", img_size=64, batch_size=4, num_workers=0, num_samples=16, synthetic_size=72)
+DATA = yaml_node("pretrain", "data", "data=synthetic", img_size=64, batch_size=4, num_workers=0, num_samples=16, synthetic_size=72)
 
 
 # ----------------------------------------------------------------------------------------- sampler
@@ -159,7 +160,7 @@ def make_trainer(out, task=None, **kw):
     cfg = dict(output_dir=str(out), epochs=2, log_every=1, tensorboard=False, seed=1)
     cfg.update(kw)
     task = task or PretrainTask(MICRO, DATA, vis_every_epochs=0)
-    return Trainer(task, TrainerConfig(**cfg), OptimConfig(blr=1e-3), {"name": "cosine", "warmup_steps": 2})
+    return Trainer(task, TrainerConfig.from_yaml(**cfg), OptimConfig.from_yaml(blr=1e-3), {"name": "cosine", "warmup_steps": 2})
 
 
 def losses(out):

@@ -6,6 +6,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from conftest import yaml_node
 from greenmim.cli.export import main as export_main
 from greenmim.engine import OptimConfig, Trainer, TrainerConfig
 from greenmim.tasks.pretrain.task import PretrainTask
@@ -16,10 +17,12 @@ ENCODER_ARGS = dict(embed_dim=16, window_size=4, depths=[1, 1, 1, 1], num_heads=
 @pytest.fixture(scope="module", params=["greenmim", "simmim"])
 def checkpoint(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    model_cfg = dict(name="swin_tiny_patch4_window7_224", method=request.param, decoder_dim=32, decoder_heads=2, encoder_args=ENCODER_ARGS)
-    data_cfg = dict(name="synthetic", img_size=64, batch_size=2, num_workers=0, num_samples=4)
+    model_cfg = yaml_node("pretrain", "model", name="swin_tiny_patch4_window7_224", method=request.param, decoder_dim=32, decoder_heads=2,
+                          encoder_args=ENCODER_ARGS)
+    data_cfg = yaml_node("pretrain", "data", "data=synthetic", img_size=64, batch_size=2, num_workers=0, num_samples=4)
     config = {"model": model_cfg, "data": data_cfg}
-    trainer = Trainer(PretrainTask(model_cfg, data_cfg, 0), TrainerConfig(output_dir=str(out), max_steps=1, tensorboard=False, config=config), OptimConfig(lr=1e-3))
+    trainer = Trainer(PretrainTask(model_cfg, data_cfg, 0), TrainerConfig.from_yaml(output_dir=str(out), max_steps=1, tensorboard=False, config=config),
+                      OptimConfig.from_yaml(lr=1e-3))
     trainer.fit()
     return trainer.last_checkpoint, trainer.model
 

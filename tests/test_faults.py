@@ -139,7 +139,7 @@ class ToyTask(TrainTask):
 
 
 def toy_trainer(out, task=None, **kw):
-    cfg = TrainerConfig(**{**dict(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=100), **kw})
+    cfg = TrainerConfig.from_yaml(**{**dict(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=100), **kw})
     return Trainer(task or ToyTask(), cfg, sched={"name": "cosine", "warmup_epochs": 0})
 
 

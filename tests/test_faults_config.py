@@ -1,7 +1,6 @@
 """Config values and classification inputs (issues 17 and 18, h6's items): every bad value is one line
 naming the fix, exit 2, before anything is written; a single class is refused; top-5 only with more
 than 5 classes; the YAML is the one source of each default; architecture keys need no ``+``."""
-import ast
 import inspect
 from importlib import resources
 from pathlib import Path
@@ -13,14 +12,12 @@ from omegaconf import OmegaConf
 from finetune_helpers import TINY, compose, make_folders
 from cli_helpers import assert_one_line, run_cli
 
-import greenmim
 from greenmim.engine import OptimConfig, TrainerConfig
 from greenmim.engine.errors import UserError
 from greenmim.tasks.frozen_eval import knn_scores, train_linear_probe
 from greenmim.tasks.finetune.data import build_classification_data
 from greenmim.tasks.finetune.evaluate import build_eval_loader, evaluate
 
-PACKAGE = Path(greenmim.__file__).parent
 CONFIGS = Path(str(resources.files("greenmim.configs")))
 FT = "greenmim-finetune"
 
@@ -106,7 +103,7 @@ def test_single_class_is_refused_naming_the_folder(monkeypatch, capsys, two_clas
         (root / split).mkdir(parents=True)
         (root / split / "class0").symlink_to(two_classes / split / "class0")
     with pytest.raises(UserError, match=r"one/train has a single class folder \(class0\): a classifier needs at least 2 classes"):
-        build_classification_data(OmegaConf.create(dict(root=str(root), img_size=32)))
+        build_classification_data(compose(f"data.root={root}", "data.img_size=32").data, compose().aug)
     # a 1-image linear probe is such a dataset: one line, exit 2, before any feature is extracted
     (root / "train" / "class0").unlink()
     (root / "train" / "class0").mkdir()
@@ -165,30 +162,34 @@ def test_two_class_finetune_writes_no_top5(two_classes, tmp_path):
 
 
 # ------------------------------------------------------------------ the YAML is the one source of every default
-def yaml_leaves(cfg) -> dict:
-    """``{leaf key name: [values]}`` of a composed config (nulls left out: null means "the code decides")."""
-    leaves = {}
+def test_typed_configs_state_no_default_and_come_from_the_yaml():
+    """TrainerConfig/OptimConfig restate nothing (a field without a value is an error); from_yaml
+    gives the YAML's values (trainer/default.yaml, the root config's trainer recipe, optim/adamw.yaml)."""
+    import dataclasses
 
-    def walk(node):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value)
-            elif value is not None:
-                leaves.setdefault(key, []).append(value)
+    for cls in (TrainerConfig, OptimConfig):
+        defaults = [f.name for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+        assert not defaults, f"{cls.__name__} restates the YAML's defaults of {defaults}"
+    with pytest.raises(TypeError):
+        TrainerConfig(output_dir="x", epochs=1)
+    trainer, optim = TrainerConfig.from_yaml(output_dir="x"), OptimConfig.from_yaml(blr=1e-3)
+    for key, value in OmegaConf.load(CONFIGS / "trainer" / "default.yaml").items():
+        if key not in ("device", "precision"):  # trainer=cpu sets them
+            assert same(getattr(trainer, key), value), key
+    pretrain = OmegaConf.load(CONFIGS / "pretrain.yaml")
+    assert (trainer.output_dir, trainer.epochs, trainer.log_every, trainer.device) == ("x", pretrain.trainer.epochs, pretrain.trainer.log_every, "cpu")
+    for key, value in OmegaConf.to_container(OmegaConf.load(CONFIGS / "optim" / "adamw.yaml")).items():
+        assert same(getattr(optim, key), 1e-3 if key == "blr" else value), key
 
-    walk(OmegaConf.to_container(cfg, resolve=False))
-    return leaves
 
+def test_a_config_written_by_hand_names_what_it_lacks():
+    from greenmim.engine.config import trainer_config
+    from greenmim.engine.errors import ConfigError
 
-def code_defaults(path: Path):
-    """``(key, default, line)`` of every ``x.get("key", <literal>)`` in a module."""
-    for node in ast.walk(ast.parse(path.read_text())):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-                and len(node.args) == 2 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            try:
-                yield node.args[0].value, ast.literal_eval(node.args[1]), node.lineno
-            except ValueError:  # not a literal (e.g. another config value)
-                continue
+    cfg = OmegaConf.create({"output_dir": "x", "resume": None, "seed": 0, "trainer": {"epochs": 1}})
+    with pytest.raises(ConfigError, match=r"config key\(s\) trainer\.accum_steps, .* missing: compose the config from configs/"):
+        trainer_config(cfg)
 
 
 def same(a, b) -> bool:
@@ -197,31 +198,9 @@ def same(a, b) -> bool:
     return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
-@pytest.mark.parametrize("root, modules", [
-    ("finetune", ["tasks/finetune/task.py", "tasks/finetune/data.py", "tasks/finetune/evaluate.py", "tasks/finetune/run.py",
-                  "tasks/frozen_eval/run.py", "cli/finetune.py"]),
-    ("pretrain", ["tasks/pretrain/task.py", "cli/pretrain.py"]),
-    ("detect", ["tasks/detect/task.py", "tasks/detect/data.py", "tasks/detect/prepare.py", "tasks/detect/run.py", "cli/detect.py"]),
-])
-def test_code_defaults_of_config_keys_equal_the_yaml(root, modules):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module("greenmim.configs", version_base="1.3"):
-        leaves = yaml_leaves(hydra_compose(root))
-    wrong = [f"{module}:{line}: .get({key!r}, {value!r}) but the YAML has {leaves[key]}"
-             for module in modules for key, value, line in code_defaults(PACKAGE / module)
-             if key in leaves and not any(same(value, v) for v in leaves[key])]
-    assert not wrong, wrong
-
-
-def test_dataclass_and_function_defaults_equal_the_yaml():
+def test_function_defaults_equal_the_yaml():
+    """The frozen-feature functions keep their library defaults (DINO's k-NN, MAE's probe); they are the YAML's."""
     cfg = compose()
-    trainer_defaults = OmegaConf.load(CONFIGS / "trainer" / "default.yaml")
-    for key, value in trainer_defaults.items():
-        assert getattr(TrainerConfig(), key) == value, key
-    for key, value in OmegaConf.to_container(OmegaConf.load(CONFIGS / "optim" / "adamw.yaml")).items():
-        assert same(getattr(OptimConfig(), key), value), key
     knn = inspect.signature(knn_scores).parameters
     assert (knn["k"].default, knn["temperature"].default) == (cfg.knn.k, cfg.knn.temperature)
     probe = inspect.signature(train_linear_probe).parameters

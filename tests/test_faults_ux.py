@@ -36,7 +36,7 @@ class Toy(TrainTask):
 
 
 def toy(out, sched=None, **kw):
-    cfg = TrainerConfig(**{**dict(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=1), **kw})
+    cfg = TrainerConfig.from_yaml(**{**dict(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=1), **kw})
     return Trainer(Toy(), cfg, sched=sched or {"name": "cosine", "warmup_epochs": 0})
 
 

@@ -5,6 +5,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import yaml_node
+
 from greenmim.data.images import CorruptImageError, DataError
 from greenmim.engine.errors import ConfigError
 from greenmim.tasks.finetune.data import build_classification_data, build_mixup, build_train_criterion
@@ -24,12 +26,16 @@ def folders(root, classes=("a", "b"), val_classes=None, n=2):
     return root
 
 
+def build(data_cfg, **kw):
+    return build_classification_data(data_cfg, OmegaConf.create(yaml_node("finetune", "aug")), **kw)
+
+
 def cfg(root, **kw):
-    return OmegaConf.create(dict(root=None if root is None else str(root), img_size=32, **kw))
+    return OmegaConf.create(yaml_node("finetune", "data", root=None if root is None else str(root), img_size=32, **kw))
 
 
 def test_class_folders_and_val_mapping(tmp_path):
-    data = build_classification_data(cfg(folders(tmp_path, ("a", "b", "c"), val_classes=("b", "c"))))
+    data = build(cfg(folders(tmp_path, ("a", "b", "c"), val_classes=("b", "c"))))
     assert data.classes == ["a", "b", "c"] and data.num_classes == 3
     assert sorted(set(data.val.targets)) == [1, 2]  # val follows the train mapping
     x, y = data.train[0]
@@ -42,48 +48,48 @@ def test_flat_ilsvrc_val_with_label_file(tmp_path):
     for i, label in enumerate(["n02", "n01", "1"]):
         write(flat / f"ILSVRC2012_val_{i:08d}.JPEG")
     (tmp_path / "labels.txt").write_text("ILSVRC2012_val_00000000.JPEG n02\nILSVRC2012_val_00000001 n01\nILSVRC2012_val_00000002.JPEG 1\n")
-    data = build_classification_data(cfg(tmp_path, val_split="flat", val_labels=str(tmp_path / "labels.txt")))
+    data = build(cfg(tmp_path, val_split="flat", val_labels=str(tmp_path / "labels.txt")))
     assert data.val.targets == [1, 0, 1]
     (tmp_path / "LOC_val_solution.csv").write_text(
         "ImageId,PredictionString\nILSVRC2012_val_00000000,n01 1 2 3 4\nILSVRC2012_val_00000001,n02 1 2 3 4\nILSVRC2012_val_00000002,n02 5 6 7 8\n")
-    data = build_classification_data(cfg(tmp_path, val_split="flat", val_labels=str(tmp_path / "LOC_val_solution.csv")))
+    data = build(cfg(tmp_path, val_split="flat", val_labels=str(tmp_path / "LOC_val_solution.csv")))
     assert data.val.targets == [0, 1, 1]
 
 
 def test_errors_name_the_fix(tmp_path):
     root = folders(tmp_path / "ok")
     with pytest.raises(ConfigError, match="data.num_classes=3 but .* 2 class folders; set data.num_classes=2"):
-        build_classification_data(cfg(root, num_classes=3))
+        build(cfg(root, num_classes=3))
     with pytest.raises(ConfigError, match="data.root is not set"):
-        build_classification_data(cfg(None))
+        build(cfg(None))
     (root / "train" / "empty").mkdir()
     with pytest.raises(DataError, match="without images .*: empty; add images or delete"):
-        build_classification_data(cfg(root))
+        build(cfg(root))
     bad = folders(tmp_path / "bad", ("a", "b"), val_classes=("a", "zzz"))
     with pytest.raises(DataError, match="class folders that the train split lacks: zzz"):
-        build_classification_data(cfg(bad))
+        build(cfg(bad))
     with pytest.raises(DataError, match="train/train does not exist: data.root must be the folder holding train/"):
-        build_classification_data(cfg(tmp_path / "bad" / "train"))
+        build(cfg(tmp_path / "bad" / "train"))
 
 
 def test_unreadable_images(tmp_path):
     root = folders(tmp_path)
     (root / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
     (root / "val" / "b" / "broken.jpg").write_bytes(b"not an image")
-    data = build_classification_data(cfg(root, on_corrupt="skip"))
+    data = build(cfg(root, on_corrupt="skip"))
     i = data.train.paths.index(str(root / "train" / "a" / "broken.jpg"))
     x, y = data.train[i]  # skipped: the next readable image, with its own label
     assert x.shape == (3, 32, 32) and y == data.train.targets[(i + 1) % len(data.train)]
     j = data.val.paths.index(str(root / "val" / "b" / "broken.jpg"))
     with pytest.raises(CorruptImageError, match="broken.jpg .*remove or replace the file"):
         data.val[j]  # validation never skips: accuracies stay exact
-    data = build_classification_data(cfg(root, on_corrupt="error"))
+    data = build(cfg(root, on_corrupt="error"))
     with pytest.raises(CorruptImageError):
         data.train[i]
 
 
 def test_palette_gif_of_hymenoptera(hymenoptera):
-    data = build_classification_data(cfg(hymenoptera), need_train=True)
+    data = build(cfg(hymenoptera), need_train=True)
     assert data.classes == ["ants", "bees"] and len(data.train) == 245 and len(data.val) == 153
     i = data.train.paths.index(str(hymenoptera / "train" / "ants" / "imageNotFound.gif"))
     x, y = data.train[i]
@@ -91,12 +97,12 @@ def test_palette_gif_of_hymenoptera(hymenoptera):
 
 
 def test_mixup_and_losses():
-    aug = OmegaConf.create(dict(mixup=0.8, cutmix=1.0, smoothing=0.1))
+    aug = OmegaConf.create(yaml_node("finetune", "aug", mixup=0.8, cutmix=1.0, smoothing=0.1))
     mixup = build_mixup(aug, num_classes=4)
     x, y = mixup(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
     assert y.shape == (4, 4) and torch.allclose(y.sum(1), torch.ones(4)) and y.min() >= 0.1 / 4 - 1e-6
     assert type(build_train_criterion(mixup, 0.1)).__name__ == "SoftTargetCrossEntropy"
-    assert build_mixup(OmegaConf.create(dict(mixup=0.0, cutmix=0.0)), 4) is None
+    assert build_mixup(OmegaConf.create(yaml_node("finetune", "aug", mixup=0.0, cutmix=0.0)), 4) is None
     assert type(build_train_criterion(None, 0.1)).__name__ == "LabelSmoothingCrossEntropy"
 
 

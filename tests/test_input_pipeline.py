@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from conftest import yaml_node
 from greenmim.bench.loader import write_photos
 from greenmim.data import DataError, build_pretrain_dataset, build_train_loader, load_rgb
 from greenmim.data.device_decode import DeviceCrop, EncodedBatch
@@ -165,7 +166,7 @@ def test_cuda_decode_matches_the_cpu_path_through_the_prefetcher(small_files):
     from greenmim.data.prefetch import DevicePrefetcher
 
     root, _ = small_files
-    dataset = build_pretrain_dataset({"name": "folder", "root": str(root), "img_size": 64, "decode": "device"})
+    dataset = build_pretrain_dataset(yaml_node("pretrain", "data", "data=folder", root=str(root), img_size=64, decode="device"))
     loader = build_train_loader(dataset, 4, DistInfo(device=torch.device("cuda")), seed=3, num_workers=1,
                                 collate_fn=MaskCollator(unit_grid((64, 64), 32), 0.75))
     on_cuda = [b.images for b in DevicePrefetcher(loader, torch.device("cuda"))]
@@ -212,7 +213,7 @@ def test_device_decode_names_a_jpeg_that_does_not_decode(small_files, tmp_path):
 
 
 def loader_batches(root, decode):
-    dataset = build_pretrain_dataset({"name": "folder", "root": str(root), "img_size": 64, "decode": decode})
+    dataset = build_pretrain_dataset(yaml_node("pretrain", "data", "data=folder", root=str(root), img_size=64, decode=decode))
     collate = MaskCollator(unit_grid((64, 64), 32), 0.75)
     return list(build_train_loader(dataset, 4, DistInfo(), seed=3, num_workers=0, collate_fn=collate))
 
@@ -236,9 +237,10 @@ MICRO = dict(name="swin_tiny_patch4_window7_224", method="greenmim", mask_ratio=
 
 
 def fit(out, root, decode, **kw):
-    task = PretrainTask(MICRO, dict(name="folder", root=str(root), img_size=64, batch_size=4, num_workers=0, decode=decode), 0)
-    cfg = TrainerConfig(output_dir=str(out), epochs=1, log_every=1, tensorboard=False, seed=1, **kw)
-    Trainer(task, cfg, OptimConfig(blr=1e-3), {"name": "cosine", "warmup_steps": 1}).fit()
+    task = PretrainTask(MICRO, yaml_node("pretrain", "data", "data=folder", root=str(root), img_size=64, batch_size=4, num_workers=0,
+                                         decode=decode), 0)
+    cfg = TrainerConfig.from_yaml(output_dir=str(out), epochs=1, log_every=1, tensorboard=False, seed=1, **kw)
+    Trainer(task, cfg, OptimConfig.from_yaml(blr=1e-3), {"name": "cosine", "warmup_steps": 1}).fit()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 

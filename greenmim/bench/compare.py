@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..models import get_spec
+from ..plan.masking import DEFAULT_MASK_RATIO
 from .flops import count_step_flops
 from .memory import measure_step_memory
 from .profile import profile_steps
@@ -34,7 +35,7 @@ class BenchConfig:
     model: str = "swin_tiny_patch4_window7_224"
     img_size: Optional[int] = None
     batch_size: int = 8
-    mask_ratio: float = 0.75
+    mask_ratio: float = DEFAULT_MASK_RATIO
     dtype: str = "fp32"
     device: str = "cpu"
     warmup: int = 2

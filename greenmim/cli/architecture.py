@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..engine.checkpoint import is_no_resume, list_checkpoints
+from ..engine.config import stored_config
 from ..engine.errors import UserError
 from ..weights.architecture import Architecture, NOT_ARCHITECTURE, read_architecture, shape_differences
 
@@ -70,7 +71,7 @@ def _peek(path: Path) -> Optional[Dict[str, Any]]:
 
 def _resume_source(cfg: DictConfig) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """The checkpoint a resume will continue (resolved as the trainer does), with its contents; None for a fresh run."""
-    resume = cfg.get("resume")
+    resume = cfg.resume
     if is_no_resume(resume):
         return None
     given = Path(str(cfg.output_dir) if str(resume) == "auto" else str(resume)).expanduser()
@@ -84,28 +85,28 @@ def _resume_source(cfg: DictConfig) -> Optional[Tuple[Path, Dict[str, Any]]]:
 
 def adopt_checkpoint_architecture(cfg: DictConfig, task: str) -> None:
     """Carry the architecture of the run's ``resume=`` or ``pretrained=`` checkpoint into ``cfg`` (see the module notes)."""
-    if "model" not in cfg or cfg.get("eval_only", False):
+    if task != "pretrain" and cfg.eval_only:  # eval_only, protocol and pretrained are keys of finetune/detect only
         return
     explicit = command_line_keys()
-    resumed = _resume_source(cfg) if task != "finetune" or cfg.get("protocol", "finetune") == "finetune" else None
+    resumed = _resume_source(cfg) if task != "finetune" or cfg.protocol == "finetune" else None
     if resumed is not None:
         path, contents = resumed
-        config = contents.get("config") or {}
+        config = stored_config(contents)
         if config.get("task") == task and isinstance(config.get("model"), dict):
-            _adopt_resumed(cfg, path, config, explicit)
+            _adopt_resumed(cfg, path, contents, explicit)
         return
-    pretrained = cfg.get("pretrained")
-    if task != "pretrain" and pretrained:
+    pretrained = None if task == "pretrain" else cfg.pretrained
+    if pretrained:
         arch = read_architecture(str(pretrained), _peek(Path(str(pretrained))) if not str(pretrained).endswith(".safetensors") else None)
         if arch is not None:
             _adopt_pretrained(cfg, str(pretrained), arch, explicit)
 
 
-def _adopt_resumed(cfg: DictConfig, path: Path, config: Dict[str, Any], explicit: Set[str]) -> None:
-    theirs = config["model"]
+def _adopt_resumed(cfg: DictConfig, path: Path, contents: Dict[str, Any], explicit: Set[str]) -> None:
+    theirs = stored_config(contents, "model")
     values = {f"model.{k}": v for k, v in theirs.items() if k != "encoder_args"}
-    values.update({f"model.encoder_args.{k}": v for k, v in (theirs.get("encoder_args") or {}).items()})
-    img = (config.get("data") or {}).get("img_size")
+    values.update({f"model.encoder_args.{k}": v for k, v in (theirs.get("encoder_args") or {}).items()})  # an old record may have none
+    img = stored_config(contents, "data").get("img_size")
     if img is not None:
         values["data.img_size"] = img
     differ = []
@@ -123,12 +124,12 @@ def _adopt_resumed(cfg: DictConfig, path: Path, config: Dict[str, Any], explicit
 
 
 def _adopt_pretrained(cfg: DictConfig, path: str, arch: Architecture, explicit: Set[str]) -> None:
-    current = cfg.model.get("encoder_args") or {}
+    current = cfg.model.encoder_args
     values: Dict[str, Any] = {"model.name": arch.name}
     keys = [k for k in current if k not in NOT_ARCHITECTURE] + [k for k in arch.encoder_args if k not in current]
     values.update({f"model.encoder_args.{k}": arch.encoder_args.get(k) for k in keys})
     _carry(cfg, values, explicit)
-    differ = shape_differences(arch, str(cfg.model.name), _plain(cfg.model.get("encoder_args")))
+    differ = shape_differences(arch, str(cfg.model.name), _plain(cfg.model.encoder_args))
     if differ:
         raise UserError(
             f"pretrained={path} holds a {arch.describe()} (from its {arch.source}), and this command's model settings "

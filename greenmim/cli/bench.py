@@ -65,6 +65,7 @@ from ..engine.errors import UserError
 from ..engine.precision import PRECISIONS
 from ..models import check_architecture, get_spec
 from ..models.pretrain import MIM_MODEL_KEYS
+from ..plan.masking import DEFAULT_MASK_RATIO
 from .common import output_file
 
 ATTENTIONS = ("sdpa", "flex")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other model argument (timm constructor or decoder_dim/decoder_depth/...); repeatable")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {DEFAULT_BATCH}; {SOLVER_BATCH} with --solver-only)")
-    r.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of mask units hidden (default: %(default)s)")
+    r.add_argument("--mask-ratio", type=float, default=DEFAULT_MASK_RATIO, help="fraction of mask units hidden (default: %(default)s)")
     r.add_argument("--dtype", choices=PRECISIONS, default="fp32", help="fp32, or autocast bf16/fp16 with fp32 weights (default: %(default)s)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -301,7 +302,7 @@ def check_args(args: argparse.Namespace) -> None:
         except ValueError as exc:
             fail(str(exc))
     if not 0.0 < args.mask_ratio < 1.0:
-        fail(f"--mask-ratio {args.mask_ratio} is outside (0, 1): use e.g. 0.75")
+        fail(f"--mask-ratio {args.mask_ratio} is outside (0, 1): use e.g. {DEFAULT_MASK_RATIO}")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
                              ("--plan-workers", args.plan_workers, 0), ("--threads", args.threads, 1), ("--img-size", args.img_size, 1)):
         if value is not None and value < low:

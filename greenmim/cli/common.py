@@ -3,11 +3,11 @@
 * :data:`CONFIG_PATH`: where Hydra finds ``configs/`` — the installed ``greenmim.configs`` package, so
   it works from a checkout (editable install) and from a plain ``pip install .`` alike.
 * :func:`trainer_config`, :func:`optim_config`, :func:`sched_config`: the ``trainer``/``optim``/``sched``
-  config nodes as engine objects (unknown keys are errors that list the valid ones).
+  config nodes as engine objects (from :mod:`greenmim.engine.config`, the schema).
 * :func:`report_errors`: turns :class:`~greenmim.engine.errors.UserError` (bad data, bad config),
   non-finite losses and handled stop signals into one ``<prog>: ...`` line on stderr and the
   documented exit code (2, 3, 128 + signal number).
-* :func:`run_app`: every ``${...}`` resolved, :mod:`.validate`'s range checks of every numeric key,
+* :func:`run_app`: every ``${...}`` resolved, :mod:`.validate`'s one check of every key (ranges and choices),
   the run folder checked (outside ``data.root``, writable) and locked (:mod:`greenmim.engine.rundir`),
   then the task.
 * :func:`launch`: a Ctrl-C before training (or outside it) is one line and exit 130, no traceback
@@ -19,13 +19,12 @@ omegaconf and Hydra are imported inside the functions that use them: ``greenmim-
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import errno
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:  # annotations only: omegaconf is imported where it is used
     from omegaconf import DictConfig
@@ -44,53 +43,19 @@ from ..engine.errors import (
 )
 from ..engine.rundir import check_outside_data, run_folder
 from . import EXIT_INTERRUPTED, interrupted_line
-from ..engine.trainer import OptimConfig, TrainerConfig
+from ..engine.config import optim_config, sched_config, to_dict, trainer_config
+
+__all__ = ["CONFIG_PATH", "optim_config", "sched_config", "to_dict", "trainer_config", "eval_checkpoint",
+           "output_file", "check_replaceable", "launch", "run_app", "check_resolves", "prepare_run_folder", "report_errors",
+           "precheck_overrides"]
 
 CONFIG_PATH = "pkg://greenmim.configs"
-_TOP_LEVEL = ("output_dir", "resume", "seed", "config", "task")
-
-
-def to_dict(node: Any) -> Dict[str, Any]:
-    """A resolved plain-python copy of a config node."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return dict(node)
-
-
-def _dataclass_from(cls, values: Dict[str, Any], where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(names), n=1)
-            hints.append(f"{where}.{key}" + (f" (did you mean {where}.{close[0]}?)" if close else ""))
-        raise ConfigError(f"unknown config key(s) {', '.join(hints)}; valid: {', '.join(sorted(names - set(_TOP_LEVEL)))}")
-    return cls(**values)
-
-
-def trainer_config(cfg: DictConfig) -> TrainerConfig:
-    """``TrainerConfig`` from ``cfg.trainer`` plus the top-level ``output_dir``, ``resume`` and ``seed``."""
-    values = to_dict(cfg.trainer)
-    values.update(output_dir=str(cfg.output_dir), resume=cfg.get("resume"), seed=int(cfg.get("seed", 0)))
-    values["config"] = to_dict(cfg)
-    return _dataclass_from(TrainerConfig, values, "trainer")
-
-
-def optim_config(cfg: DictConfig) -> OptimConfig:
-    """The engine's ``OptimConfig`` from ``cfg.optim``; ``optim.layer_decay`` belongs to the task
-    (fine-tuning and detection build their own parameter groups with it), not to the engine."""
-    optim = to_dict(cfg.optim)
-    optim.pop("layer_decay", None)
-    return _dataclass_from(OptimConfig, optim, "optim")
 
 
 def eval_checkpoint(cfg: DictConfig, output_dir: Path, prefer: Optional[str] = None) -> str:
     """The checkpoint ``eval_only=true`` evaluates: ``checkpoint=``, else ``output_dir/checkpoints/<prefer>``
     (e.g. fine-tuning's ``best.pt``) when it exists, else the latest ``step-*.pt`` there."""
-    if cfg.get("checkpoint"):
+    if cfg.checkpoint:
         return str(cfg.checkpoint)
     if prefer and (output_dir / CHECKPOINT_DIR / prefer).is_file():
         return str(output_dir / CHECKPOINT_DIR / prefer)
@@ -101,8 +66,6 @@ def eval_checkpoint(cfg: DictConfig, output_dir: Path, prefer: Optional[str] = N
     return str(latest)
 
 
-def sched_config(cfg: DictConfig) -> Dict[str, Any]:
-    return to_dict(cfg.sched)
 
 
 def output_file(output: str, default_name: str, suffixes: Sequence[str], inputs: Sequence[str], option: str = "-o") -> Path:
@@ -166,7 +129,7 @@ def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
     setup_logging(None, int(os.environ.get("RANK", "0")))  # start-up lines on stdout until the run's folder is ready
     with report_errors(prog):
         check_resolves(cfg)
-        if cfg.get("task", task) != task:
+        if cfg.task != task:
             raise ConfigError(
                 f"this experiment is a {cfg.task} recipe, not a {task} one: run it with greenmim-{cfg.task}"
             )

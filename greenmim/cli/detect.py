@@ -42,15 +42,15 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     tcfg = trainer_config(cfg)
     dist = init_distributed(tcfg.device)
     output_dir = Path(cfg.output_dir).expanduser().resolve()
-    eval_only = bool(cfg.get("eval_only", False))
+    eval_only = bool(cfg.eval_only)
     if not eval_only and dist.is_main:  # before a synthetic set is generated into output_dir
         check_output_dir(output_dir)
-        check_one_run(output_dir, cfg.get("resume"), None)
+        check_one_run(output_dir, cfg.resume, None)
     data = prepare_data(to_dict(cfg.data), dist, output_dir, eval_only)
-    task = DetectionTask(to_dict(cfg.model), data, to_dict(cfg.detector), pretrained=cfg.get("pretrained"),
-                         use_ema=bool(cfg.get("pretrained_use_ema", False)),
-                         layer_decay=float(cfg.optim.get("layer_decay", 1.0) or 1.0),
-                         eval_every=int(cfg.get("eval_every", 1)), train=not eval_only)
+    task = DetectionTask(to_dict(cfg.model), data, to_dict(cfg.detector), pretrained=cfg.pretrained,
+                         use_ema=bool(cfg.pretrained_use_ema),
+                         layer_decay=float(cfg.optim.layer_decay),
+                         eval_every=int(cfg.eval_every), train=not eval_only)
     if eval_only:
         setup_logging(output_dir, dist.rank)
         return evaluate_checkpoint(task, eval_checkpoint(cfg, output_dir), dist, output_dir)

@@ -39,6 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..engine.checkpoint import write_error
 from ..engine.files import atomic_write, write_bytes
+from ..weights.architecture import export_metadata
 from ..weights.export import check_against_timm, timm_encoder
 from .common import check_replaceable, output_file, report_errors
 
@@ -60,7 +61,7 @@ def is_greenmim_export(path: Path) -> bool:
             info = json.loads(path.read_text(encoding="utf-8"))
         else:
             with safe_open(str(path), framework="pt") as f:
-                info = json.loads((f.metadata() or {}).get("greenmim", "null"))
+                info = export_metadata(f)
     except (OSError, ValueError, SafetensorError):
         return False
     return isinstance(info, dict) and all(k in info for k in INFO_KEYS)

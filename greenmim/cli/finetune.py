@@ -38,13 +38,13 @@ PROG = "greenmim-finetune"
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Fine-tune, evaluate a checkpoint (``eval_only=true``) or run a frozen-feature protocol, as configured."""
-    protocol = cfg.get("protocol", "finetune")
+    protocol = cfg.protocol
     if protocol != "finetune":  # knn | linear_probe: frozen-feature evaluation (greenmim.tasks.frozen_eval)
         from ..tasks.frozen_eval.run import run_frozen_eval
 
         return run_frozen_eval(cfg)
     tcfg = trainer_config(cfg)
-    if cfg.get("eval_only", False):
+    if cfg.eval_only:
         return evaluate_checkpoint(cfg, tcfg, eval_checkpoint(cfg, Path(cfg.output_dir).expanduser().resolve(), prefer=BEST_NAME))
     return train(cfg, tcfg, optim_config(cfg), sched_config(cfg))
 

@@ -33,7 +33,7 @@ def warn_if_not_launched(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict:
     """Pretrain with a composed config; returns the last epoch's summary (e.g. ``{"loss": ...}``)."""
     warn_if_not_launched(cfg)
-    static_plans = True if cfg.trainer.get("compile") is True else None  # a compiled step needs static plan shapes
+    static_plans = True if cfg.trainer.compile is True else None  # a compiled step needs static plan shapes
     task = PretrainTask(to_dict(cfg.model), to_dict(cfg.data), cfg.vis.every_epochs, cfg.vis.num_images, static_plans)
     trainer = Trainer(task, trainer_config(cfg), optim_config(cfg), sched_config(cfg))
     return trainer.fit()

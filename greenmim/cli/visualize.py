@@ -22,7 +22,8 @@ from ..engine.checkpoint import write_error
 from ..engine.errors import ConfigError, UserError
 from ..engine.monitor import setup_logging
 from ..engine.progress import progress
-from ..tasks.pretrain.task import build_pretrain_model, check_mask_ratio
+from ..plan.masking import check_mask_ratio
+from ..tasks.pretrain.task import build_pretrain_model
 from ..tasks.pretrain.reconstructions import reconstruction_grid, save_png
 from ..weights.loading import load_pretrain_checkpoint
 from .common import output_file, report_errors
@@ -58,7 +59,7 @@ def visualize(checkpoint: str, inputs: Sequence[str], output: str, mask_ratio: O
         model = build_pretrain_model(config["model"], size)
     except ConfigError as exc:  # name this command's option, not the training config key
         raise UserError(str(exc).replace("data.img_size", "--img-size")) from None
-    ratio = config["model"].get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
+    ratio = config["model"]["mask_ratio"] if mask_ratio is None else mask_ratio
     check_mask_ratio(ratio, size, model.unit, key="--mask-ratio")
     model.load_state_dict(ckpt["model"])
     transform = eval_transform(size)

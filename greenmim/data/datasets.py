@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import find_classes
 
+from ..engine.config import SKIP_OR_ERROR
 from ..engine.distributed import DistInfo
 from ..engine.sampler import ResumableDistributedSampler, SeededDataset
 from ..engine.image_counts import ImageCounts, counting
@@ -37,7 +38,7 @@ from .transforms import PretrainCrop, image_hw
 
 log = logging.getLogger("greenmim")
 
-CORRUPT_POLICIES = ("skip", "error")
+CORRUPT_POLICIES = SKIP_OR_ERROR
 DATASETS = ("imagefolder", "folder", "synthetic")
 DECODE_MODES = ("cpu", "device")
 
@@ -219,9 +220,8 @@ def pretrain_augmentation(cfg: Dict[str, Any]) -> Callable:
     default) or planned there and decoded batched in the main process (``decode: device``)."""
     from .device_decode import DeviceCrop
 
-    decode = check_decode(cfg.get("decode", "cpu"))
-    crop = PretrainCrop if decode == "cpu" else DeviceCrop
-    return crop(cfg["img_size"], scale=cfg.get("crop_scale", (0.2, 1.0)), hflip=cfg.get("hflip", 0.5))
+    crop = PretrainCrop if check_decode(cfg["decode"]) == "cpu" else DeviceCrop
+    return crop(cfg["img_size"], scale=cfg["crop_scale"], hflip=cfg["hflip"])
 
 
 def check_decode(value: Any) -> str:
@@ -235,16 +235,16 @@ def check_decode(value: Any) -> str:
 def build_pretrain_dataset(cfg: Dict[str, Any], transform: Optional[Callable] = None) -> Dataset:
     """The dataset named by ``cfg["name"]`` (a ``data`` config: see ``configs/data/*.yaml``), with the
     pretraining augmentation (:func:`pretrain_augmentation`) unless another ``transform`` is given."""
-    name = cfg.get("name")
+    name = cfg["name"]
     if transform is None:
         transform = pretrain_augmentation(cfg)
-    on_corrupt = cfg.get("on_corrupt", "skip")
     if name == "synthetic":
-        return SyntheticImages(cfg.get("num_samples", 1024), transform, size=cfg.get("synthetic_size", max(image_hw(cfg["img_size"])) * 5 // 4), seed=cfg.get("synthetic_seed", 0))
+        size = cfg["synthetic_size"] or max(image_hw(cfg["img_size"])) * 5 // 4  # null: 5/4 of the image (room to crop)
+        return SyntheticImages(cfg["num_samples"], transform, size=size, seed=cfg["synthetic_seed"])
     if name == "imagefolder":
-        return ImageFiles(list_imagefolder(cfg.get("root"), cfg.get("split", "train")), transform, on_corrupt)
+        return ImageFiles(list_imagefolder(cfg["root"], cfg["split"]), transform, cfg["on_corrupt"])
     if name == "folder":
-        return ImageFiles(list_folder(cfg.get("root")), transform, on_corrupt)
+        return ImageFiles(list_folder(cfg["root"]), transform, cfg["on_corrupt"])
     raise DataError(f"unknown dataset '{name}': choose data=imagefolder, data=folder or data=synthetic")
 
 

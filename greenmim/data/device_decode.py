@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .images import CorruptImageError, decode_jpeg_rgb, read_image, torch_decodes
-from .transforms import CropPlan, PretrainCrop, apply_crop, draw_crop
+from .transforms import DEFAULT_CROP_SCALE, DEFAULT_HFLIP, CropPlan, PretrainCrop, apply_crop, draw_crop
 
 @dataclass
 class EncodedImage:
@@ -39,7 +39,7 @@ class DeviceCrop:
     """The ``data.decode=device`` augmentation (same arguments and draws as
     :class:`~greenmim.data.transforms.PretrainCrop`); samples are :class:`EncodedImage`."""
 
-    def __init__(self, img_size: Union[int, Sequence[int]], scale: Sequence[float] = (0.2, 1.0), hflip: float = 0.5):
+    def __init__(self, img_size: Union[int, Sequence[int]], scale: Sequence[float] = DEFAULT_CROP_SCALE, hflip: float = DEFAULT_HFLIP):
         self.cpu = PretrainCrop(img_size, scale, hflip)
 
     def __call__(self, img: Image.Image) -> EncodedImage:

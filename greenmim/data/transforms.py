@@ -34,6 +34,10 @@ from .images import decode_jpeg_rgb, decode_rgb, read_image, to_rgb, torch_decod
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+#: MAE's pretraining crop: the library's one default of its area range and flip probability (the
+#: pretraining config states its own: ``data.crop_scale``, ``data.hflip`` in configs/pretrain.yaml)
+DEFAULT_CROP_SCALE = (0.2, 1.0)
+DEFAULT_HFLIP = 0.5
 DCT_SCALES = (8, 4, 2)  # PIL's draft reductions for JPEGs, largest first
 
 
@@ -160,7 +164,7 @@ class PretrainCrop:
     raises :class:`~greenmim.data.images.CorruptImageError` for unreadable files (the dataset calls
     it); calling it on a PIL image crops a picture already in memory (generated ones)."""
 
-    def __init__(self, img_size: Union[int, Sequence[int]], scale: Sequence[float] = (0.2, 1.0), hflip: float = 0.5):
+    def __init__(self, img_size: Union[int, Sequence[int]], scale: Sequence[float] = DEFAULT_CROP_SCALE, hflip: float = DEFAULT_HFLIP):
         self.out_hw = image_hw(img_size)
         self.scale = tuple(float(v) for v in scale)
         self.hflip = float(hflip)
@@ -185,7 +189,7 @@ class PretrainCrop:
         return apply_crop(pixels, plan, self.out_hw)
 
 
-def pretrain_transform(img_size: Union[int, Sequence[int]], scale: Sequence[float] = (0.2, 1.0), hflip: float = 0.5) -> PretrainCrop:
+def pretrain_transform(img_size: Union[int, Sequence[int]], scale: Sequence[float] = DEFAULT_CROP_SCALE, hflip: float = DEFAULT_HFLIP) -> PretrainCrop:
     """The pretraining augmentation of ``img_size`` images (uint8 output; see :class:`PretrainCrop`)."""
     return PretrainCrop(img_size, scale, hflip)
 

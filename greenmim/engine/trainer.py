@@ -12,8 +12,8 @@ accumulation, lr schedule, checkpoints, resume, logging). Minimal use::
             loss, _, _ = model(images.to(trainer.device, non_blocking=True))
             return loss, {}
 
-    Trainer(MyTask(), TrainerConfig(output_dir="runs/x", epochs=10),
-            OptimConfig(blr=1.5e-4), {"name": "cosine", "warmup_epochs": 1}).fit()
+    Trainer(MyTask(), TrainerConfig.from_yaml(output_dir="runs/x", epochs=10),
+            OptimConfig.from_yaml(blr=1.5e-4), {"name": "cosine", "warmup_epochs": 1}).fit()
 
 One step, in order (:meth:`Trainer.train_one_epoch`, one optimizer step per accumulation window):
 
@@ -148,7 +148,7 @@ class Trainer:
         compile_mode(cfg.compile_mode, torch.device("cpu"))  # an unknown mode is refused before anything runs
         self.task = task
         self.cfg = cfg
-        self.optim_cfg = optim or OptimConfig()
+        self.optim_cfg = optim or OptimConfig.from_yaml()
         self.sched_cfg = dict(sched or {"name": "cosine", "warmup_epochs": 0})
         self.epoch = 0
         self.step = 0

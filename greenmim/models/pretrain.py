@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..plan.masking import check_mask, random_mask, unit_grid
+from ..plan.masking import DEFAULT_MASK_RATIO, check_mask, random_mask, unit_grid
 from ..plan.planner import DevicePlan, HostPlan, planned_mask
 from .decoder import MIMDecoder
 from .registry import create_encoder
@@ -129,7 +129,7 @@ class MIMPretrainModel(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        mask_ratio: float = 0.75,
+        mask_ratio: float = DEFAULT_MASK_RATIO,
         mask: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         plan: Optional["HostPlan | DevicePlan"] = None,

@@ -131,8 +131,8 @@ def check_architecture(name: str, encoder_args: Optional[Mapping[str, Any]]) -> 
             fail(key, "set it to a positive number" + (" per stage" if key == "mlp_ratios" else ""))
     if "attention" in given and given["attention"] not in ATTENTION_BACKENDS:
         fail("attention", f"choose one of {', '.join(ATTENTION_BACKENDS)} (sdpa: the default; flex: FlexAttention)")
-    rate = args.get("drop_path_rate", 0.0)
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    rate = args["drop_path_rate"] if "drop_path_rate" in args else None  # absent: timm's default, nothing to check
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0):
         fail("drop_path_rate", "set it to a number in [0, 1)")
     stages = len(args["depths"]) if isinstance(args["depths"], (list, tuple)) else 1
     for key in ("num_heads", "embed_dims", "mlp_ratios", "sr_ratios", "wss"):

@@ -11,12 +11,17 @@ every kernel=stride convolution sees blocks that are entirely visible or entirel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 IntOrPair = Union[int, Sequence[int]]
+
+#: MAE's and GreenMIM's share of hidden mask units: the library's one default of it (functions and
+#: commands that take a ratio without a config, e.g. :func:`greenmim.models.create_pretrain_model`,
+#: ``greenmim-bench``); the pretraining config states its own (``model.mask_ratio`` in configs/pretrain.yaml)
+DEFAULT_MASK_RATIO = 0.75
 
 
 def to_pair(value: IntOrPair) -> Tuple[int, int]:
@@ -65,6 +70,31 @@ def num_visible_units(num_units: int, mask_ratio: float) -> int:
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     return max(1, int(num_units * (1.0 - mask_ratio)))
+
+
+def check_mask_ratio(mask_ratio: Any, img_size: IntOrPair, unit: int, key: str = "model.mask_ratio") -> float:
+    """``mask_ratio`` as a float in (0, 1) that masks at least one unit and leaves at least one visible
+    in every sample of ``img_size`` images (``unit`` px units); raises :class:`ConfigError` naming ``key``
+    (a config key or a command's option). The loss is a mean over masked units: with none masked it would be 0/0."""
+    from ..engine.errors import ConfigError
+
+    try:
+        ratio = float(mask_ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={mask_ratio!r} is not a number: use a ratio in (0, 1), e.g. {DEFAULT_MASK_RATIO}") from None
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"{key}={mask_ratio!r} is outside (0, 1): use a ratio in (0, 1), e.g. {DEFAULT_MASK_RATIO}")
+    try:
+        grid = unit_grid(img_size, unit)
+    except ValueError as exc:  # an image size that is not a multiple of the unit; the message names the fix
+        raise ConfigError(str(exc)) from None
+    visible = num_visible_units(grid.num_units, ratio)
+    if grid.num_units - visible < 1:
+        raise ConfigError(
+            f"{key}={ratio:g} masks none of the {grid.num_units} unit(s) of a {to_pair(img_size)} image ({unit} px units): "
+            f"raise the mask ratio or the image size so that at least one unit is masked and one visible"
+        )
+    return ratio
 
 
 def random_mask(

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from ..engine.config import stored_config
 from ..models.registry import UnknownModelError, get_spec, timm_args
 
 #: ``encoder_args`` keys that are not architecture (greenmim-only options, stochastic depth)
@@ -104,10 +105,10 @@ def read_architecture(path: str, raw: Optional[Mapping[str, Any]] = None) -> Opt
         from .loading import read_checkpoint
 
         raw = read_checkpoint(str(path))
-    config = raw.get("config") if isinstance(raw, Mapping) else None
-    if isinstance(config, Mapping) and isinstance(config.get("model"), Mapping) and config["model"].get("name"):
+    config = stored_config(raw)
+    if isinstance(config.get("model"), Mapping) and config["model"].get("name"):
         model = dict(config["model"])
-        img = (config.get("data") or {}).get("img_size")
+        img = stored_config(raw, "data").get("img_size")
         return Architecture(str(model["name"]), architecture_keys(model.get("encoder_args")), img_size=img,
                             method=model.get("method"), source="stored config", model=model, task=config.get("task"))
     from .loading import unwrap_state_dict
@@ -127,6 +128,12 @@ def read_architecture(path: str, raw: Optional[Mapping[str, Any]] = None) -> Opt
     return arch
 
 
+def export_metadata(f: Any) -> Any:
+    """The export description in an open safetensors file's metadata (its ``greenmim`` entry, JSON), or None."""
+    metadata = f.metadata() or {}
+    return json.loads(metadata["greenmim"]) if "greenmim" in metadata else None
+
+
 def _export_description(path: str) -> Optional[Architecture]:
     """A greenmim-export's description: the ``<file>.json`` sidecar, else the safetensors metadata."""
     info = None
@@ -142,12 +149,12 @@ def _export_description(path: str) -> Optional[Architecture]:
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                info = json.loads((f.metadata() or {}).get("greenmim", "null"))
+                info = export_metadata(f)
         except Exception:  # not a readable safetensors file: read_checkpoint reports it
             return None
-    if not isinstance(info, dict) or not info.get("timm_name"):
-        return None
-    args = dict(info.get("model_args") or {})
+    if not isinstance(info, dict) or not info.get("timm_name") or not isinstance(info.get("model_args"), dict):
+        return None  # not a description greenmim-export wrote
+    args = dict(info["model_args"])
     img = args.pop("img_size", None)
     return Architecture(str(info["timm_name"]), architecture_keys(args), img_size=img, method=info.get("method"),
                         source="export description")

@@ -33,7 +33,7 @@ def timm_encoder(checkpoint: str) -> Tuple[str, Dict[str, Any], Dict[str, torch.
         return official_encoder(checkpoint, contents)
     ckpt = load_pretrain_checkpoint(checkpoint, contents=contents)
     config = ckpt["config"]
-    info = {"step": int(ckpt.get("step", 0)), "method": config["model"].get("method")}
+    info = {"step": int(ckpt["step"]), "method": config["model"].get("method")}
     return config["model"]["name"], timm_model_args(config), encoder_state_dict(ckpt), info
 
 
@@ -41,7 +41,7 @@ def timm_model_args(config: Dict[str, Any]) -> Dict[str, Any]:
     """The ``timm.create_model`` keyword arguments that rebuild the pretrained encoder's architecture."""
     args = {k: v for k, v in timm_args(config["model"].get("encoder_args")).items() if k not in GREENMIM_ONLY_ARGS}
     args.pop("drop_path_rate", None)  # a training choice, not architecture
-    img = config.get("data", {}).get("img_size")
+    img = config["data"]["img_size"]
     if img is not None and timm_takes_img_size(config["model"]["name"]):  # timm's PVTv2 takes none
         args["img_size"] = img
     return args

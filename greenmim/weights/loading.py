@@ -119,9 +119,10 @@ def load_pretrain_checkpoint(path: str, contents: Optional[Dict[str, Any]] = Non
     checkpoint, or one without a config, is a :class:`UserError` naming what was given.
     ``contents``: the file's contents if already read."""
     from ..engine.checkpoint import load_checkpoint
+    from ..engine.config import stored_config
 
     ckpt = load_checkpoint(path, contents=contents)
-    config = ckpt.get("config") or {}
+    config = stored_config(ckpt)
     task = config.get("task")
     if task not in (None, "pretrain"):
         raise UserError(f"{path} is a greenmim-{task} checkpoint: pass a greenmim-pretrain checkpoint (checkpoints/step-*.pt of a pretraining run)")

@@ -52,13 +52,14 @@ from torch.utils.data import Dataset
 from ...data.datasets import ImageFiles
 from ...data.images import DECODE_CHECK_LIMIT
 from ...data.transforms import rgb_pixels
+from ...engine.config import SKIP_OR_ERROR
 from ...engine.errors import ConfigError, UserError
 from ...engine.progress import progress
 from .rle import rle_problem
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("skip", "error")
+POLICIES = SKIP_OR_ERROR
 
 
 class CocoFormatError(UserError):

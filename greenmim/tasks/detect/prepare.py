@@ -35,18 +35,18 @@ def synthetic_root(data: Dict[str, Any], output_dir: Path) -> Path:
     """The folder ``data.synthetic`` may generate into: ``data.root`` when it lies under the run's
     ``output_dir`` or the cache folder and holds nothing but an earlier generated set. Generated
     files never go into a dataset the user named; anything else is a :class:`ConfigError`."""
-    if data.get("name") != "coco_synthetic":
+    if data["name"] != "coco_synthetic":
         raise ConfigError(
-            f"data.synthetic is set but data={data.get('name')} reads your own files: drop it (data.synthetic=null), "
+            f"data.synthetic is set but data={data['name']} reads your own files: drop it (data.synthetic=null), "
             "or use data=coco_synthetic for a generated set"
         )
-    given = [k for k in PATH_KEYS if data.get(k)]
+    given = [k for k in PATH_KEYS if data[k]]
     if given:
         raise ConfigError(
             f"data.synthetic generates a dataset but data.{given[0]} names your own files: drop one of them "
             "(data=coco data.synthetic=null for your files)"
         )
-    root = Path(str(data.get("root") or output_dir / "synthetic_coco")).expanduser().resolve()
+    root = Path(str(data["root"] or output_dir / "synthetic_coco")).expanduser().resolve()  # null: inside the run
     allowed = (output_dir.resolve(), cache_dir().resolve())
     if not any(root == base or base in root.parents for base in allowed):
         raise ConfigError(
@@ -62,10 +62,10 @@ def check_coco_files(data: Dict[str, Any], splits) -> None:
     """Raise naming every expected COCO file or folder that is absent (not just the first)."""
     missing = [f"{data[f'{s}_{kind}']}" for s in splits for kind in ("images", "ann") if not os.path.exists(data[f"{s}_{kind}"])]
     if missing:
-        where = f"data.root={data.get('root')}" if data.get("root") else "the data.*_images / data.*_ann paths"
+        where = f"data.root={data['root']}" if data["root"] else "the data.*_images / data.*_ann paths"
         raise ConfigError(
             f"{where} lacks the expected COCO files: {', '.join(missing)}; point data.root at the COCO folder "
-            f"(train{data.get('year', 2017)}/, val{data.get('year', 2017)}/, annotations/instances_*.json) "
+            f"(train{data['year']}/, val{data['year']}/, annotations/instances_*.json) "
             "or set data.train_images= data.train_ann= data.val_images= data.val_ann="
         )
 
@@ -75,21 +75,21 @@ def prepare_data(data: Dict[str, Any], dist, output_dir: Path, eval_only: bool =
     relative to ``data.root``) and check they exist; with
     ``data.synthetic``, generate the set first (rank 0), only under ``output_dir`` or the cache folder."""
     data = dict(data)
-    synthetic = data.get("synthetic")
+    synthetic = data["synthetic"]
     if synthetic:
         root = synthetic_root(data, output_dir)
         if dist.is_main:
-            ensure_synthetic_coco(str(root), int(synthetic.get("num_train", 64)), int(synthetic.get("num_val", 16)),
-                                  tuple(synthetic.get("size", (160, 192))), int(synthetic.get("seed", 0)))
+            ensure_synthetic_coco(str(root), int(synthetic["num_train"]), int(synthetic["num_val"]),
+                                  tuple(synthetic["size"]), int(synthetic["seed"]))
         barrier()
         for split in ("train", "val"):
             data[f"{split}_images"] = str(root / split)
             data[f"{split}_ann"] = str(root / "annotations" / f"instances_{split}.json")
     year = str(data["year"])
-    root = os.path.expanduser(str(data.get("root") or "."))
+    root = os.path.expanduser(str(data["root"] or "."))  # null: paths relative to the working directory
     for split in ("train", "val"):
         for key, default in zip((f"{split}_images", f"{split}_ann"), coco_paths(root, split, year)):
-            given = data.get(key)
+            given = data[key]
             # a relative path is relative to data.root (an absolute one stays as it is)
             data[key] = os.path.join(root, os.path.expanduser(str(given))) if given else default
     check_coco_files(data, ("val",) if eval_only else ("train", "val"))

@@ -41,24 +41,24 @@ DETECTOR_KEYS = ("fpn_channels", "out_norm", "maskrcnn")
 def backbone_kwargs(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """timm constructor arguments of the trunk (:func:`~greenmim.weights.transfer_kwargs`) plus
     ``model.drop_path_rate``."""
-    args = transfer_kwargs(model_cfg["name"], model_cfg.get("encoder_args") or {}, "detection")
+    args = transfer_kwargs(model_cfg["name"], model_cfg["encoder_args"], "detection")
     args["drop_path_rate"] = float(model_cfg["drop_path_rate"] or 0.0)
     return args
 
 
 def build_datasets(data: Mapping[str, Any], train: bool = True) -> Tuple[Optional[CocoDetection], CocoDetection]:
     """``(train_set or None, val_set)`` from a ``data`` config (see ``configs/data/coco.yaml``)."""
-    common = dict(bad_boxes=data.get("bad_boxes", "skip"), missing_images=data.get("missing_images", "error"))
+    common = dict(bad_boxes=data["bad_boxes"], missing_images=data["missing_images"])
     train_set = None
     if train:
         train_set = CocoDetection(
-            data["train_images"], data["train_ann"], train=True, flip_prob=float(data.get("flip_prob", 0.5)),
-            filter_empty=bool(data.get("filter_empty", True)), max_images=int(data.get("max_images", 0) or 0),
-            on_corrupt=data.get("on_corrupt", "skip"), **common,
+            data["train_images"], data["train_ann"], train=True, flip_prob=float(data["flip_prob"]),
+            filter_empty=bool(data["filter_empty"]), max_images=int(data["max_images"]),
+            on_corrupt=data["on_corrupt"], **common,
         )
     val_set = CocoDetection(
         data["val_images"], data["val_ann"], train=False, flip_prob=0.0, filter_empty=False,
-        max_images=int(data.get("max_val_images", 0) or 0), on_corrupt="error", **common,
+        max_images=int(data["max_val_images"]), on_corrupt="error", **common,
     )
     val_set.check_images()  # a bad validation image fails now, not after the first epoch
     if train_set is not None and train_set.cat_ids != val_set.cat_ids:
@@ -156,15 +156,15 @@ class DetectionTask(TrainTask):
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any],
-                 detector_cfg: Optional[Mapping[str, Any]] = None, pretrained: Optional[str] = None,
-                 use_ema: bool = False, layer_decay: float = 1.0, eval_every: int = 1, train: bool = True):
+                 detector_cfg: Mapping[str, Any], *, pretrained: Optional[str], use_ema: bool, layer_decay: float,
+                 eval_every: int, train: bool = True):
         self.model_cfg = dict(model_cfg)
         self.data_cfg = dict(data_cfg)
-        self.detector_cfg = dict(detector_cfg or {})
+        self.detector_cfg = dict(detector_cfg)
         unknown = sorted(set(self.detector_cfg) - set(DETECTOR_KEYS))
         if unknown:
             raise ConfigError(f"unknown detector key(s) {', '.join(unknown)}: expected {', '.join(DETECTOR_KEYS)}")
-        if not self.model_cfg.get("name"):
+        if not self.model_cfg["name"]:
             raise ConfigError("model.name is required (a timm swin_* or twins_* name, e.g. model=greenmim_swin_base_w7)")
         self.pretrained = pretrained or None
         self.use_ema = bool(use_ema)
@@ -191,11 +191,11 @@ class DetectionTask(TrainTask):
             self.num_classes,
             pretrained=self.pretrained,
             use_ema=self.use_ema,
-            out_norm=det.get("out_norm"),
-            fpn_channels=int(det.get("fpn_channels", 256)),
+            out_norm=det["out_norm"],
+            fpn_channels=int(det["fpn_channels"]),
             min_size=self.data_cfg["min_size"],
-            max_size=int(self.data_cfg.get("max_size", 1333)),
-            detector_kwargs=dict(det.get("maskrcnn") or {}),
+            max_size=int(self.data_cfg["max_size"]),
+            detector_kwargs=dict(det["maskrcnn"] or {}),  # null: none
             **backbone_kwargs(self.model_cfg),
         )
         self.load_report = model.backbone.trunk.load_report
@@ -215,7 +215,7 @@ class DetectionTask(TrainTask):
         # the loader's own generator: creating an iterator (every epoch, and after a resume) must not
         # draw from the global torch RNG, which Mask R-CNN's proposal/RoI samplers use (exact resume)
         generator = torch.Generator().manual_seed(seed + dist.rank)
-        return DataLoader(SeededDataset(self.train_set), batch_size=int(d.get("batch_size", 2)), sampler=sampler,
+        return DataLoader(SeededDataset(self.train_set), batch_size=int(d["batch_size"]), sampler=sampler,
                           num_workers=workers, collate_fn=collate, drop_last=True, generator=generator,
                           persistent_workers=workers > 0, pin_memory=dist.device.type == "cuda")
 
@@ -259,7 +259,7 @@ class DetectionTask(TrainTask):
         """COCO AP of ``model`` on the validation set (all ranks); detections in
         ``output_dir/{prefix}results_{bbox,segm}.json`` (:func:`evaluate_coco`)."""
         d = self.data_cfg
-        return evaluate_coco(model, self.val_set, dist.device, dist, batch_size=int(d.get("eval_batch_size", 1)),
+        return evaluate_coco(model, self.val_set, dist.device, dist, batch_size=int(d["eval_batch_size"]),
                              num_workers=int(d["num_workers"]), output_dir=str(output_dir), prefix=prefix)
 
     def evaluate_model(self, model: nn.Module, trainer) -> Dict[str, float]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 from timm.data import Mixup, create_transform
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import find_classes, make_dataset
@@ -128,26 +129,27 @@ def labelled_images(samples: List[Tuple[str, int]], transform: Optional[Callable
     return ImageFiles([p for p, _ in samples], transform, on_corrupt, targets=[t for _, t in samples])
 
 
-def build_transform(is_training: bool, img_size: int, aug: Any = None, crop_pct: float = 0.875, interpolation: str = "bicubic") -> Callable:
-    """timm's ``create_transform``: the recipe's training augmentation (options from ``aug``: ``scale``,
-    ``hflip``, ``color_jitter``, ``auto_augment``, ``reprob``, ``remode``, ``recount``) or the
-    evaluation resize to ``img_size / crop_pct`` + center crop."""
-    aug = aug if aug is not None else {}
-    if aug.get("auto_augment"):
-        patch_timm_posterize()  # timm's RandAugment vs Pillow >= 11 (see greenmim.tasks.finetune.compat); idempotent
+def build_transform(is_training: bool, img_size: int, data: Any, aug: Any = None) -> Callable:
+    """timm's ``create_transform``: the recipe's training augmentation (options from the ``aug``
+    config: ``scale``, ``hflip``, ``color_jitter``, ``auto_augment``, ``reprob``, ``remode``,
+    ``recount``) or the evaluation resize to ``img_size / data.crop_pct`` + center crop; both with
+    ``data.interpolation``. ``aug`` is needed for training only."""
+    interpolation = data["interpolation"]
     if not is_training:
-        return create_transform(input_size=img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct)
+        return create_transform(input_size=img_size, is_training=False, interpolation=interpolation, crop_pct=float(data["crop_pct"]))
+    if aug["auto_augment"]:
+        patch_timm_posterize()  # timm's RandAugment vs Pillow >= 11 (see greenmim.tasks.finetune.compat); idempotent
     return create_transform(
         input_size=img_size,
         is_training=True,
-        scale=tuple(aug.get("scale", (0.08, 1.0))),
-        hflip=float(aug.get("hflip", 0.5)),
-        color_jitter=aug.get("color_jitter", 0.4),
-        auto_augment=aug.get("auto_augment") or None,
+        scale=tuple(aug["scale"]),
+        hflip=float(aug["hflip"]),
+        color_jitter=aug["color_jitter"],
+        auto_augment=aug["auto_augment"] or None,  # null or "": none
         interpolation=interpolation,
-        re_prob=float(aug.get("reprob", 0.25)),
-        re_mode=aug.get("remode", "pixel"),
-        re_count=int(aug.get("recount", 1)),
+        re_prob=float(aug["reprob"]),
+        re_mode=aug["remode"],
+        re_count=int(aug["recount"]),
     )
 
 
@@ -171,22 +173,26 @@ def _split_dir(root: Path, name: str) -> str:
     return str(path)
 
 
-def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True, train_augment: bool = True) -> ClassificationData:
+def build_classification_data(cfg: Any, aug: Any, need_train: bool = True, train_augment: bool = True) -> ClassificationData:
     """Datasets from a ``data`` config and the ``aug`` config.
 
     ``data`` keys: ``root``, ``train_split``/``val_split`` (``train``/``val``), ``val_labels`` (flat
     ILSVRC val), ``num_classes`` (``null``: inferred, else checked), ``img_size``, ``crop_pct``,
     ``interpolation`` and ``on_corrupt`` (training images: ``skip`` | ``error``; validation images are
     always ``error``, so accuracies are exact). ``aug``: see :func:`build_transform`.
-    ``train_augment=False`` gives the train split the evaluation transform (frozen-feature protocols).
+    ``train_augment=False`` gives the train split the evaluation transform (frozen-feature protocols);
+    ``aug`` may then be None.
     """
-    if cfg.get("root") in (None, "", "???"):
+    if aug is None and need_train and train_augment:
+        raise ValueError("build_classification_data: the training transform needs the aug config "
+                         "(e.g. greenmim.engine.config.compose('finetune').aug)")
+    if (OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg, "root")) or cfg["root"] in (None, "", "???"):
         raise ConfigError("data.root is not set: pass data.root=/path/to/dataset (a folder holding train/ and val/ class folders)")
     root = Path(os.path.expanduser(str(cfg["root"])))
     if not root.is_dir():
         raise DataError(f"data.root={root} is not a folder: point it at the folder holding train/ and val/")
     img_size = int(cfg["img_size"])
-    train_dir = _split_dir(root, cfg.get("train_split", "train"))
+    train_dir = _split_dir(root, cfg["train_split"])
     train_samples, class_to_idx = list_class_folder(train_dir)
     classes = sorted(class_to_idx, key=class_to_idx.get)
     if len(classes) < 2:
@@ -194,22 +200,22 @@ def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True
             f"{train_dir} has a single class folder ({classes[0]}): a classifier needs at least 2 classes, "
             "one sub-folder of images per class"
         )
-    expected = cfg.get("num_classes")
+    expected = cfg["num_classes"]
     if expected not in (None, "auto") and int(expected) != len(classes):
         raise ConfigError(
             f"data.num_classes={expected} but {train_dir} has {len(classes)} class folders; "
             f"set data.num_classes={len(classes)} (or null to infer it)"
         )
-    val_dir = _split_dir(root, cfg.get("val_split", "val"))
-    if cfg.get("val_labels"):
+    val_dir = _split_dir(root, cfg["val_split"])
+    if cfg["val_labels"]:
         val_samples = list_flat_labelled(val_dir, str(cfg["val_labels"]), class_to_idx)
     else:
         val_samples, _ = list_class_folder(val_dir, class_to_idx)
     train = None
-    val_tf = build_transform(False, img_size, crop_pct=float(cfg.get("crop_pct", 0.875)), interpolation=cfg.get("interpolation", "bicubic"))
+    val_tf = build_transform(False, img_size, cfg)
     if need_train:
-        train_tf = build_transform(True, img_size, aug, interpolation=cfg.get("interpolation", "bicubic")) if train_augment else val_tf
-        train = labelled_images(train_samples, train_tf, cfg.get("on_corrupt", "skip"))
+        train_tf = build_transform(True, img_size, cfg, aug) if train_augment else val_tf
+        train = labelled_images(train_samples, train_tf, cfg["on_corrupt"])
     val = labelled_images(val_samples, val_tf, "error")
     return ClassificationData(train=train, val=val, classes=classes)
 
@@ -217,18 +223,18 @@ def build_classification_data(cfg: Any, aug: Any = None, need_train: bool = True
 # -- mixup and losses -------------------------------------------------------------------------------
 def build_mixup(cfg: Any, num_classes: int) -> Optional[Mixup]:
     """timm's :class:`Mixup` (batch mode; label smoothing folded into the soft targets), or ``None``."""
-    minmax = cfg.get("cutmix_minmax")
-    active = cfg.get("mixup", 0.8) > 0 or cfg.get("cutmix", 1.0) > 0 or minmax is not None
-    if not active or cfg.get("mixup_prob", 1.0) <= 0:
+    minmax = cfg["cutmix_minmax"]
+    active = cfg["mixup"] > 0 or cfg["cutmix"] > 0 or minmax is not None
+    if not active or cfg["mixup_prob"] <= 0:
         return None
     return Mixup(
-        mixup_alpha=cfg.get("mixup", 0.8),
-        cutmix_alpha=cfg.get("cutmix", 1.0),
+        mixup_alpha=cfg["mixup"],
+        cutmix_alpha=cfg["cutmix"],
         cutmix_minmax=None if minmax is None else tuple(minmax),
-        prob=cfg.get("mixup_prob", 1.0),
-        switch_prob=cfg.get("mixup_switch_prob", 0.5),
-        mode=cfg.get("mixup_mode", "batch"),
-        label_smoothing=cfg.get("smoothing", 0.1),
+        prob=cfg["mixup_prob"],
+        switch_prob=cfg["mixup_switch_prob"],
+        mode=cfg["mixup_mode"],
+        label_smoothing=cfg["smoothing"],
         num_classes=num_classes,
     )
 

@@ -42,7 +42,7 @@ def train(cfg: DictConfig, trainer_cfg: TrainerConfig, optim_cfg: OptimConfig, s
         "num_classes": task.num_classes,
         "train_images": len(task.data.train),
         "val_images": len(task.data.val),
-        "pretrained": cfg.get("pretrained"),
+        "pretrained": cfg.pretrained,
         "load_report": task.load_report.to_dict() if task.load_report else None,
         "wall_s": time.time() - t0,
     }
@@ -70,7 +70,7 @@ def evaluate_checkpoint(cfg: DictConfig, trainer_cfg: TrainerConfig, checkpoint:
     report = load_pretrained(model, checkpoint, use_ema=bool(cfg.eval_ema), allow_missing_head=False, checkpoint=raw)
     model.to(dist.device)
     d = cfg.data
-    loader = build_eval_loader(data.val, int(d.get("eval_batch_size") or d.batch_size), int(d.num_workers),
+    loader = build_eval_loader(data.val, int(d.eval_batch_size or d.batch_size), int(d.num_workers),
                                dist.rank, dist.world_size, pin_memory=dist.device.type == "cuda")
     t0 = time.time()
     metrics = evaluate(model, loader, dist.device, Precision(trainer_cfg.precision, dist.device).autocast)

@@ -48,7 +48,7 @@ def model_kwargs(cfg: DictConfig) -> Dict[str, Any]:
     """timm constructor arguments of the classifier (:func:`~greenmim.weights.transfer_kwargs`) plus
     ``img_size`` from ``data.img_size`` where timm's model takes one (PVTv2's does not). ``drop_path_rate``
     comes from ``model.drop_path_rate``."""
-    args = transfer_kwargs(cfg.model.name, to_container(cfg.model.get("encoder_args")), "fine-tuning")
+    args = transfer_kwargs(cfg.model.name, to_container(cfg.model.encoder_args), "fine-tuning")
     if timm_takes_img_size(cfg.model.name):
         args.setdefault("img_size", int(cfg.data.img_size))
     return args
@@ -110,7 +110,7 @@ class FinetuneTask(TrainTask):
             m.name,
             self.num_classes,
             drop_path_rate=float(m.drop_path_rate),
-            pretrained=self.cfg.get("pretrained") or None,
+            pretrained=self.cfg.pretrained,
             use_ema=bool(self.cfg.pretrained_use_ema),
             **model_kwargs(self.cfg),
         )
@@ -135,7 +135,7 @@ class FinetuneTask(TrainTask):
             d = self.cfg.data
             self._val_loader = build_eval_loader(
                 self.data.val,
-                int(d.get("eval_batch_size") or d.batch_size),
+                int(d.eval_batch_size or d.batch_size),
                 int(d.num_workers),
                 dist.rank,
                 dist.world_size,

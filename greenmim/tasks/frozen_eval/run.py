@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ...engine import MetricsWriter, Precision, init_distributed, setup_logging
 from ...engine.image_counts import CountReport
+from ...engine.config import PROTOCOLS
 from ...engine.distributed import seed_everything
 from ...engine.errors import ConfigError
 from ...engine.rundir import check_no_other_run, run_folder
@@ -46,15 +47,14 @@ from .linear_probe import train_linear_probe
 
 log = logging.getLogger("greenmim")
 
-PROTOCOLS = ("finetune", "knn", "linear_probe")
-FROZEN_PROTOCOLS = ("knn", "linear_probe")
+FROZEN_PROTOCOLS = tuple(p for p in PROTOCOLS if p != "finetune")
 
 
 def build_frozen_encoder(cfg: DictConfig, num_classes: int):
     """``(model, load_report_or_None)``: the classifier of ``cfg.model`` with ``cfg.pretrained`` loaded,
     its head removed (``model(x)`` -> ``(B, C)`` pooled features), in eval mode, gradients off."""
     model, report = create_classifier(
-        cfg.model.name, num_classes, drop_path_rate=0.0, pretrained=cfg.get("pretrained") or None,
+        cfg.model.name, num_classes, drop_path_rate=0.0, pretrained=cfg.pretrained,
         use_ema=bool(cfg.pretrained_use_ema), **model_kwargs(cfg),
     )
     model.reset_classifier(0)
@@ -70,10 +70,10 @@ def majority_accuracy(val_labels: torch.Tensor) -> float:
 
 def run_frozen_eval(cfg: DictConfig) -> Dict[str, Any]:
     """Run ``cfg.protocol`` (``knn`` | ``linear_probe``); returns the ``results.json`` contents (all ranks)."""
-    protocol = str(cfg.get("protocol"))
+    protocol = str(cfg.protocol)
     if protocol not in FROZEN_PROTOCOLS:
         raise ConfigError(f"protocol={protocol} is not a frozen-feature evaluation: use one of {', '.join(FROZEN_PROTOCOLS)}")
-    if cfg.get("eval_only", False):
+    if cfg.eval_only:
         raise ConfigError(f"eval_only=true evaluates a fine-tuned checkpoint; protocol={protocol} already only evaluates: drop eval_only")
     t0 = time.time()
     data = build_classification_data(cfg.data, None, need_train=True, train_augment=False)  # bad data: refused before any write
@@ -94,7 +94,7 @@ def _run(cfg: DictConfig, protocol: str, dist, output_dir: Path, data, t0: float
     model.to(dist.device)
     precision = Precision(str(cfg.trainer.precision), dist.device)
     d = cfg.data
-    batch, workers = int(d.get("eval_batch_size") or d.batch_size), int(d.num_workers)
+    batch, workers = int(d.eval_batch_size or d.batch_size), int(d.num_workers)
     images = CountReport()
     train_x, train_y = extract_features(model, data.train, dist.device, batch, workers, precision.autocast,
                                         f"features of {len(data.train)} train images")
@@ -113,7 +113,7 @@ def _run(cfg: DictConfig, protocol: str, dist, output_dir: Path, data, t0: float
             settings = {"k": k, "temperature": temp}
         else:
             p = cfg.probe
-            lr = float(p.lr) if p.get("lr") is not None else float(p.blr) * int(p.batch_size) / int(p.base_batch)
+            lr = float(p.lr) if p.lr is not None else float(p.blr) * int(p.batch_size) / int(p.base_batch)
 
             def on_epoch(epoch: int, row: Dict[str, float]) -> None:
                 writer.add_scalars(epoch, row, prefix="probe")
@@ -138,7 +138,7 @@ def _run(cfg: DictConfig, protocol: str, dist, output_dir: Path, data, t0: float
         "train_images": int(train_x.shape[0]),
         "val_images": int(val_x.shape[0]),
         "feature_dim": int(train_x.shape[1]),
-        "pretrained": cfg.get("pretrained"),
+        "pretrained": cfg.pretrained,
         "load_report": report.to_dict() if report else None,
         "features_s": t_feat,
         "wall_s": time.time() - t0,

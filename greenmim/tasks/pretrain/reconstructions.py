@@ -15,7 +15,7 @@ from ...plan.masking import unit_grid
 from ...models.pretrain import unpatchify
 
 
-def reconstruction_grid(model: nn.Module, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0, min_cell: int = 128) -> np.ndarray:
+def reconstruction_grid(model: nn.Module, images: torch.Tensor, mask_ratio: float, seed: int = 0, min_cell: int = 128) -> np.ndarray:
     """Render ``original | masked | reconstruction`` rows for ``images`` (normalised ``(B, 3, H, W)``).
 
     Masks are drawn from a private generator seeded with ``seed`` (the same masks every call).

@@ -2,10 +2,13 @@
 checked) from the ``model`` and ``data`` configs.
 
 Used by ``greenmim-pretrain`` (Hydra), ``greenmim-visualize`` and the config checks of
-:mod:`greenmim.cli.validate`, and usable from Python::
+:mod:`greenmim.cli.validate`, and usable from Python with a config composed from ``configs/`` (the
+one place of its defaults)::
 
+    from greenmim.engine.config import compose, optim_config, sched_config, to_dict, trainer_config
     from greenmim.tasks.pretrain.task import PretrainTask
-    Trainer(PretrainTask(model_cfg, data_cfg), TrainerConfig(...), OptimConfig(...), sched).fit()
+    cfg = compose("pretrain", "experiment=quickstart", "output_dir=runs/x")
+    Trainer(PretrainTask(to_dict(cfg.model), to_dict(cfg.data)), trainer_config(cfg), optim_config(cfg), sched_config(cfg)).fit()
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from ...plan.collate import MaskCollator, MIMBatch, planner_for
 from .loss import pretrain_loss
 from ...data.prefetch import maybe_prefetch
 from ...engine import ConfigError, DistInfo, TrainTask
-from ...plan.masking import num_visible_units, unit_grid
+from ...plan.masking import unit_grid
 from ...models import UnknownModelError, create_pretrain_model, get_spec, timm_args
 from ...models.pretrain import MIM_MODEL_KEYS
 from .reconstructions import reconstruction_grid, save_png
@@ -34,32 +37,9 @@ log = logging.getLogger("greenmim")
 def expected_unit(name: str, encoder_args: Mapping[str, Any]) -> int:
     """The mask unit (total stride) a timm Swin/Twins name will have: ``patch_size * 2 ** (stages - 1)``."""
     args = {**get_spec(name).args, **timm_args(encoder_args)}
-    patch = args.get("patch_size", 4)
+    patch = args.get("patch_size", 4)  # a family argument, not a config key: PVTv2 has none (a stride-4 stem)
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    return int(patch) * 2 ** (len(args.get("depths", (0, 0, 0, 0))) - 1)
-
-
-def check_mask_ratio(mask_ratio: Any, img_size: Any, unit: int, key: str = "model.mask_ratio") -> float:
-    """``mask_ratio`` as a float in (0, 1) that masks at least one unit and leaves at least one visible
-    in every sample of ``img_size`` images (``unit`` px units); raises :class:`ConfigError` naming ``key``.
-    The loss is a mean over masked units: with none masked it would be 0/0."""
-    try:
-        ratio = float(mask_ratio)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={mask_ratio!r} is not a number: use a ratio in (0, 1), e.g. 0.75") from None
-    if not 0.0 < ratio < 1.0:
-        raise ConfigError(f"{key}={mask_ratio!r} is outside (0, 1): use a ratio in (0, 1), e.g. 0.75")
-    try:
-        grid = unit_grid(image_hw(img_size), unit)
-    except ValueError as exc:  # an image size that is not a multiple of the unit; the message names the fix
-        raise ConfigError(str(exc)) from None
-    visible = num_visible_units(grid.num_units, ratio)
-    if grid.num_units - visible < 1:
-        raise ConfigError(
-            f"{key}={ratio:g} masks none of the {grid.num_units} unit(s) of a {image_hw(img_size)} image ({unit} px units): "
-            f"raise the mask ratio or the image size so that at least one unit is masked and one visible"
-        )
-    return ratio
+    return int(patch) * 2 ** (len(args["depths"]) - 1)
 
 
 def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Module:
@@ -68,12 +48,12 @@ def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Modu
     Raises :class:`ConfigError` for an unknown model name or an image size that is not a multiple of
     the mask unit, naming the fix.
     """
-    name, method = model_cfg["name"], model_cfg.get("method", "greenmim")
+    name, method = model_cfg["name"], model_cfg["method"]
     try:
-        unit = expected_unit(name, model_cfg.get("encoder_args") or {})
+        unit = expected_unit(name, model_cfg["encoder_args"])
         unit_grid(image_hw(img_size), unit)
         kwargs = {k: model_cfg[k] for k in MIM_MODEL_KEYS if k in model_cfg}
-        enc_args = timm_args(model_cfg.get("encoder_args"))
+        enc_args = timm_args(model_cfg["encoder_args"])
         for key in ("depths", "num_heads"):
             if key in enc_args:
                 enc_args[key] = tuple(enc_args[key])
@@ -84,7 +64,6 @@ def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Modu
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     check_windows(model.encoder, img_size)
-    check_mask_ratio(model_cfg.get("mask_ratio", 0.75), img_size, model.unit)
     return model
 
 
@@ -123,7 +102,7 @@ class PretrainTask(TrainTask):
                  static_plans: Optional[bool] = None):
         self.model_cfg = dict(model_cfg)
         self.data_cfg = dict(data_cfg)
-        self.mask_ratio = float(self.model_cfg.get("mask_ratio", 0.75))
+        self.mask_ratio = float(self.model_cfg["mask_ratio"])
         self.vis_every_epochs = int(vis_every_epochs)
         self.vis_num_images = int(vis_num_images)
         self.static_plans = static_plans
@@ -146,7 +125,7 @@ class PretrainTask(TrainTask):
         dataset = self.dataset = build_pretrain_dataset(self.data_cfg)
         if dist.is_main:
             log.info("data: %s, %d images of %s px, decoded on the %s", self.data_cfg["name"], len(dataset),
-                     image_hw(self.data_cfg["img_size"]), self.data_cfg.get("decode", "cpu"))
+                     image_hw(self.data_cfg["img_size"]), self.data_cfg["decode"])
         return build_train_loader(
             dataset,
             int(self.data_cfg["batch_size"]),
@@ -158,7 +137,7 @@ class PretrainTask(TrainTask):
 
     def device_batches(self, loader, device: torch.device):
         """The loader's batches copied to the device one step ahead (``data.device_prefetch``; default: on CUDA)."""
-        return maybe_prefetch(loader, device, self.data_cfg.get("device_prefetch"))
+        return maybe_prefetch(loader, device, self.data_cfg["device_prefetch"])
 
     def training_step(self, model: nn.Module, batch: MIMBatch, trainer) -> Tuple[torch.Tensor, Dict[str, float]]:
         return pretrain_loss(model, batch, trainer.device), {}
