@@ -19,7 +19,8 @@ def checkpoint(request, tmp_path_factory):
     model_cfg = dict(name="swin_tiny_patch4_window7_224", method=request.param, decoder_dim=32, decoder_heads=2, encoder_args=ENCODER_ARGS)
     data_cfg = dict(name="synthetic", img_size=64, batch_size=2, num_workers=0, num_samples=4)
     config = {"model": model_cfg, "data": data_cfg}
-    trainer = Trainer(PretrainTask(model_cfg, data_cfg, 0), TrainerConfig(output_dir=str(out), max_steps=1, tensorboard=False, config=config), OptimConfig(lr=1e-3))
+    trainer = Trainer(PretrainTask(model_cfg, data_cfg, 0), TrainerConfig(output_dir=str(out), max_steps=1, tensorboard=False, config=config), OptimConfig(lr=1e-3),
+                      {"name": "cosine", "warmup_epochs": 0})
     trainer.fit()
     return trainer.last_checkpoint, trainer.model
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from hydra import compose, initialize_config_module
 
 from cli_helpers import assert_one_line, run_cli
-from greenmim.engine import Trainer, TrainerConfig, TrainTask, UserError
+from greenmim.engine import OptimConfig, Trainer, TrainerConfig, TrainTask, UserError
 from greenmim.engine import checkpoint as ckpt_mod
 from greenmim.engine.checkpoint import load_checkpoint, set_aside
 from greenmim.engine.rundir import _HELD
@@ -78,7 +78,7 @@ class Toy(TrainTask):
 
 def toy(out, task=None, **kw):
     cfg = TrainerConfig(**{**dict(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=100), **kw})
-    return Trainer(task or Toy(), cfg, sched={"name": "cosine", "warmup_epochs": 0})
+    return Trainer(task or Toy(), cfg, OptimConfig(), sched={"name": "cosine", "warmup_epochs": 0})
 
 
 # ------------------------------------------------------------------ 18.1 one process per output_dir
@@ -145,7 +145,7 @@ def test_forked_loader_workers_do_not_keep_the_lock(tmp_path):
         time.sleep(30)
         os._exit(0)
     try:
-        _HELD.pop(str(tmp_path.resolve())).file.close()  # the parent dies (kill -9): the kernel closes its files
+        _HELD.pop(str(tmp_path.resolve())).close()  # the parent dies (kill -9): the kernel closes its files
         assert (tmp_path / ".lock").exists()
         probe = "import fcntl, sys; fcntl.lockf(open(sys.argv[1] + '/.lock', 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
         assert subprocess.run([sys.executable, "-c", probe, str(tmp_path)]).returncode == 0
@@ -388,10 +388,10 @@ def test_extending_a_finished_run_trains_the_added_steps_on_the_new_lengths_sche
     schedule's lr 0; the log line says so."""
     sched = {"name": "cosine", "warmup_steps": 4}
     cfg = dict(output_dir=str(tmp_path), epochs=10, device="cpu", tensorboard=False, log_every=100)
-    first = Trainer(Toy(), TrainerConfig(**cfg, max_steps=16), sched=sched)
+    first = Trainer(Toy(), TrainerConfig(**cfg, max_steps=16), OptimConfig(), sched=sched)
     first.fit()
     weights = first.model.weight.detach().clone()
-    ext = Trainer(Toy(), TrainerConfig(**cfg, max_steps=32, resume="auto"), sched=sched)
+    ext = Trainer(Toy(), TrainerConfig(**cfg, max_steps=32, resume="auto"), OptimConfig(), sched=sched)
     ext.fit()
     assert ext.step == 32 and not torch.equal(ext.model.weight.detach(), weights)
     peak = first.peak_lr
@@ -402,7 +402,7 @@ def test_extending_a_finished_run_trains_the_added_steps_on_the_new_lengths_sche
     assert re.search(r"after its schedule ended: steps 17-32 follow the 32-step schedule .*re-warmup over 4 step\(s\): "
                      rf"lr {expected[17]:.3g} at step 17, {expected[20]:.3g} at step 20, {expected[32]:.3g} at step 32", log)
     # a second extension of the extended run re-warms again from its own end
-    again = Trainer(Toy(), TrainerConfig(**cfg, max_steps=40, resume="auto"), sched=sched)
+    again = Trainer(Toy(), TrainerConfig(**cfg, max_steps=40, resume="auto"), OptimConfig(), sched=sched)
     again.fit()
     assert again.task.lrs[33] == pytest.approx(peak * cosine((32 - 4) / 36) / 4, rel=1e-9)
 

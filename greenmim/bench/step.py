@@ -141,19 +141,18 @@ class TrainStep:
         return plan
 
     def forward_backward(self, images: torch.Tensor, plan: HostPlan) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The trainer's micro-step on one batch: ``(loss, finite)``, device tensors."""
+        """The trainer's step on one batch (:class:`~greenmim.engine.step.TrainingStep`): ``(loss, finite)``, device tensors."""
         with record_function("plan"):
             plan = self.device_plan(plan)
-        batch = MIMBatch(images, plan)
-        loss, finite, _ = self.engine.micro_step(lambda model: (pretrain_loss(model, batch, self.device), {}))
-        return loss, finite
+        out = self.engine([MIMBatch(images, plan)], self._loss)
+        return out.loss, ~out.skipped
+
+    def _loss(self, model: nn.Module, batch: MIMBatch) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        return pretrain_loss(model, batch, self.device), {}
 
     def __call__(self, images: torch.Tensor, plan: HostPlan) -> torch.Tensor:
         """One step; its phases are profiler ranges ``plan``, ``forward``, ``backward`` and ``optimizer``."""
-        self.engine.begin()
-        loss, finite = self.forward_backward(images, plan)
-        self.engine.optimizer_step(~finite)
-        return loss
+        return self.forward_backward(images, plan)[0]
 
     @property
     def grouping(self) -> Dict[str, float]:

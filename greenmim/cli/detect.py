@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -31,7 +31,8 @@ from ..tasks.detect.data import coco_paths
 from ..tasks.detect.synthetic import ensure_synthetic_coco
 from ..tasks.detect.task import DetectionTask, checkpoint_model_state, evaluate_coco, format_metrics
 from ..engine import Trainer, init_distributed, setup_logging
-from ..engine.checkpoint import check_one_run, check_output_dir
+from ..engine.checkpoint import check_one_run
+from ..engine.rundir import RunFolder
 from ..engine.distributed import barrier
 from ..engine.errors import ConfigError
 from .common import CONFIG_PATH, eval_checkpoint, launch, optim_config, run_app, sched_config, to_dict, trainer_config
@@ -113,14 +114,14 @@ def prepare_data(data: Dict[str, Any], dist, output_dir: Path, eval_only: bool =
     return data
 
 
-def run(cfg: DictConfig) -> Dict[str, float]:
+def run(cfg: DictConfig, folder: Optional[RunFolder] = None) -> Dict[str, float]:
     """Train (or evaluate) as configured; returns the final COCO metrics (all ranks)."""
     tcfg = trainer_config(cfg)
     dist = init_distributed(tcfg.device)
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     eval_only = bool(cfg.get("eval_only", False))
-    if not eval_only and dist.is_main:  # before a synthetic set is generated into output_dir
-        check_output_dir(output_dir)
+    if not eval_only and dist.is_main:  # before a synthetic set is generated into output_dir (held by run_app, or made here)
+        output_dir.mkdir(parents=True, exist_ok=True)
         check_one_run(output_dir, cfg.get("resume"), None)
     data = prepare_data(to_dict(cfg.data), dist, output_dir, eval_only)
     task = DetectionTask(to_dict(cfg.model), data, to_dict(cfg.detector), pretrained=cfg.get("pretrained"),
@@ -144,7 +145,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
         metrics = evaluate_coco(model, task.val_set, dist.device, dist, batch_size=int(data.get("eval_batch_size", 1)),
                                 num_workers=int(data["num_workers"]), output_dir=str(output_dir), prefix="eval_")
     else:
-        trainer = Trainer(task, tcfg, optim_config(cfg), sched_config(cfg))
+        trainer = Trainer(task, tcfg, optim_config(cfg), sched_config(cfg), folder)
         trainer.fit()
         metrics = task.last_metrics
         if not metrics and trainer.step >= trainer.total_steps:

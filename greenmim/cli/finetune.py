@@ -24,13 +24,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import hydra
 from omegaconf import DictConfig
 
 from ..engine import MetricsWriter, Precision, Trainer, init_distributed, setup_logging
 from ..engine.errors import ConfigError
+from ..engine.rundir import RunFolder
 from ..weights.loading import load_pretrained, read_checkpoint
 from ..tasks.finetune.data import build_classification_data
 from ..tasks.finetune.evaluate import build_eval_loader, describe_accuracy, evaluate
@@ -42,11 +43,11 @@ PROG = "greenmim-finetune"
 log = logging.getLogger("greenmim")
 
 
-def train(cfg: DictConfig) -> Dict[str, Any]:
+def train(cfg: DictConfig, folder: Optional[RunFolder] = None) -> Dict[str, Any]:
     """Fine-tune as configured; returns ``{"last": {...}, "best": {...}}`` validation metrics (all ranks)."""
     t0 = time.time()
     task = FinetuneTask(cfg)
-    trainer = Trainer(task, trainer_config(cfg), optim_config(cfg), sched_config(cfg))
+    trainer = Trainer(task, trainer_config(cfg), optim_config(cfg), sched_config(cfg), folder)
     trainer.fit()
     results = {
         "last": dict(task.last_metrics, epoch=trainer.epoch, step=trainer.step),
@@ -97,13 +98,13 @@ def evaluate_only(cfg: DictConfig) -> Dict[str, Any]:
     return result
 
 
-def run(cfg: DictConfig) -> Dict[str, Any]:
+def run(cfg: DictConfig, folder: Optional[RunFolder] = None) -> Dict[str, Any]:
     protocol = cfg.get("protocol", "finetune")
     if protocol != "finetune":  # knn | linear_probe: frozen-feature evaluation (greenmim.tasks.frozen_eval)
         from ..tasks.frozen_eval.run import run_frozen_eval
 
-        return run_frozen_eval(cfg)
-    return evaluate_only(cfg) if cfg.get("eval_only", False) else train(cfg)
+        return run_frozen_eval(cfg, folder)
+    return evaluate_only(cfg) if cfg.get("eval_only", False) else train(cfg, folder)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="finetune")

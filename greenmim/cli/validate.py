@@ -10,11 +10,14 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..engine.config import NONFINITE_POLICIES
 from ..engine.errors import ConfigError
+from ..engine.precision import PRECISIONS
+from ..engine.step import COMPILE_MODES
 
 _MISSING = object()
 
@@ -168,6 +171,15 @@ LIST_RULES: Sequence[Tuple[Rule, Optional[int]]] = (
 )
 
 
+#: keys with a fixed set of values (the engine's own tuples: stated once, checked here only)
+CHOICES: Dict[str, Tuple[Any, ...]] = {
+    "trainer.precision": PRECISIONS,
+    "trainer.compile": (True, False),
+    "trainer.compile_mode": COMPILE_MODES,
+    "trainer.nonfinite": NONFINITE_POLICIES,
+}
+
+
 def _value(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key, default=_MISSING)
     if isinstance(value, (DictConfig, ListConfig)):
@@ -185,6 +197,15 @@ def _check_rules(cfg: DictConfig, rules) -> None:
         value = _value(cfg, rule.key)
         if value is not _MISSING and not rule.ok(value):
             _fail(rule, value)
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Each key of :data:`CHOICES` that ``cfg`` has holds one of its values (``true`` is not ``1``)."""
+    for key, allowed in CHOICES.items():
+        value = _value(cfg, key)
+        if value is not _MISSING and not any(value == a and type(value) is type(a) for a in allowed):
+            shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+            raise ConfigError(f"{key} must be one of {shown}, got '{value}'")
 
 
 def check_numbers(cfg: DictConfig) -> None:
@@ -207,6 +228,7 @@ def check_numbers(cfg: DictConfig) -> None:
         raise ConfigError(f"data.crop_scale={scale} is invalid: set it to [min, max] with min <= max")
     check_img_size(cfg)
     check_grad_checkpointing(cfg)
+    check_choices(cfg)
     check_model(cfg)
 
 
