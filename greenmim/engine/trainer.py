@@ -15,20 +15,25 @@ accumulation, lr schedule, checkpoints, resume, logging). Minimal use::
     Trainer(MyTask(), TrainerConfig(output_dir="runs/x", epochs=10),
             OptimConfig(blr=1.5e-4), {"name": "cosine", "warmup_epochs": 1}).fit()
 
-One step, in order (:meth:`Trainer.train_one_epoch`, one optimizer step per accumulation window):
+The configs come complete (the CLIs build them from the composed, validated config; nothing here
+restates a default or re-checks a range).
 
-1. ``_windows`` hands out the next ``accum_steps`` micro-batches; the step's lr is set from the
-   schedule and an empty :class:`_Window` (loss sum, finite flag, metrics) starts on the device.
-2. ``_micro_step`` x ``accum_steps``: ``task.training_step`` under autocast, the loss's finiteness
-   all-reduced on the device, backward (``no_sync`` under DDP except on the last micro-batch).
-3. ``_optimizer_step``: unscale/clip/step, skipped *on the device* when the window was non-finite;
-   zero grads (2 and 3 are :class:`~greenmim.engine.step.TrainingStep`, which the benchmark times
-   too); ``step += 1``; ``task.on_step_end`` (EMA); the step's values queued on the device.
-4. ``_after_step``: if a log line, checkpoint, ``stop_at_step`` or the epoch's end is due, read the
-   queued values back (the only host read) and log; checkpoint if due; stop on a signal if pending.
-5. After the last window, ``_end_epoch``: checkpoint first, then evaluate, ``task.on_epoch_end``,
-   then one line for the epoch's skipped (unreadable) and converted images, summed over the loader
-   workers (:mod:`.image_counts`).
+**The step** is :meth:`Trainer.train_step`, one per accumulation window, read top to bottom:
+
+1. the step's lr from the schedule;
+2. :class:`~greenmim.engine.step.TrainingStep` (the one device step, which the benchmark runs too):
+   per micro-batch the task's ``training_step`` under autocast, the loss's finiteness all-reduced
+   on the device, backward (``no_sync`` under DDP except on the last micro-batch); then
+   unscale/clip/step, skipped *on the device* when non-finite, and zero grads;
+3. the after-step: ``step += 1``, ``task.on_step_end`` (EMA), the step's values queued on the device;
+4. only when a log line, checkpoint, ``stop_at_step`` or the epoch's end is due, the one host read
+   of the queued values, then the log line and the checkpoint (:meth:`Trainer._after_step`); a
+   stop signal is checked there.
+
+Everything else builds around it: :meth:`Trainer.fit` holds the run folder and loops over epochs;
+:meth:`Trainer.setup` builds model, loader, optimizer, schedule and the step; :meth:`Trainer.load`
+/ :meth:`Trainer.save` resume and checkpoint; ``_end_epoch`` checkpoints first, then evaluates,
+runs ``task.on_epoch_end`` and logs the epoch's skipped and converted images (:mod:`.image_counts`).
 
 Conventions:
 
@@ -40,13 +45,15 @@ Conventions:
   (:meth:`~greenmim.engine.sampler.ResumableDistributedSampler.set_start`). A mid-epoch resume with a
   sampler lacking ``set_start`` is refused with an error naming the fix (no replay of the epoch).
 * Only rank 0 writes; every rank calls every hook (they may contain collectives).
-* Nothing is lost: ``output_dir`` is checked (writable, no other run's checkpoints unless resuming)
-  and locked against a second process (:mod:`greenmim.engine.rundir`, rank 0, until :meth:`fit`
-  returns) before anything is written; an epoch's checkpoint is written once, before its evaluation
-  (what the evaluation changes goes to a small sidecar); a run ending inside an epoch records its
-  true position, so a resume with a larger ``max_steps`` goes on from there; a stop signal
-  (SIGTERM, SIGINT, SIGUSR1) during :meth:`Trainer.fit` ends it after the current step with a
-  checkpoint and :class:`~greenmim.engine.errors.Preempted` (see :mod:`greenmim.engine.signals`).
+* Nothing is lost: the run folder has one owner, a :class:`~greenmim.engine.rundir.RunFolder`
+  (created, checked writable and locked by rank 0 before anything is written): the CLI's, handed to
+  the trainer, or, when none is given, the one :meth:`fit` holds itself until it returns. Under it
+  ``resume`` is resolved and a folder holding another run refused; an epoch's checkpoint is written
+  once, before its evaluation (what the evaluation changes goes to a small sidecar); a run ending
+  inside an epoch records its true position, so a resume with a larger ``max_steps`` goes on from
+  there; a stop signal (SIGTERM, SIGINT, SIGUSR1) during :meth:`Trainer.fit` ends it after the
+  current step with a checkpoint and :class:`~greenmim.engine.errors.Preempted` (see
+  :mod:`greenmim.engine.signals`).
 """
 from __future__ import annotations
 
@@ -129,9 +136,16 @@ def enable_grad_checkpointing(model: nn.Module, stages: Union[bool, Sequence[int
 class Trainer:
     """Runs a :class:`TrainTask` (see the module docstring). Call :meth:`fit` once.
 
-    After :meth:`setup` (called by :meth:`fit`): ``dist``, ``device``, ``output_dir``, ``model`` (the
-    training model, DDP-wrapped when distributed), ``optimizer``, ``schedule``, ``precision``,
-    ``loader``, ``writer``, ``peak_lr``, ``effective_batch``, ``steps_per_epoch``, ``total_steps``;
+    Args:
+        task, cfg, optim, sched: what to train and how (complete configs: ``sched`` is a ``sched``
+            config dict, see :func:`~greenmim.engine.schedule.build_schedule`).
+        folder: the run folder its owner holds (the CLI's :func:`~greenmim.engine.rundir.run_folder`);
+            None: :meth:`fit` holds ``cfg.output_dir`` itself.
+
+    After :meth:`setup` (called by :meth:`fit`): ``dist``, ``device``, ``output_dir``, ``folder``,
+    ``model`` (the training model, DDP-wrapped and/or compiled), ``module`` (the model itself),
+    ``step_fn`` (its :class:`~greenmim.engine.step.TrainingStep`), ``optimizer``, ``schedule``,
+    ``precision``, ``loader``, ``writer``, ``peak_lr``, ``effective_batch``, ``steps_per_epoch``, ``total_steps``;
     during training: ``epoch`` (0-based), ``step`` (optimizer steps done), ``batch_in_epoch``
     (micro-batches of this epoch consumed, a multiple of ``accum_steps``), :attr:`is_last_epoch`.
     """
