@@ -134,6 +134,26 @@ def test_a_lock_left_by_a_killed_run_does_not_block_and_the_trainer_locks_too(ho
     assert trainer.step == 8 and not (out / ".lock").exists() and not held(out)  # released (and removed) on exit
 
 
+def test_the_run_folder_has_one_owner_that_hands_it_to_the_trainer(tmp_path, monkeypatch):
+    """One lock per run: the CLI's run_folder holds it and gives the RunFolder to the trainer (which
+    then locks nothing); a trainer given none holds its folder itself; a second lock of a folder this
+    process holds is a bug, refused (no re-entrant depth counter)."""
+    from greenmim.engine import rundir
+
+    calls, original = [], rundir.acquire_lock
+    monkeypatch.setattr(rundir, "acquire_lock", lambda folder: (calls.append(Path(folder)), original(folder))[1])
+    with rundir.run_folder(tmp_path) as folder:
+        trainer = Trainer(Toy(), TrainerConfig(output_dir=str(tmp_path), epochs=1, device="cpu", tensorboard=False),
+                          OptimConfig(), {"name": "cosine", "warmup_epochs": 0}, folder)
+        trainer.fit()
+        assert trainer.step == 4 and held(tmp_path)  # still the owner's when the trainer ends
+        with pytest.raises(RuntimeError, match="already locked by this process"):
+            original(tmp_path)
+    assert calls == [tmp_path] and not held(tmp_path) and not (tmp_path / ".lock").exists()
+    toy(tmp_path / "alone", epochs=1).fit()
+    assert calls == [tmp_path, tmp_path / "alone"]
+
+
 def test_forked_loader_workers_do_not_keep_the_lock(tmp_path):
     """A fork (as DataLoader workers are made) inherits descriptors; the run's lock must not go with them,
     or workers still alive after their parent was killed would block the next run."""

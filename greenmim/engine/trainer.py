@@ -508,7 +508,7 @@ class Trainer:
         """The rest of the epoch, one :meth:`train_step` per accumulation window. Returns the epoch's
         summary, or ``{}`` when ``trainer.stop_at_step`` ended the run inside it."""
         self.model.train()
-        epoch = _EpochLog(self.schedule.factor(self.step) * self.peak_lr)
+        epoch = _EpochLog(apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step)))
         for batches in self._windows():
             if self.train_step(batches, epoch):
                 return {}
