@@ -89,10 +89,13 @@ def test_compiled_step_equals_eager_and_never_recompiles():
     assert len(shapes) == 1, shapes  # static plans: one shape over different masks
 
     def run(step, batch):
-        loss, finite, _ = step.micro_step(lambda model: (pretrain_loss(model, batch, torch.device("cpu")), {}))
-        grads = {n: p.grad.clone() for n, p in step.model.named_parameters() if p.grad is not None}
-        step.optimizer_step(~finite)
-        return loss, grads
+        grads = {}  # the gradients the optimizer step is about to apply
+        hook = step.optimizer.register_step_pre_hook(lambda *_: grads.update(
+            {n: p.grad.clone() for n, p in step.model.named_parameters() if p.grad is not None}))
+        out = step([batch], lambda model, b: (pretrain_loss(model, b, torch.device("cpu")), {}))
+        hook.remove()
+        assert grads and not bool(out.skipped)
+        return out.loss, grads
 
     before = compile_counters()
     for i, batch in enumerate(data):

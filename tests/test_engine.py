@@ -246,13 +246,13 @@ def test_device_values_are_read_only_when_logging_or_checkpointing(tmp_path, mon
     from greenmim.engine import trainer as trainer_module
 
     reads = []
-    original = trainer_module._DeviceLog.read
+    original = trainer_module._EpochLog.read
 
     def counting_read(self):
-        reads.append([row[0] for row in self.rows])
+        reads.append([step for step, _ in self.pending])
         return original(self)
 
-    monkeypatch.setattr(trainer_module._DeviceLog, "read", counting_read)
+    monkeypatch.setattr(trainer_module._EpochLog, "read", counting_read)
     t = make_trainer(tmp_path, epochs=1, log_every=3, ckpt_every_steps=2)
     t.fit()
     assert t.steps_per_epoch == 4
@@ -404,3 +404,50 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped_when_clipping(tmp_path):
     t.fit()
     assert t.skipped_steps == 1 and "non-finite loss gradient (loss" in (tmp_path / "train.log").read_text()
     assert all(math.isfinite(p.detach().sum()) for p in t.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------- the step in one place
+STEP_BUDGET = (16, 4)  # engine functions that run on every step, and the files they are in (issue 25)
+
+
+def engine_functions_of_every_step(out, steps=12, skip=2):
+    """Run ``steps`` steps of a tiny pretraining run (one loader worker, accumulation 2, clipping) under
+    :func:`sys.setprofile`; return ``{file: {function}}`` of the functions defined under
+    ``greenmim/engine/`` that were called (a generator's resume counts) during every step after the
+    first ``skip``. A call is attributed to the step counter's value when it happens."""
+    import sys
+    from collections import defaultdict
+    from pathlib import Path
+
+    import greenmim.engine as engine
+
+    root = str(Path(engine.__file__).parent) + "/"
+    data = {**DATA, "num_samples": 4 * 2 * steps, "num_workers": 1}
+    trainer = make_trainer(out, task=PretrainTask(MICRO, data, vis_every_epochs=0), epochs=1, log_every=10,
+                           accum_steps=2, clip_grad=1.0)
+    calls = defaultdict(set)
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(root):
+            calls[trainer.step].add((frame.f_code.co_filename[len(root):], frame.f_code.co_qualname))
+
+    sys.setprofile(profile)
+    try:
+        trainer.fit()
+    finally:
+        sys.setprofile(None)
+    assert trainer.step == steps
+    every = set.intersection(*(calls[s] for s in range(skip, steps - 1)))
+    by_file = defaultdict(set)
+    for file, name in every:
+        by_file[file].add(name)
+    return dict(by_file)
+
+
+def test_the_engine_functions_of_every_step_are_few_and_in_few_files(tmp_path):
+    """One step reads in one place: at most 16 engine functions in at most 4 files run on every step."""
+    by_file = engine_functions_of_every_step(tmp_path)
+    count = sum(len(names) for names in by_file.values())
+    shown = "; ".join(f"{file} ({len(names)}): {', '.join(sorted(names))}" for file, names in sorted(by_file.items()))
+    assert count <= STEP_BUDGET[0] and len(by_file) <= STEP_BUDGET[1], f"{count} functions in {len(by_file)} files: {shown}"
+    assert "trainer.py" in by_file  # the profile saw the step (a test that cannot pass vacuously)

@@ -22,7 +22,7 @@ def checkpoint(request, tmp_path_factory):
     data_cfg = yaml_node("pretrain", "data", "data=synthetic", img_size=64, batch_size=2, num_workers=0, num_samples=4)
     config = {"model": model_cfg, "data": data_cfg}
     trainer = Trainer(PretrainTask(model_cfg, data_cfg, 0), TrainerConfig.from_yaml(output_dir=str(out), max_steps=1, tensorboard=False, config=config),
-                      OptimConfig.from_yaml(lr=1e-3))
+                      OptimConfig.from_yaml(lr=1e-3), {"name": "cosine", "warmup_epochs": 0})
     trainer.fit()
     return trainer.last_checkpoint, trainer.model
 

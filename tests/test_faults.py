@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 from cli_helpers import assert_one_line, run_cli
 from greenmim.tasks.detect.data import CocoDetection, CocoFormatError
 from greenmim.tasks.detect.synthetic import write_synthetic_coco
-from greenmim.engine import CheckpointManager, Trainer, TrainerConfig, TrainTask, UserError
+from greenmim.engine import CheckpointManager, OptimConfig, Trainer, TrainerConfig, TrainTask, UserError
 from greenmim.engine.sampler import ResumableDistributedSampler
 
 # a micro Swin at 64 px (4 units of 32 px), 12 synthetic images of batch 4: 3 steps per epoch
@@ -140,7 +140,7 @@ class ToyTask(TrainTask):
 
 def toy_trainer(out, task=None, **kw):
     cfg = TrainerConfig.from_yaml(**{**dict(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=100), **kw})
-    return Trainer(task or ToyTask(), cfg, sched={"name": "cosine", "warmup_epochs": 0})
+    return Trainer(task or ToyTask(), cfg, OptimConfig.from_yaml(), sched={"name": "cosine", "warmup_epochs": 0})
 
 
 def test_a_failing_evaluation_keeps_the_epochs_checkpoint(tmp_path):

@@ -17,7 +17,7 @@ import torch.nn as nn
 from hydra import compose, initialize_config_module
 
 from cli_helpers import assert_one_line, run_cli
-from greenmim.engine import Trainer, TrainerConfig, TrainTask, UserError
+from greenmim.engine import OptimConfig, Trainer, TrainerConfig, TrainTask, UserError
 from greenmim.engine import checkpoint as ckpt_mod
 from greenmim.engine.checkpoint import load_checkpoint, set_aside
 from greenmim.engine.rundir import _HELD
@@ -78,7 +78,7 @@ class Toy(TrainTask):
 
 def toy(out, task=None, **kw):
     cfg = TrainerConfig.from_yaml(**{**dict(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=100), **kw})
-    return Trainer(task or Toy(), cfg, sched={"name": "cosine", "warmup_epochs": 0})
+    return Trainer(task or Toy(), cfg, OptimConfig.from_yaml(), sched={"name": "cosine", "warmup_epochs": 0})
 
 
 # ------------------------------------------------------------------ 18.1 one process per output_dir
@@ -134,6 +134,26 @@ def test_a_lock_left_by_a_killed_run_does_not_block_and_the_trainer_locks_too(ho
     assert trainer.step == 8 and not (out / ".lock").exists() and not held(out)  # released (and removed) on exit
 
 
+def test_the_run_folder_has_one_owner_that_hands_it_to_the_trainer(tmp_path, monkeypatch):
+    """One lock per run: the CLI's run_folder holds it and gives the RunFolder to the trainer (which
+    then locks nothing); a trainer given none holds its folder itself; a second lock of a folder this
+    process holds is a bug, refused (no re-entrant depth counter)."""
+    from greenmim.engine import rundir
+
+    calls, original = [], rundir.acquire_lock
+    monkeypatch.setattr(rundir, "acquire_lock", lambda folder: (calls.append(Path(folder)), original(folder))[1])
+    with rundir.run_folder(tmp_path) as folder:
+        trainer = Trainer(Toy(), TrainerConfig(output_dir=str(tmp_path), epochs=1, device="cpu", tensorboard=False),
+                          OptimConfig(), {"name": "cosine", "warmup_epochs": 0}, folder)
+        trainer.fit()
+        assert trainer.step == 4 and held(tmp_path)  # still the owner's when the trainer ends
+        with pytest.raises(RuntimeError, match="already locked by this process"):
+            original(tmp_path)
+    assert calls == [tmp_path] and not held(tmp_path) and not (tmp_path / ".lock").exists()
+    toy(tmp_path / "alone", epochs=1).fit()
+    assert calls == [tmp_path, tmp_path / "alone"]
+
+
 def test_forked_loader_workers_do_not_keep_the_lock(tmp_path):
     """A fork (as DataLoader workers are made) inherits descriptors; the run's lock must not go with them,
     or workers still alive after their parent was killed would block the next run."""
@@ -145,7 +165,7 @@ def test_forked_loader_workers_do_not_keep_the_lock(tmp_path):
         time.sleep(30)
         os._exit(0)
     try:
-        _HELD.pop(str(tmp_path.resolve())).file.close()  # the parent dies (kill -9): the kernel closes its files
+        _HELD.pop(str(tmp_path.resolve())).close()  # the parent dies (kill -9): the kernel closes its files
         assert (tmp_path / ".lock").exists()
         probe = "import fcntl, sys; fcntl.lockf(open(sys.argv[1] + '/.lock', 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
         assert subprocess.run([sys.executable, "-c", probe, str(tmp_path)]).returncode == 0
@@ -400,10 +420,10 @@ def test_extending_a_finished_run_trains_the_added_steps_on_the_new_lengths_sche
     schedule's lr 0; the log line says so."""
     sched = {"name": "cosine", "warmup_steps": 4}
     cfg = dict(output_dir=str(tmp_path), epochs=10, device="cpu", tensorboard=False, log_every=100)
-    first = Trainer(Toy(), TrainerConfig.from_yaml(**cfg, max_steps=16), sched=sched)
+    first = Trainer(Toy(), TrainerConfig.from_yaml(**cfg, max_steps=16), OptimConfig.from_yaml(), sched=sched)
     first.fit()
     weights = first.model.weight.detach().clone()
-    ext = Trainer(Toy(), TrainerConfig.from_yaml(**cfg, max_steps=32, resume="auto"), sched=sched)
+    ext = Trainer(Toy(), TrainerConfig.from_yaml(**cfg, max_steps=32, resume="auto"), OptimConfig.from_yaml(), sched=sched)
     ext.fit()
     assert ext.step == 32 and not torch.equal(ext.model.weight.detach(), weights)
     peak = first.peak_lr
@@ -414,7 +434,7 @@ def test_extending_a_finished_run_trains_the_added_steps_on_the_new_lengths_sche
     assert re.search(r"after its schedule ended: steps 17-32 follow the 32-step schedule .*re-warmup over 4 step\(s\): "
                      rf"lr {expected[17]:.3g} at step 17, {expected[20]:.3g} at step 20, {expected[32]:.3g} at step 32", log)
     # a second extension of the extended run re-warms again from its own end
-    again = Trainer(Toy(), TrainerConfig.from_yaml(**cfg, max_steps=40, resume="auto"), sched=sched)
+    again = Trainer(Toy(), TrainerConfig.from_yaml(**cfg, max_steps=40, resume="auto"), OptimConfig.from_yaml(), sched=sched)
     again.fit()
     assert again.task.lrs[33] == pytest.approx(peak * cosine((32 - 4) / 36) / 4, rel=1e-9)
 

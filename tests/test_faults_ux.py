@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from cli_helpers import assert_one_line, run_cli
-from greenmim.engine import Trainer, TrainerConfig, TrainTask, UserError
+from greenmim.engine import OptimConfig, Trainer, TrainerConfig, TrainTask, UserError
 from greenmim.engine.sampler import ResumableDistributedSampler
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -37,7 +37,7 @@ class Toy(TrainTask):
 
 def toy(out, sched=None, **kw):
     cfg = TrainerConfig.from_yaml(**{**dict(output_dir=str(out), epochs=2, device="cpu", tensorboard=False, log_every=1), **kw})
-    return Trainer(Toy(), cfg, sched=sched or {"name": "cosine", "warmup_epochs": 0})
+    return Trainer(Toy(), cfg, OptimConfig.from_yaml(), sched=sched or {"name": "cosine", "warmup_epochs": 0})
 
 
 @pytest.mark.parametrize("warmup, warns", [({"warmup_epochs": 5}, True), ({"warmup_steps": 8}, True),

@@ -201,21 +201,24 @@ def test_cuda_visible_equals_cpu_in_fp32(kind):
 @cuda
 @pytest.mark.parametrize("skip", [False, True])
 def test_cuda_trainer_optimizer_step_skips_on_device_without_sync(skip):
-    from greenmim.engine.precision import Precision
+    from greenmim.engine import Precision, TrainingStep
 
     model = tiny_model("swin").cuda()
     optimizer = build_optimizer(model, 1e-3, weight_decay=0.05, betas=(0.9, 0.95))
+    step = TrainingStep(model, optimizer, Precision("bf16", torch.device("cuda")), clip_grad=1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    flag = torch.tensor(skip, device="cuda")
+    scale = torch.tensor(float("nan") if skip else 1.0, device="cuda")  # a non-finite loss skips the step
+
+    def loss_fn(model, batch):
+        return scale * sum(p.float().square().sum() for p in model.parameters()), {}
+
     torch.cuda.set_sync_debug_mode("error")
     try:
-        norm, skipped = Precision("bf16", torch.device("cuda")).step(optimizer, model.parameters(), 1.0, flag)
+        out = step([None], loss_fn)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    assert bool(skipped) == skip and changed == (not skip) and torch.isfinite(norm)
+    assert bool(out.skipped) == skip and changed == (not skip) and torch.isfinite(out.grad_norm)
 
 
 def _planned_loader(n_batches=4, fail_at=None):

@@ -152,18 +152,18 @@ class TrainStep:
         return plan
 
     def forward_backward(self, batch: MIMBatch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The trainer's micro-step on one batch: ``(loss, finite)``, device tensors."""
+        """The trainer's step on one batch (:class:`~greenmim.engine.step.TrainingStep`): ``(loss, finite)``, device tensors."""
         with record_function("plan"):
             batch = MIMBatch(batch.images, self.device_plan(batch.plan))
-        loss, finite, _ = self.engine.micro_step(lambda model: (pretrain_loss(model, batch, self.device), {}))
-        return loss, finite
+        out = self.engine([batch], self._loss)
+        return out.loss, ~out.skipped
+
+    def _loss(self, model: nn.Module, batch: MIMBatch) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        return pretrain_loss(model, batch, self.device), {}
 
     def __call__(self, batch: MIMBatch) -> torch.Tensor:
         """One step; its phases are profiler ranges ``plan``, ``forward``, ``backward`` and ``optimizer``."""
-        self.engine.begin()
-        loss, finite = self.forward_backward(batch)
-        self.engine.optimizer_step(~finite)
-        return loss
+        return self.forward_backward(batch)[0]
 
     @property
     def grouping(self) -> Dict[str, float]:

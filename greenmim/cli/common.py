@@ -122,7 +122,8 @@ def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
     root config and experiment sets ``task``: an experiment of another entry point is refused), that
     it resolves, taking the model from the ``resume=`` / ``pretrained=`` checkpoint
     (:func:`~greenmim.cli.architecture.adopt_checkpoint_architecture`), checking it is in range, and
-    with its ``output_dir`` prepared (:func:`prepare_run_folder`)."""
+    with its ``output_dir`` prepared (:func:`prepare_run_folder`): the folder's one owner, handed to
+    ``run(cfg, folder)`` (which gives it to the :class:`~greenmim.engine.Trainer`)."""
     from .architecture import adopt_checkpoint_architecture  # both import omegaconf (see the module docstring)
     from .validate import check_config
 
@@ -135,8 +136,8 @@ def run_app(prog: str, task: str, cfg: DictConfig, run) -> None:
             )
         adopt_checkpoint_architecture(cfg, task)
         check_config(cfg, task)
-        with prepare_run_folder(cfg):
-            run(cfg)
+        with prepare_run_folder(cfg) as folder:
+            run(cfg, folder)
 
 
 def check_resolves(cfg: DictConfig) -> None:
@@ -155,7 +156,8 @@ def check_resolves(cfg: DictConfig) -> None:
 def prepare_run_folder(cfg: DictConfig):
     """The run's ``output_dir``: refused inside ``data.root`` (generated data aside), then created,
     checked writable and locked by rank 0 for the whole run (the lock is released on exit; see
-    :func:`greenmim.engine.rundir.run_folder`). A context manager."""
+    :func:`greenmim.engine.rundir.run_folder`). A context manager yielding the held
+    :class:`~greenmim.engine.rundir.RunFolder`."""
     from omegaconf import OmegaConf
 
     root = OmegaConf.select(cfg, "data.root", default=None, throw_on_missing=False)

@@ -22,13 +22,14 @@ the training and ``eval_only`` flows :mod:`greenmim.tasks.detect.run`'s.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import hydra
 from omegaconf import DictConfig
 
 from ..engine import init_distributed, setup_logging
-from ..engine.checkpoint import check_one_run, check_output_dir
+from ..engine.checkpoint import check_one_run
+from ..engine.rundir import RunFolder
 from ..tasks.detect.prepare import prepare_data
 from ..tasks.detect.run import evaluate_checkpoint, train
 from ..tasks.detect.task import DetectionTask
@@ -37,14 +38,14 @@ from .common import CONFIG_PATH, eval_checkpoint, launch, optim_config, run_app,
 PROG = "greenmim-detect"
 
 
-def run(cfg: DictConfig) -> Dict[str, float]:
+def run(cfg: DictConfig, folder: Optional[RunFolder] = None) -> Dict[str, float]:
     """Train (or evaluate) as configured; returns the final COCO metrics (all ranks)."""
     tcfg = trainer_config(cfg)
     dist = init_distributed(tcfg.device)
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     eval_only = bool(cfg.eval_only)
-    if not eval_only and dist.is_main:  # before a synthetic set is generated into output_dir
-        check_output_dir(output_dir)
+    if not eval_only and dist.is_main:  # before a synthetic set is generated into output_dir (held by run_app, or made here)
+        output_dir.mkdir(parents=True, exist_ok=True)
         check_one_run(output_dir, cfg.resume, None)
     data = prepare_data(to_dict(cfg.data), dist, output_dir, eval_only)
     task = DetectionTask(to_dict(cfg.model), data, to_dict(cfg.detector), pretrained=cfg.pretrained,
@@ -54,7 +55,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     if eval_only:
         setup_logging(output_dir, dist.rank)
         return evaluate_checkpoint(task, eval_checkpoint(cfg, output_dir), dist, output_dir)
-    return train(task, tcfg, optim_config(cfg), sched_config(cfg))
+    return train(task, tcfg, optim_config(cfg), sched_config(cfg), folder)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="detect")

@@ -24,11 +24,12 @@ and :mod:`greenmim.tasks.frozen_eval.run` (``protocol=knn|linear_probe``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import hydra
 from omegaconf import DictConfig
 
+from ..engine.rundir import RunFolder
 from ..tasks.finetune.run import evaluate_checkpoint, train
 from ..tasks.finetune.task import BEST_NAME
 from .common import CONFIG_PATH, eval_checkpoint, launch, optim_config, run_app, sched_config, trainer_config
@@ -36,17 +37,17 @@ from .common import CONFIG_PATH, eval_checkpoint, launch, optim_config, run_app,
 PROG = "greenmim-finetune"
 
 
-def run(cfg: DictConfig) -> Dict[str, Any]:
+def run(cfg: DictConfig, folder: Optional[RunFolder] = None) -> Dict[str, Any]:
     """Fine-tune, evaluate a checkpoint (``eval_only=true``) or run a frozen-feature protocol, as configured."""
     protocol = cfg.protocol
     if protocol != "finetune":  # knn | linear_probe: frozen-feature evaluation (greenmim.tasks.frozen_eval)
         from ..tasks.frozen_eval.run import run_frozen_eval
 
-        return run_frozen_eval(cfg)
+        return run_frozen_eval(cfg, folder)
     tcfg = trainer_config(cfg)
     if cfg.eval_only:
         return evaluate_checkpoint(cfg, tcfg, eval_checkpoint(cfg, Path(cfg.output_dir).expanduser().resolve(), prefer=BEST_NAME))
-    return train(cfg, tcfg, optim_config(cfg), sched_config(cfg))
+    return train(cfg, tcfg, optim_config(cfg), sched_config(cfg), folder)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="finetune")

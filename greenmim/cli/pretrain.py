@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..engine import Trainer
+from ..engine.rundir import RunFolder
 from ..tasks.pretrain.task import PretrainTask
 from .common import CONFIG_PATH, launch, optim_config, run_app, sched_config, to_dict, trainer_config
 
@@ -30,12 +32,13 @@ def warn_if_not_launched(cfg: DictConfig) -> None:
               "(use: torchrun --nproc_per_node=N -m greenmim.cli.pretrain ...)", file=sys.stderr)
 
 
-def run(cfg: DictConfig) -> dict:
-    """Pretrain with a composed config; returns the last epoch's summary (e.g. ``{"loss": ...}``)."""
+def run(cfg: DictConfig, folder: Optional[RunFolder] = None) -> dict:
+    """Pretrain with a composed config in the held run ``folder`` (None: the trainer holds it);
+    returns the last epoch's summary (e.g. ``{"loss": ...}``)."""
     warn_if_not_launched(cfg)
     static_plans = True if cfg.trainer.compile is True else None  # a compiled step needs static plan shapes
     task = PretrainTask(to_dict(cfg.model), to_dict(cfg.data), cfg.vis.every_epochs, cfg.vis.num_images, static_plans)
-    trainer = Trainer(task, trainer_config(cfg), optim_config(cfg), sched_config(cfg))
+    trainer = Trainer(task, trainer_config(cfg), optim_config(cfg), sched_config(cfg), folder)
     return trainer.fit()
 
 

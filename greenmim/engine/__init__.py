@@ -1,14 +1,17 @@
 """The training engine shared by pretraining, fine-tuning and detection.
 
-* :class:`Trainer` — the loop (:mod:`.trainer`: one step, in order, and the conventions);
-  :class:`TrainTask` — what a task provides (:mod:`.task`); :class:`TrainerConfig`,
-  :class:`OptimConfig` — the settings (:mod:`.config`).
+* :class:`Trainer` — setup, fit, resume, checkpoints around ONE step, :meth:`Trainer.train_step`
+  (:mod:`.trainer`: the step's order and the conventions); :class:`TrainTask` — what a task
+  provides (:mod:`.task`); :class:`TrainerConfig`, :class:`OptimConfig` — the settings (:mod:`.config`).
+* :mod:`.step` — :class:`TrainingStep`, the device part of a step (micro-steps under autocast, the
+  finite check on the device, backward with ``no_sync``, the optimizer step skipped on the device,
+  zero grads), callable without a Trainer (the benchmark runs it); ``torch.compile``.
 * :mod:`.distributed` — torchrun setup, rank-0 writing, seeds, collectives.
 * :mod:`.checkpoint` — atomic checkpoints, retention, ``resume=auto|PATH``, the format and its upgrades.
-* :mod:`.optim`, :mod:`.schedule`, :mod:`.precision` — AdamW groups, lr schedules, autocast/scaler.
+* :mod:`.rundir` — the run folder's one owner (:func:`~.rundir.run_folder`): checked, locked, handed on.
+* :mod:`.optim`, :mod:`.schedule`, :mod:`.precision` — AdamW groups, lr schedules, autocast dtype and fp16 scaler.
 * :mod:`.sampler` — resumable distributed sampler and per-sample augmentation seeds.
 * :mod:`.monitor` — logging, TensorBoard, throughput.
-* :mod:`.step` — one optimisation step (micro-steps, the optimizer step, `trainer.compile`).
 * :mod:`.signals` — graceful stop on SIGTERM / SIGINT / SIGUSR1 (preemption).
 * :mod:`.threads` — CPU intra-op threads left free for the loader workers.
 * :mod:`.workers` — loader worker processes shut down when ``fit`` ends and at exit (no hang after an error).
@@ -31,11 +34,11 @@ from .sampler import ResumableDistributedSampler, SeededDataset
 from .schedule import SCHEDULES, LRSchedule, WarmupCosine, WarmupStep, apply_lr, build_schedule
 from .config import OptimConfig, TrainerConfig
 from .task import TrainTask
-from .step import TrainingStep, compile_model
+from .step import StepOutput, TrainingStep, compile_model
 from .trainer import Trainer, enable_grad_checkpointing, unwrap
 
 __all__ = [
-    "Trainer", "TrainerConfig", "OptimConfig", "TrainTask", "TrainingStep", "compile_model", "unwrap", "enable_grad_checkpointing",
+    "Trainer", "TrainerConfig", "OptimConfig", "TrainTask", "TrainingStep", "StepOutput", "compile_model", "unwrap", "enable_grad_checkpointing",
     "DistInfo", "init_distributed", "cleanup_distributed", "barrier", "all_reduce_mean",
     "broadcast_object", "seed_everything",
     "CheckpointManager", "atomic_save", "load_checkpoint", "upgrade_checkpoint", "find_latest", "resolve_resume",

@@ -10,10 +10,12 @@
   works on NFS; the price: closing *any* descriptor of ``.lock`` in the holding process drops the lock,
   so nothing but this module opens that file. The
   file is deleted on release, so a refused run leaves the folder as it was; a lock taken on a file
-  that was deleted meanwhile is retried on the new one (:func:`_open_locked`). Nested calls for
-  the same folder in one process share the lock (the CLIs take it first, the trainer again inside).
-  Under DDP only rank 0 writes, so only rank 0 locks (``enabled``). A folder the run created is
-  removed again when the run fails before writing any of its files (:func:`undo_start`).
+  that was deleted meanwhile is retried on the new one (:func:`_open_locked`). **One owner**: the
+  block yields a :class:`RunFolder` that the owner hands on (the CLIs enter :func:`run_folder` once
+  and give it to the :class:`~greenmim.engine.Trainer`; a Trainer given none enters it itself); a
+  second lock of a folder this process holds is a bug, refused. Under DDP only rank 0 writes, so
+  only rank 0 locks (``enabled``). A folder the run created is removed again when the run fails
+  before writing any of its files (:func:`undo_start`).
 * :func:`check_outside_data`: ``output_dir`` must not lie inside ``data.root`` (symlinks resolved).
 * :func:`check_no_other_run`: a frozen-feature evaluation refuses a folder holding another run.
 * :func:`remove_orphan_temps`: temporary files of a checkpoint write killed half-way.
@@ -27,7 +29,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import IO, Callable, Dict, Iterator, List, Optional
 
 from .errors import UserError
 
@@ -41,15 +43,38 @@ START_FILES = ("train.log",)
 ORPHAN_TEMP_RE = re.compile(r"^\.(?:(?:epoch-\d+-)?step-\d+\.(?:pt|after-eval)|best\.pt)\.tmp\d+$")
 
 
-class _Held:
-    """One held lock: the open lock file and how many nested :func:`run_folder` blocks use it."""
+class RunFolder:
+    """A run folder held by :func:`run_folder`: ``path``, whether this process holds its lock
+    (``enabled``: rank 0) and the start marks of its log (:func:`start_marks`)."""
 
-    def __init__(self, file):
-        self.file = file
-        self.depth = 1
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        self.marks: Dict[str, Optional[int]] = start_marks(path) if enabled else {}
+
+    def check(self, check: Callable[[], None]) -> None:
+        """Run ``check()`` (which raises :class:`UserError`) on the rank holding the folder, under its
+        lock; its error is raised on every rank (once the process group is up), so that none waits."""
+        from .distributed import broadcast_object
+
+        error = None
+        if self.enabled:
+            try:
+                check()
+            except UserError as exc:
+                error = str(exc)
+        error = broadcast_object(error)
+        if error:
+            raise UserError(error)
+
+    def undo_start(self) -> None:
+        """A run refused while it starts (a checkpoint it cannot resume, bad data) leaves the folder's
+        log as it found it (:func:`undo_start`; rank 0, under the lock)."""
+        if self.enabled:
+            undo_start(self.path, self.marks)
 
 
-_HELD: Dict[str, _Held] = {}  # resolved output_dir -> lock held by this process
+_HELD: Dict[str, IO[str]] = {}  # resolved output_dir -> the open lock file held by this process
 
 
 def _holder(path: Path) -> str:
@@ -86,11 +111,11 @@ def _open_locked(path: Path):
 
 def acquire_lock(output_dir: os.PathLike) -> None:
     """Take the exclusive lock of ``output_dir`` (which must exist), or raise :class:`UserError` naming
-    the process that holds it. Re-entrant within a process; pair every call with :func:`release_lock`."""
+    the process that holds it; pair it with :func:`release_lock`. Not re-entrant: the folder has one
+    owner (:func:`run_folder`), so a second lock in the same process is a bug (:class:`RuntimeError`)."""
     key = str(Path(output_dir).resolve())
     if key in _HELD:
-        _HELD[key].depth += 1
-        return
+        raise RuntimeError(f"{output_dir} is already locked by this process: hand its RunFolder on instead of locking it again")
     path = Path(key) / LOCK_NAME
     try:
         f = _open_locked(path)
@@ -105,60 +130,55 @@ def acquire_lock(output_dir: os.PathLike) -> None:
     f.truncate()
     f.write(f"{os.getpid()} {socket.gethostname()}\n")
     f.flush()
-    _HELD[key] = _Held(f)
+    _HELD[key] = f
 
 
 def release_lock(output_dir: os.PathLike) -> None:
-    """Undo one :func:`acquire_lock`; the last one deletes the lock file (still holding the lock, so a
-    process that opened it meanwhile retries on a new file) and releases the lock."""
+    """Undo :func:`acquire_lock`: delete the lock file (still holding the lock, so a process that
+    opened it meanwhile retries on a new file), then release the lock."""
     key = str(Path(output_dir).resolve())
-    held = _HELD.get(key)
+    held = _HELD.pop(key, None)
     if held is None:
         return
-    held.depth -= 1
-    if held.depth > 0:
-        return
-    del _HELD[key]
     with contextlib.suppress(OSError):
         os.unlink(Path(key) / LOCK_NAME)
-    held.file.close()  # closing the file releases the lock
+    held.close()  # closing the file releases the lock
 
 
 @contextlib.contextmanager
-def run_folder(output_dir: os.PathLike, enabled: bool = True, check: Optional[Callable[[], None]] = None) -> Iterator[Path]:
-    """``output_dir`` created, checked writable and locked for the block, then ``check()`` run, all by
-    the process with ``enabled`` (rank 0; see the module docstring). Once the process group is up
-    (e.g. the frozen evaluation's call) every rank must enter: rank 0's :class:`UserError`, if any, is raised on
-    every rank, so that none waits for it. Before it (the CLIs' early call) the broadcast is a no-op:
-    only rank 0 raises, and the launcher stops the other ranks when it exits."""
+def run_folder(output_dir: os.PathLike, enabled: bool = True) -> Iterator[RunFolder]:
+    """The one owner of a run folder: ``output_dir`` created, checked writable and locked for the
+    block by the process with ``enabled`` (rank 0; see the module docstring); yields the
+    :class:`RunFolder` to hand on (a task's own checks of the folder: :meth:`RunFolder.check`). Once the process group is up (the trainer's
+    or the frozen evaluation's call) every rank must enter: rank 0's :class:`UserError`, if any, is
+    raised on every rank, so that none waits for it. Before it (the CLIs' early call) the broadcast is
+    a no-op: only rank 0 raises, and the launcher stops the other ranks when it exits."""
     from .checkpoint import check_output_dir
     from .distributed import broadcast_object
 
     folder = Path(output_dir).expanduser()
-    error, held, failed = None, False, False
+    error, held, failed = None, None, False
     created = enabled and not folder.exists()  # a folder this run made is removed again if it fails empty
-    marks = start_marks(folder) if enabled else {}
+    marks = RunFolder(folder, enabled)  # the log's size before this run (read before anything is written)
     if enabled:
         try:
             check_output_dir(folder)
             acquire_lock(folder)
-            held = True
-            if check is not None:
-                check()
+            held = marks
         except UserError as exc:
             error = str(exc)
     error = broadcast_object(error)
     try:
         if error:
             raise UserError(error)
-        yield folder
+        yield marks
     except BaseException:
         failed = True
         raise
     finally:
-        if held and failed and not run_contents(folder):  # nothing of a run here; still locked: no other run writes
-            undo_start(folder, marks)
-        if held:
+        if held is not None and failed and not run_contents(folder):  # nothing of a run here; still locked: no other run writes
+            held.undo_start()
+        if held is not None:
             release_lock(folder)
         if created and failed:
             with contextlib.suppress(OSError):

@@ -91,8 +91,9 @@ class ResumableDistributedSampler(Sampler):
         return order[self.rank : total : self.num_replicas]
 
     def __iter__(self) -> Iterator[Union[int, Tuple[int, int]]]:
-        for index in self.indices()[self.start :]:
-            yield (index, sample_seed(self.seed, self.epoch, index)) if self.seeded else index
+        """The rest of this rank's shard from :meth:`set_start`, listed once per epoch (no Python call per sample)."""
+        order = self.indices()[self.start :]
+        return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in order] if self.seeded else order)
 
     def __len__(self) -> int:
         return self.num_samples - self.start

@@ -119,43 +119,43 @@ class Constant(LRSchedule):
 SCHEDULES: Dict[str, Type[LRSchedule]] = {"cosine": WarmupCosine, "step": WarmupStep, "constant": Constant}
 
 
-def _to_steps(epochs: Optional[float], steps: Optional[int], steps_per_epoch: int) -> int:
-    if steps is not None and steps >= 0:
-        return int(steps)
-    return int(round(float(epochs or 0) * steps_per_epoch))
-
-
 def warmup_steps(cfg: Dict[str, Any], steps_per_epoch: int) -> int:
     """The warmup a ``sched`` config asks for, in optimizer steps (``warmup_steps`` when >= 0, else
-    ``warmup_epochs`` x ``steps_per_epoch``), before :func:`build_schedule` caps it at the run's length."""
-    return _to_steps(cfg.get("warmup_epochs", 0), cfg.get("warmup_steps"), steps_per_epoch)
+    ``warmup_epochs`` x ``steps_per_epoch``; neither key: none), before :func:`build_schedule` caps it
+    at the run's length."""
+    steps, epochs = cfg.get("warmup_steps"), cfg.get("warmup_epochs")  # either gives the warmup: both optional
+    if steps is not None and steps >= 0:
+        return int(steps)
+    return int(round(float(epochs) * steps_per_epoch)) if epochs is not None else 0
 
 
 def build_schedule(cfg: Dict[str, Any], total_steps: int, steps_per_epoch: int) -> LRSchedule:
     """Build a schedule from a ``sched`` config.
 
-    Keys: ``name`` (cosine | step | constant), ``warmup_epochs`` or ``warmup_steps`` (steps win when
-    >= 0), ``min_lr_ratio`` (cosine), ``milestones_epochs`` or ``milestones_steps`` and ``gamma`` (step).
-    Warmup is capped at ``total_steps`` (short runs still reach the peak lr).
+    Keys: ``name`` (one of :data:`SCHEDULES`), ``warmup_epochs`` or ``warmup_steps`` (steps win when
+    >= 0), ``milestones_epochs`` or ``milestones_steps`` (step), and the schedule's own fields
+    (``min_lr_ratio`` for cosine, ``gamma`` for step): a key left out keeps the field's value in its
+    dataclass (the YAML under ``configs/sched/`` gives them all). Warmup is capped at ``total_steps``
+    (short runs still reach the peak lr).
     """
     cfg = dict(cfg)
-    name = cfg.pop("name", "cosine")
+    name = cfg.pop("name", None)
     if name not in SCHEDULES:
         raise ConfigError(f"sched.name must be one of {', '.join(SCHEDULES)}, got '{name}'")
+    cls = SCHEDULES[name]
     warmup = min(warmup_steps(cfg, steps_per_epoch), max(0, total_steps - 1))
-    cfg.pop("warmup_epochs", None)
-    cfg.pop("warmup_steps", None)
+    for key in ("warmup_epochs", "warmup_steps"):
+        cfg.pop(key, None)
     kwargs: Dict[str, Any] = {"total_steps": total_steps, "warmup_steps": warmup}
-    if name == "cosine":
-        kwargs["min_lr_ratio"] = float(cfg.pop("min_lr_ratio", 0.0))
-    elif name == "step":
-        ms = cfg.pop("milestones_steps", None)
-        me = cfg.pop("milestones_epochs", ())
-        kwargs["milestones"] = [int(m) for m in ms] if ms else [int(round(e * steps_per_epoch)) for e in me]
-        kwargs["gamma"] = float(cfg.pop("gamma", 0.1))
-    if cfg:
-        raise ConfigError(f"unknown sched key(s) for sched.name={name}: {', '.join(sorted(cfg))}")
-    return SCHEDULES[name](**kwargs)
+    if "milestones" in {f.name for f in dataclasses.fields(cls)}:
+        steps, epochs = cfg.pop("milestones_steps", None), cfg.pop("milestones_epochs", None)
+        if steps or epochs is not None:
+            kwargs["milestones"] = [int(m) for m in steps] if steps else [int(round(e * steps_per_epoch)) for e in epochs]
+    own = {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(LRSchedule)} - {"milestones"}
+    unknown = sorted(set(cfg) - own)
+    if unknown:
+        raise ConfigError(f"unknown sched key(s) for sched.name={name}: {', '.join(unknown)}")
+    return cls(**kwargs, **{k: float(v) for k, v in cfg.items()})
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, peak_lr: float, factor: float) -> float:

@@ -15,20 +15,25 @@ accumulation, lr schedule, checkpoints, resume, logging). Minimal use::
     Trainer(MyTask(), TrainerConfig.from_yaml(output_dir="runs/x", epochs=10),
             OptimConfig.from_yaml(blr=1.5e-4), {"name": "cosine", "warmup_epochs": 1}).fit()
 
-One step, in order (:meth:`Trainer.train_one_epoch`, one optimizer step per accumulation window):
+The configs come complete (the CLIs build them from the composed, validated config; nothing here
+restates a default or re-checks a range).
 
-1. ``_windows`` hands out the next ``accum_steps`` micro-batches; the step's lr is set from the
-   schedule and an empty :class:`_Window` (loss sum, finite flag, metrics) starts on the device.
-2. ``_micro_step`` x ``accum_steps``: ``task.training_step`` under autocast, the loss's finiteness
-   all-reduced on the device, backward (``no_sync`` under DDP except on the last micro-batch).
-3. ``_optimizer_step``: unscale/clip/step, skipped *on the device* when the window was non-finite;
-   zero grads (2 and 3 are :class:`~greenmim.engine.step.TrainingStep`, which the benchmark times
-   too); ``step += 1``; ``task.on_step_end`` (EMA); the step's values queued on the device.
-4. ``_after_step``: if a log line, checkpoint, ``stop_at_step`` or the epoch's end is due, read the
-   queued values back (the only host read) and log; checkpoint if due; stop on a signal if pending.
-5. After the last window, ``_end_epoch``: checkpoint first, then evaluate, ``task.on_epoch_end``,
-   then one line for the epoch's skipped (unreadable) and converted images, summed over the loader
-   workers (:mod:`.image_counts`).
+**The step** is :meth:`Trainer.train_step`, one per accumulation window, read top to bottom:
+
+1. the step's lr from the schedule;
+2. :class:`~greenmim.engine.step.TrainingStep` (the one device step, which the benchmark runs too):
+   per micro-batch the task's ``training_step`` under autocast, the loss's finiteness all-reduced
+   on the device, backward (``no_sync`` under DDP except on the last micro-batch); then
+   unscale/clip/step, skipped *on the device* when non-finite, and zero grads;
+3. the after-step: ``step += 1``, ``task.on_step_end`` (EMA), the step's values queued on the device;
+4. only when a log line, checkpoint, ``stop_at_step`` or the epoch's end is due, the one host read
+   of the queued values, then the log line and the checkpoint (:meth:`Trainer._after_step`); a
+   stop signal is checked there.
+
+Everything else builds around it: :meth:`Trainer.fit` holds the run folder and loops over epochs;
+:meth:`Trainer.setup` builds model, loader, optimizer, schedule and the step; :meth:`Trainer.load`
+/ :meth:`Trainer.save` resume and checkpoint; ``_end_epoch`` checkpoints first, then evaluates,
+runs ``task.on_epoch_end`` and logs the epoch's skipped and converted images (:mod:`.image_counts`).
 
 Conventions:
 
@@ -40,16 +45,19 @@ Conventions:
   (:meth:`~greenmim.engine.sampler.ResumableDistributedSampler.set_start`). A mid-epoch resume with a
   sampler lacking ``set_start`` is refused with an error naming the fix (no replay of the epoch).
 * Only rank 0 writes; every rank calls every hook (they may contain collectives).
-* Nothing is lost: ``output_dir`` is checked (writable, no other run's checkpoints unless resuming)
-  and locked against a second process (:mod:`greenmim.engine.rundir`, rank 0, until :meth:`fit`
-  returns) before anything is written; an epoch's checkpoint is written once, before its evaluation
-  (what the evaluation changes goes to a small sidecar); a run ending inside an epoch records its
-  true position, so a resume with a larger ``max_steps`` goes on from there; a stop signal
-  (SIGTERM, SIGINT, SIGUSR1) during :meth:`Trainer.fit` ends it after the current step with a
-  checkpoint and :class:`~greenmim.engine.errors.Preempted` (see :mod:`greenmim.engine.signals`).
+* Nothing is lost: the run folder has one owner, a :class:`~greenmim.engine.rundir.RunFolder`
+  (created, checked writable and locked by rank 0 before anything is written): the CLI's, handed to
+  the trainer, or, when none is given, the one :meth:`fit` holds itself until it returns. Under it
+  ``resume`` is resolved and a folder holding another run refused; an epoch's checkpoint is written
+  once, before its evaluation (what the evaluation changes goes to a small sidecar); a run ending
+  inside an epoch records its true position, so a resume with a larger ``max_steps`` goes on from
+  there; a stop signal (SIGTERM, SIGINT, SIGUSR1) during :meth:`Trainer.fit` ends it after the
+  current step with a checkpoint and :class:`~greenmim.engine.errors.Preempted` (see
+  :mod:`greenmim.engine.signals`).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -68,7 +76,6 @@ from .checkpoint import (
     VERSION,
     CheckpointManager,
     check_one_run,
-    check_output_dir,
     checkpoint_step,
     load_after_eval,
     load_checkpoint,
@@ -77,7 +84,7 @@ from .checkpoint import (
     set_aside,
     write_error,
 )
-from .config import NONFINITE_POLICIES, OptimConfig, TrainerConfig
+from .config import OptimConfig, TrainerConfig
 from .distributed import (
     all_reduce_max,
     all_reduce_mean,
@@ -93,10 +100,10 @@ from .image_counts import CountReport
 from .monitor import MetricsWriter, Throughput, format_eta, peak_memory_gb, setup_logging
 from .optim import build_optimizer, scaled_lr
 from .precision import Precision
-from .rundir import acquire_lock, release_lock, remove_orphan_temps, start_marks, undo_start
+from .rundir import RunFolder, remove_orphan_temps, run_folder
 from .schedule import LRSchedule, apply_lr, build_schedule, warmup_steps
 from .signals import StopSignals, with_ignored_stop_signals
-from .step import TrainingStep, compile_mode, unwrap
+from .step import StepOutput, TrainingStep, compile_mode, unwrap
 from .task import TrainTask
 from .threads import leave_cores_for_loader_workers
 from .workers import shutdown_loader_workers
@@ -129,43 +136,41 @@ def enable_grad_checkpointing(model: nn.Module, stages: Union[bool, Sequence[int
 class Trainer:
     """Runs a :class:`TrainTask` (see the module docstring). Call :meth:`fit` once.
 
-    After :meth:`setup` (called by :meth:`fit`): ``dist``, ``device``, ``output_dir``, ``model`` (the
-    training model, DDP-wrapped when distributed), ``optimizer``, ``schedule``, ``precision``,
-    ``loader`` (the task's DataLoader), ``batches`` (what the loop iterates: the loader, or its batches
-    moved to the device ahead, :meth:`TrainTask.device_batches`), ``writer``, ``peak_lr``,
-    ``effective_batch``, ``steps_per_epoch``, ``total_steps``;
+    Args:
+        task, cfg, optim, sched: what to train and how (complete configs: ``sched`` is a ``sched``
+            config dict, see :func:`~greenmim.engine.schedule.build_schedule`).
+        folder: the run folder its owner holds (the CLI's :func:`~greenmim.engine.rundir.run_folder`);
+            None: :meth:`fit` holds ``cfg.output_dir`` itself.
+
+    After :meth:`setup` (called by :meth:`fit`): ``dist``, ``device``, ``output_dir``, ``folder``,
+    ``model`` (the training model, DDP-wrapped and/or compiled), ``module`` (the model itself),
+    ``step_fn`` (its :class:`~greenmim.engine.step.TrainingStep`), ``optimizer``, ``schedule``,
+    ``precision``, ``loader`` (the task's DataLoader), ``batches`` (what the loop iterates: the loader, or its
+    batches moved to the device ahead, :meth:`TrainTask.device_batches`), ``writer``, ``peak_lr``, ``effective_batch``, ``steps_per_epoch``, ``total_steps``;
     during training: ``epoch`` (0-based), ``step`` (optimizer steps done), ``batch_in_epoch``
     (micro-batches of this epoch consumed, a multiple of ``accum_steps``), :attr:`is_last_epoch`.
     """
 
-    def __init__(self, task: TrainTask, cfg: TrainerConfig, optim: Optional[OptimConfig] = None, sched: Optional[Dict[str, Any]] = None):
-        if cfg.nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"trainer.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got '{cfg.nonfinite}'")
-        if cfg.accum_steps < 1:
-            raise ConfigError(f"trainer.accum_steps must be >= 1, got {cfg.accum_steps}")
-        if not isinstance(cfg.compile, bool):
-            raise ConfigError(f"trainer.compile must be true or false, got {cfg.compile!r}")
-        compile_mode(cfg.compile_mode, torch.device("cpu"))  # an unknown mode is refused before anything runs
+    def __init__(self, task: TrainTask, cfg: TrainerConfig, optim: OptimConfig, sched: Dict[str, Any],
+                 folder: Optional[RunFolder] = None):
         self.task = task
         self.cfg = cfg
-        self.optim_cfg = optim or OptimConfig.from_yaml()
-        self.sched_cfg = dict(sched or {"name": "cosine", "warmup_epochs": 0})
+        self.optim_cfg = optim
+        self.sched_cfg = dict(sched)
+        self.folder = folder  # the held run folder (the CLI's); None: fit() holds one itself
         self.epoch = 0
         self.step = 0
         self.batch_in_epoch = 0
         self.skipped_steps = 0
         self.last_checkpoint: Optional[Path] = None
         self.signals: Optional[StopSignals] = None  # installed while fit() runs
-        self._locked: Optional[Path] = None  # output_dir while this trainer holds its lock (rank 0)
         self.history: List[Dict[str, float]] = []  # per-epoch summaries
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Build everything :meth:`fit` needs. The order matters: nothing is written before the
-        output folder is checked and locked (rank 0; :meth:`fit` releases the lock when it ends), and
-        the model is built under the same seed on every rank."""
-        self.dist = init_distributed(self.cfg.device)
-        self.device = self.dist.device
+        """Build everything :meth:`fit` needs, in the run folder that :meth:`fit` holds. The order
+        matters: nothing is written before ``resume`` is resolved and the folder checked to hold no
+        other run, and the model is built under the same seed on every rank."""
         self._prepare_output_dir()
         self.precision = Precision(self.cfg.precision, self.device)
         self.image_counts = CountReport()  # skipped and converted images, one total per epoch
@@ -174,9 +179,9 @@ class Trainer:
         log.info("building the data loader...")
         self._build_loader()
         self._build_optimizer(model)
-        self.train_step = TrainingStep(self._wrap_ddp(model), self.optimizer, self.precision, self.cfg.clip_grad,
-                                       self.cfg.accum_steps, compile_mode=self._compile_mode())
-        self.model = self.train_step.model
+        self.step_fn = TrainingStep(self._wrap_ddp(model), self.optimizer, self.precision, self.cfg.clip_grad,
+                                    self.cfg.accum_steps, self._compile_mode(), self.task.batch_size)
+        self.model, self.module = self.step_fn.model, model
         self.writer = MetricsWriter(self.output_dir, enabled=self.dist.is_main, tensorboard=self.cfg.tensorboard)
         self.checkpoints = CheckpointManager(self.output_dir, self.cfg.keep_last, self.cfg.keep_every_epochs)
         if self._resume_path:
@@ -187,20 +192,14 @@ class Trainer:
         self._log_setup()
 
     def _prepare_output_dir(self) -> None:
-        """``output_dir`` checked and ``resume`` resolved on rank 0 and shared, errors included, so
-        that no rank waits for a failed one; then logging into the folder."""
-        self.output_dir = Path(broadcast_object(str(Path(self.cfg.output_dir).expanduser().resolve())))
+        """``resume`` resolved on rank 0 (which holds the folder's lock) and shared, errors included,
+        so that no rank waits for a failed one; then logging into the folder."""
         error, resume, unreadable = None, None, []
         if self.dist.is_main:
             try:
-                check_output_dir(self.output_dir)
-                acquire_lock(self.output_dir)
-                self._locked = self.output_dir
-                self._start_marks = start_marks(self.output_dir)
                 resume, unreadable = self._resolve_output_dir()
             except UserError as exc:
                 error = str(exc)
-                self._release_lock()
         error, self._resume_path = broadcast_object((error, str(resume) if resume else None))
         if error:
             raise UserError(error)
@@ -222,18 +221,6 @@ class Trainer:
         for orphan in remove_orphan_temps(self.output_dir / CHECKPOINT_DIR):
             log.info("removed %s, left by a checkpoint write that was interrupted", orphan)
         return resume, unreadable
-
-    def _undo_start(self) -> None:
-        """A run refused during :meth:`setup` (a checkpoint it cannot resume, bad data) leaves the
-        folder's log as it found it (:func:`~greenmim.engine.rundir.undo_start`; rank 0, while locked)."""
-        marks = getattr(self, "_start_marks", None)
-        if self._locked is not None and marks is not None:
-            undo_start(self._locked, marks)
-
-    def _release_lock(self) -> None:
-        if self._locked is not None:
-            release_lock(self._locked)
-            self._locked = None
 
     def _write_config(self) -> None:
         """``config.yaml`` (rank 0), once the model, data and optimizer were built from it."""
@@ -491,50 +478,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def fit(self) -> Dict[str, float]:
-        """Set up, train to ``total_steps`` (or ``stop_at_step``), return the last epoch's summary.
-        The folder's lock (rank 0) is held from :meth:`setup` until this returns or raises."""
-        try:
+        """Join the process group, hold the run folder (the one given, else :func:`run_folder`'s:
+        created, checked writable and locked by rank 0 until this returns), set up, train to
+        ``total_steps`` (or ``stop_at_step``), return the last epoch's summary."""
+        self.dist = init_distributed(self.cfg.device)
+        self.device = self.dist.device
+        self.output_dir = Path(broadcast_object(str(Path(self.cfg.output_dir).expanduser().resolve())))
+        held = contextlib.nullcontext(self.folder) if self.folder else run_folder(self.output_dir, self.dist.is_main)
+        with held as self.folder:
             try:
-                self.setup()
-            except UserError:  # refused: the folder's log as it was (a bug keeps its lines, for the report)
-                self._undo_start()
-                raise
-            with StopSignals() as self.signals:
-                while self.epoch < self.epochs and not self._should_stop():
-                    summary = self.train_one_epoch()
-                    if summary:
-                        self.history.append(summary)
-                    if not self._should_stop():
-                        self._stop_if_signalled()
-        finally:
-            shutdown_loader_workers(getattr(self, "loader", None))  # an error must not leave workers that block the exit
-            if hasattr(self, "writer"):
-                self.writer.close()
-            self._release_lock()
+                try:
+                    self.setup()
+                except UserError:  # refused: the folder's log as it was (a bug keeps its lines, for the report)
+                    self.folder.undo_start()
+                    raise
+                with StopSignals() as self.signals:
+                    while self.epoch < self.epochs and not self._should_stop():
+                        summary = self.train_one_epoch()
+                        if summary:
+                            self.history.append(summary)
+                        if not self._should_stop():
+                            self._stop_if_signalled()
+            finally:
+                shutdown_loader_workers(getattr(self, "loader", None))  # an error must not leave workers that block the exit
+                if hasattr(self, "writer"):
+                    self.writer.close()
         log.info("done: %d steps, output in %s", self.step, self.output_dir)
         return self.history[-1] if self.history else {}
 
     def train_one_epoch(self) -> Dict[str, float]:
-        """The rest of the epoch, one accumulation window per optimizer step (see "One step, in
-        order" in the module docstring). Returns the epoch's summary, or ``{}`` when
-        ``trainer.stop_at_step`` ended the run inside it."""
+        """The rest of the epoch, one :meth:`train_step` per accumulation window. Returns the epoch's
+        summary, or ``{}`` when ``trainer.stop_at_step`` ended the run inside it."""
         self.model.train()
-        epoch = _EpochLog(self._lr())
-        for window_batches in self._windows():
-            if self._should_stop():
-                break
-            epoch.lr, window = self._lr(), _Window(self.device)
-            self.train_step.begin()
-            for k, batch in enumerate(window_batches):
-                self._micro_step(batch, window, epoch, sync=k == self.cfg.accum_steps - 1)
-            self._optimizer_step(window, epoch)
-            if self._after_step(epoch):
+        epoch = _EpochLog(apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step)))
+        for batches in self._windows():
+            if self.train_step(batches, epoch):
                 return {}
         return self._end_epoch(epoch.mean_loss())
 
     def _windows(self) -> Iterator[Iterable[Any]]:
         """The epoch's remaining accumulation windows, each an iterator over its ``accum_steps``
-        micro-batches. The sampler starts at ``batch_in_epoch`` itself (the one resume mechanism)."""
+        micro-batches, until the run's end. The sampler starts at ``batch_in_epoch`` itself (the one
+        resume mechanism)."""
         accum = self.cfg.accum_steps
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -547,34 +532,34 @@ class Trainer:
                     "task's loader with greenmim.engine.ResumableDistributedSampler"
                 )
             sampler.set_start(self.batch_in_epoch * (self.loader.batch_size or 1))
-        batches = iter(self.batches)
-        for _ in range(self.batch_in_epoch // accum, self.steps_per_epoch):
+        batches, done = iter(self.batches), self.batch_in_epoch // accum
+        for _ in range(done, min(self.steps_per_epoch, done + self.total_steps - self.step)):
             first = next(batches, _END)
             if first is _END:  # a loader shorter than its len(): the epoch ends here
                 return
             yield itertools.chain([first], itertools.islice(batches, accum - 1))
 
-    def _lr(self) -> float:
-        """Set the optimizer's lr for the step about to run; returns it."""
-        return apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
+    def train_step(self, batches: Iterable[Any], epoch: "_EpochLog") -> bool:
+        """One optimizer step, in order; returns True when ``trainer.stop_at_step`` ends the run here.
 
-    def _micro_step(self, batch: Any, window: "_Window", epoch: "_EpochLog", sync: bool) -> None:
-        """Forward and backward of one micro-batch (:meth:`TrainingStep.micro_step`). A non-finite
-        loss (on any rank: every rank takes the same decision) contributes no gradient, and the
-        window's step is skipped on the device."""
-        loss, finite, metrics = self.train_step.micro_step(lambda model: self.task.training_step(model, batch, self), sync)
-        window.add(loss, finite, metrics)
-        epoch.meter.update(self.task.batch_size(batch) * self.dist.world_size, steps=0)
-
-    def _optimizer_step(self, window: "_Window", epoch: "_EpochLog") -> None:
-        """Unscale, clip and step (skipped on the device if the window was non-finite), then count the
-        step, run ``task.on_step_end`` and queue the step's device values for the next read."""
-        grad_norm, skipped = self.train_step.optimizer_step(~window.finite)
+        1. The step's lr from the schedule, into every param group.
+        2. :class:`~greenmim.engine.step.TrainingStep` over the window's micro-batches: the task's
+           ``training_step`` under autocast, the loss's finiteness all-reduced on the device,
+           backward (``no_sync`` under DDP except on the last micro-batch), then unscale/clip/step,
+           skipped *on the device* when non-finite, and zero grads. Nothing is read on the host.
+        3. The after-step: ``step += 1``, ``task.on_step_end`` (e.g. the EMA), the step's device
+           values queued for the next host read.
+        4. Only when a log line, a checkpoint, ``stop_at_step`` or the epoch's end is due: the one
+           host read of the queued values, the log line, the checkpoint (:meth:`_after_step`); a
+           pending stop signal is checked there too.
+        """
+        epoch.lr = apply_lr(self.optimizer, self.peak_lr, self.schedule.factor(self.step))
+        out = self.step_fn(batches, self.task.training_step, self)
         self.step += 1
         self.batch_in_epoch += self.cfg.accum_steps
-        self.task.on_step_end(unwrap(self.model), self)
-        epoch.meter.update(0, steps=1)
-        epoch.pending.append(self.step, window.mean_loss(), skipped, grad_norm, window.mean_metrics())
+        self.task.on_step_end(self.module, self)
+        epoch.queue(self.step, out, self.dist.world_size)
+        return self._after_step(epoch)
 
     def _after_step(self, epoch: "_EpochLog") -> bool:
         """Read the queued values back and log if due, checkpoint if due, stop on a pending signal.
@@ -586,19 +571,18 @@ class Trainer:
         stop_due = cfg.stop_at_step is not None and cfg.stop_at_step <= self.step < self.total_steps
         read_now = log_due or ckpt_due or stop_due or epoch_end
         if read_now:
-            for step, loss, bad in epoch.pending.read():  # the one host read of these steps' values
+            for step, loss, bad in epoch.read():  # the one host read of these steps' values
                 if bad:
                     self._on_nonfinite(loss, step)
                 else:
                     epoch.add_loss(loss)
             if log_due:
                 self._log_step(epoch)
-            epoch.pending.clear()
         if ckpt_due:
             self.save()
         # under DDP the signal check is a collective the host waits for: do it where the host reads
         # anyway, and at least every SIGNAL_CHECK_EVERY steps; a single process checks every step
-        check_signal = read_now or not is_dist() or self.step % SIGNAL_CHECK_EVERY == 0
+        check_signal = read_now or self.dist.world_size == 1 or self.step % SIGNAL_CHECK_EVERY == 0
         if check_signal and not epoch_end:  # at the epoch's end, fit() checks after the epoch-end checkpoint
             self._stop_if_signalled()
         if stop_due:
@@ -618,8 +602,9 @@ class Trainer:
     def _stop_if_signalled(self) -> None:
         """After a step or an epoch: if a stop signal reached any rank, checkpoint (all ranks) and raise
         :class:`Preempted`. The flag is all-reduced so that every rank stops at the same step."""
-        pending = (self.signals.requested or 0) if self.signals is not None else 0
-        signum = all_reduce_max(pending, self.device)
+        signum = (self.signals.requested or 0) if self.signals is not None else 0
+        if self.dist.world_size > 1:
+            signum = all_reduce_max(signum, self.device)
         if not signum:
             return
         self._save_unless_saved()
@@ -659,7 +644,7 @@ class Trainer:
 
     def _log_step(self, epoch: "_EpochLog") -> None:
         """Log the step just read back from the device (loss, grad norm, task metrics)."""
-        last = epoch.pending.last
+        last = epoch.last
         loss = all_reduce_mean(last["loss"])
         speed = epoch.meter.read(self.total_steps - self.step)
         scalars = {"loss": loss, "lr": epoch.lr, "img_per_s": speed["img_per_s"], **last["metrics"]}
@@ -693,64 +678,6 @@ class Trainer:
 SIGNAL_CHECK_EVERY = 10  # steps between stop-signal checks under DDP (at most; log lines check too)
 
 
-class _Window:
-    """One accumulation window on the device: the sum and count of its finite losses, whether all of
-    them were finite, and the sum of the task's metrics over its micro-batches."""
-
-    def __init__(self, device: torch.device):
-        zero = torch.zeros((), device=device)
-        self.total, self.count = zero.clone(), zero.clone()
-        self.finite = torch.ones((), dtype=torch.bool, device=device)
-        self.metrics: Dict[str, Any] = {}
-        self.micro_batches = 0
-
-    def add(self, loss: torch.Tensor, finite: torch.Tensor, metrics: Dict[str, Any]) -> None:
-        self.total = self.total + torch.where(finite, loss.float(), 0.0)
-        self.count = self.count + finite.float()
-        self.finite = self.finite & finite
-        self.micro_batches += 1
-        for k, v in metrics.items():
-            v = v.detach().float() if torch.is_tensor(v) else float(v)
-            self.metrics[k] = self.metrics[k] + v if k in self.metrics else v
-
-    def mean_metrics(self) -> Dict[str, Any]:
-        """The task's metrics averaged over the window's micro-batches (device tensors stay there)."""
-        return {k: v / self.micro_batches for k, v in self.metrics.items()}
-
-    def mean_loss(self) -> torch.Tensor:
-        """Mean finite loss of the window; NaN if none was finite (as the skipped step is logged)."""
-        return torch.where(self.finite, self.total / self.count.clamp(min=1), float("nan"))
-
-
-class _DeviceLog:
-    """Per-step device values (loss, skipped flag, grad norm, task metrics) awaiting one host read."""
-
-    def __init__(self):
-        self.rows: List[Tuple[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Dict[str, Any]]] = []
-        self.last: Dict[str, Any] = {}
-
-    def append(self, step, loss, skipped, grad_norm, metrics) -> None:
-        self.rows.append((step, loss, skipped, grad_norm, dict(metrics)))
-
-    def read(self) -> List[Tuple[int, float, bool]]:
-        """``(step, loss, skipped)`` of every pending step, read back with one device sync; keeps the
-        last step's loss, grad norm and metrics (as floats) in :attr:`last`."""
-        if not self.rows:
-            return []
-        values = torch.stack([torch.stack([loss.float(), skipped.float()]) for _, loss, skipped, _, _ in self.rows])
-        values = values.tolist()
-        step, _, _, grad_norm, metrics = self.rows[-1]
-        self.last = {
-            "loss": values[-1][0],
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "metrics": {k: float(v) for k, v in metrics.items()},
-        }
-        return [(row[0], loss, bool(bad)) for row, (loss, bad) in zip(self.rows, values)]
-
-    def clear(self) -> None:
-        self.rows = []
-
-
 class _EpochLog:
     """What one epoch accumulates for logging: throughput, the queued device values of the steps not
     read yet, the sum of the finite step losses read so far, and the current step's lr."""
@@ -758,8 +685,30 @@ class _EpochLog:
     def __init__(self, lr: float):
         self.lr = lr
         self.meter = Throughput()
-        self.pending = _DeviceLog()
+        self.pending: List[Tuple[int, StepOutput]] = []
+        self.last: Dict[str, Any] = {}
         self.loss_sum, self.loss_n = 0.0, 0
+
+    def queue(self, step: int, out: StepOutput, world_size: int) -> None:
+        """Keep step ``step``'s device values for the next :meth:`read`; count its images."""
+        self.pending.append((step, out))
+        self.meter.images += out.samples * world_size
+        self.meter.steps += 1
+
+    def read(self) -> List[Tuple[int, float, bool]]:
+        """``(step, loss, skipped)`` of every pending step, read back with one device sync, and the
+        queue emptied; keeps the last step's loss, grad norm and metrics (as floats) in :attr:`last`."""
+        if not self.pending:
+            return []
+        rows, self.pending = self.pending, []
+        values = torch.stack([torch.stack([out.loss.float(), out.skipped.float()]) for _, out in rows]).tolist()
+        last = rows[-1][1]
+        self.last = {
+            "loss": values[-1][0],
+            "grad_norm": None if last.grad_norm is None else float(last.grad_norm),
+            "metrics": {k: float(v) for k, v in last.metrics.items()},
+        }
+        return [(step, loss, bool(bad)) for (step, _), (loss, bad) in zip(rows, values)]
 
     def add_loss(self, loss: float) -> None:
         self.loss_sum += loss

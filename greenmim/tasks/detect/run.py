@@ -13,10 +13,11 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Optional, Any, Dict
 
 import torch
 
+from ...engine.rundir import RunFolder
 from ...engine import Trainer
 from ...engine.distributed import DistInfo
 from ...engine.errors import ConfigError
@@ -26,10 +27,11 @@ from .task import DetectionTask, format_metrics
 log = logging.getLogger("greenmim")
 
 
-def train(task: DetectionTask, trainer_cfg: TrainerConfig, optim_cfg: OptimConfig, sched_cfg: Dict[str, Any]) -> Dict[str, float]:
+def train(task: DetectionTask, trainer_cfg: TrainerConfig, optim_cfg: OptimConfig, sched_cfg: Dict[str, Any],
+          folder: Optional[RunFolder] = None) -> Dict[str, float]:
     """Train ``task`` (``resume`` included); the last evaluation's metrics, ``{}`` when the run stopped
     before the end of its schedule (a stop signal: it continues with ``resume=auto``)."""
-    trainer = Trainer(task, trainer_cfg, optim_cfg, sched_cfg)
+    trainer = Trainer(task, trainer_cfg, optim_cfg, sched_cfg, folder)
     trainer.fit()
     metrics = task.last_metrics
     if not metrics and trainer.step >= trainer.total_steps:

@@ -14,10 +14,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Optional, Any, Dict
 
 from omegaconf import DictConfig
 
+from ...engine.rundir import RunFolder
 from ...engine import MetricsWriter, Precision, Trainer, init_distributed, setup_logging
 from ...engine.errors import ConfigError
 from ...engine.trainer import OptimConfig, TrainerConfig
@@ -30,11 +31,12 @@ from .task import FinetuneTask, check_validation_images, model_kwargs
 log = logging.getLogger("greenmim")
 
 
-def train(cfg: DictConfig, trainer_cfg: TrainerConfig, optim_cfg: OptimConfig, sched_cfg: Dict[str, Any]) -> Dict[str, Any]:
+def train(cfg: DictConfig, trainer_cfg: TrainerConfig, optim_cfg: OptimConfig, sched_cfg: Dict[str, Any],
+          folder: Optional[RunFolder] = None) -> Dict[str, Any]:
     """Fine-tune as configured; returns ``{"last": {...}, "best": {...}}`` validation metrics (all ranks)."""
     t0 = time.time()
     task = FinetuneTask(cfg)
-    trainer = Trainer(task, trainer_cfg, optim_cfg, sched_cfg)
+    trainer = Trainer(task, trainer_cfg, optim_cfg, sched_cfg, folder)
     trainer.fit()
     results = {
         "last": dict(task.last_metrics, epoch=trainer.epoch, step=trainer.step),

@@ -21,12 +21,13 @@ on the world size.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +37,7 @@ from ...engine.image_counts import CountReport
 from ...engine.config import PROTOCOLS
 from ...engine.distributed import seed_everything
 from ...engine.errors import ConfigError
-from ...engine.rundir import check_no_other_run, run_folder
+from ...engine.rundir import RunFolder, check_no_other_run, run_folder
 from ..finetune.data import build_classification_data
 from ..finetune.evaluate import describe_accuracy
 from ..finetune.model import create_classifier
@@ -68,8 +69,9 @@ def majority_accuracy(val_labels: torch.Tensor) -> float:
     return 100.0 * Counter(val_labels.tolist()).most_common(1)[0][1] / max(1, val_labels.numel())
 
 
-def run_frozen_eval(cfg: DictConfig) -> Dict[str, Any]:
-    """Run ``cfg.protocol`` (``knn`` | ``linear_probe``); returns the ``results.json`` contents (all ranks)."""
+def run_frozen_eval(cfg: DictConfig, folder: Optional[RunFolder] = None) -> Dict[str, Any]:
+    """Run ``cfg.protocol`` (``knn`` | ``linear_probe``) in the held run ``folder`` (None: held here);
+    returns the ``results.json`` contents (all ranks)."""
     protocol = str(cfg.protocol)
     if protocol not in FROZEN_PROTOCOLS:
         raise ConfigError(f"protocol={protocol} is not a frozen-feature evaluation: use one of {', '.join(FROZEN_PROTOCOLS)}")
@@ -79,7 +81,8 @@ def run_frozen_eval(cfg: DictConfig) -> Dict[str, Any]:
     data = build_classification_data(cfg.data, None, need_train=True, train_augment=False)  # bad data: refused before any write
     dist = init_distributed(str(cfg.trainer.device))
     output_dir = Path(cfg.output_dir).expanduser().resolve()
-    with run_folder(output_dir, enabled=dist.is_main, check=lambda: check_no_other_run(output_dir, f"protocol={protocol}")):
+    with contextlib.nullcontext(folder) if folder else run_folder(output_dir, enabled=dist.is_main) as held:
+        held.check(lambda: check_no_other_run(output_dir, f"protocol={protocol}"))
         return _run(cfg, protocol, dist, output_dir, data, t0)
 
 
