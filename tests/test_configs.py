@@ -117,11 +117,6 @@ def test_ci_runs_the_readme_main_command():
 # ------------------------------------------------------------------ one default in one place: the YAML
 PACKAGE = REPO / "greenmim"
 LIMIT = 10
-#: rooms under concurrent rework for issue 25 on other branches (the engine's train_step, the
-#: benchmark's reuse of the engine); their reads are listed but not yet held to the limit. An entry
-#: must still hold an offender (see the test): remove it when its branch lands clean.
-NOT_YET = ("greenmim/engine/", "greenmim/bench/", "greenmim/cli/bench.py")
-SCHEMA = "greenmim/engine/config.py"  # the schema module itself is held to the limit
 
 
 def _literal_get(node, nargs):
@@ -152,13 +147,10 @@ def package_default_reads(root=PACKAGE):
 def test_code_reads_config_values_without_restating_defaults():
     """Defaults live in configs/ (the YAML); code reads ``cfg.key``. At most LIMIT reads in the package
     state a default, each for a key that is truly optional (an old checkpoint's record, a COCO file's
-    optional field, a family's constructor argument). Was 119 on eb4e933 (96 outside NOT_YET)."""
-    reads = [(rel, line, code) for rel, line, code in package_default_reads()
-             if rel == SCHEMA or not rel.startswith(NOT_YET)]
+    optional field, a parameter group's optional scale). Was 119 on eb4e933."""
+    reads = list(package_default_reads())
     assert len(reads) <= LIMIT, f"{len(reads)} reads restate a default (limit {LIMIT}); read the key instead:\n" + "\n".join(
         f"{rel}:{line}: {code}" for rel, line, code in reads)
-    pending = {prefix for rel, _, _ in package_default_reads() for prefix in NOT_YET if rel.startswith(prefix) and rel != SCHEMA}
-    assert pending == set(NOT_YET), f"{sorted(set(NOT_YET) - pending)} have no default-restating read left: drop them from NOT_YET"
 
 
 def test_the_default_read_counter_finds_both_forms():

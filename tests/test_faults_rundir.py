@@ -143,8 +143,8 @@ def test_the_run_folder_has_one_owner_that_hands_it_to_the_trainer(tmp_path, mon
     calls, original = [], rundir.acquire_lock
     monkeypatch.setattr(rundir, "acquire_lock", lambda folder: (calls.append(Path(folder)), original(folder))[1])
     with rundir.run_folder(tmp_path) as folder:
-        trainer = Trainer(Toy(), TrainerConfig(output_dir=str(tmp_path), epochs=1, device="cpu", tensorboard=False),
-                          OptimConfig(), {"name": "cosine", "warmup_epochs": 0}, folder)
+        trainer = Trainer(Toy(), TrainerConfig.from_yaml(output_dir=str(tmp_path), epochs=1, device="cpu", tensorboard=False),
+                          OptimConfig.from_yaml(), {"name": "cosine", "warmup_epochs": 0}, folder)
         trainer.fit()
         assert trainer.step == 4 and held(tmp_path)  # still the owner's when the trainer ends
         with pytest.raises(RuntimeError, match="already locked by this process"):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..models import get_spec
+from ..models.registry import TIMM_IMG_SIZE, mask_unit
 from ..plan.masking import DEFAULT_MASK_RATIO
 from .flops import count_step_flops
 from .memory import measure_step_memory
@@ -72,7 +73,8 @@ class BenchConfig:
     def resolved_img_size(self) -> int:
         if self.img_size is not None:
             return self.img_size
-        size = self.overrides.get("img_size", get_spec(self.model).args.get("img_size", 224))
+        args = {**get_spec(self.model).args, **self.overrides}
+        size = args["img_size"] if "img_size" in args else TIMM_IMG_SIZE
         return size if isinstance(size, int) else int(size[0])
 
 
@@ -250,7 +252,7 @@ def window_for(model: str, overrides: Dict[str, Any], img_size: int) -> Any:
     key = "window_size" if "window_size" in args else "wss" if args.get("wss") else None
     if key is None:
         return None
-    unit = int(args.get("patch_size", 4)) * 2 ** (len(args["depths"]) - 1)
+    unit = mask_unit(model, overrides)
     units = img_size // unit
 
     def fit(window: int) -> int:

@@ -44,7 +44,7 @@ def profile_steps(step: TrainStep, batches: Sequence[MIMBatch], rows: int = 20) 
         for batch in batches:
             step(batch)
             synchronize(device)
-            grouping_ms += float(step.grouping.get("ms", 0.0))
+            grouping_ms += float(step.grouping["ms"]) if "ms" in step.grouping else 0.0
     n = len(batches)
     cuda = device.type == "cuda"
     events = prof.key_averages()

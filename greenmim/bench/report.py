@@ -45,10 +45,10 @@ def comparison_table(result: Dict[str, Any]) -> str:
     """The side-by-side table of :func:`~greenmim.bench.compare.run_comparison`'s result."""
     cfg, env, methods, r = result["config"], result["environment"], result["methods"], result["ratios"]
     size = cfg["img_size"] or "default"
-    device = env.get("device_name", env["device"])
+    device = env["device_name"] if "device_name" in env else env["device"]
     lines = [
         f"greenmim-bench  {cfg['model']}  img {size}  batch {cfg['batch_size']}  mask {cfg['mask_ratio']}  "
-        f"{cfg['dtype']}  {device} ({env['threads']} threads, load {env.get('load_avg_1m', '?')})  torch {env['torch']}  {env['date_utc']}",
+        f"{cfg['dtype']}  {device} ({env['threads']} threads, load {env['load_avg_1m'] if 'load_avg_1m' in env else '?'})  torch {env['torch']}  {env['date_utc']}",
         f"full step = forward + backward + AdamW step + zero_grad; {cfg['warmup']} warm-up, median of "
         f"{cfg['iters']} interleaved steps; masks {'shared per batch' if cfg.get('shared_mask') else 'per sample'}, "
         f"planned {_planning(cfg)}",
@@ -63,7 +63,7 @@ def comparison_table(result: Dict[str, Any]) -> str:
     header = " ".join(f"{name:>{width}s}" if i else f"{name:{width}s}" for i, (name, width) in enumerate(columns))
     lines += [header, "-" * len(header)]
     for name, m in methods.items():
-        mem = m.get("memory", {})
+        mem = m["memory"] if "memory" in m else {}
         cells = [
             name,
             _fmt(m["step_ms"], ".1f"),
@@ -89,7 +89,7 @@ def comparison_table(result: Dict[str, Any]) -> str:
     if "flops_ratio" in r:
         summary += f", FLOPs {r['flops_ratio']:.2f}x"
     lines.append(summary)
-    if methods.get("simmim", {}).get("memory"):
+    if "simmim" in methods and "memory" in methods["simmim"]:
         lines.append(f"memory: peak = resident (weights, buffers, AdamW state) + step peak; measured by {methods['simmim']['memory']['measure']}")
     if "profile" in result:
         lines.append(profile_table(result["profile"]))
@@ -99,9 +99,9 @@ def comparison_table(result: Dict[str, Any]) -> str:
 
 
 def _planning(cfg: Dict[str, Any]) -> str:
-    if cfg.get("planning", "workers") == "inline":
+    if cfg["planning"] == "inline":
         return "inline (on the training thread, inside the step)"
-    workers = cfg.get("plan_workers", 0)
+    workers = cfg["plan_workers"]
     return f"ahead in {workers} loader worker(s)" if workers else "ahead, between steps (main process)"
 
 

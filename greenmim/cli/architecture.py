@@ -105,7 +105,8 @@ def adopt_checkpoint_architecture(cfg: DictConfig, task: str) -> None:
 def _adopt_resumed(cfg: DictConfig, path: Path, contents: Dict[str, Any], explicit: Set[str]) -> None:
     theirs = stored_config(contents, "model")
     values = {f"model.{k}": v for k, v in theirs.items() if k != "encoder_args"}
-    values.update({f"model.encoder_args.{k}": v for k, v in (theirs.get("encoder_args") or {}).items()})  # an old record may have none
+    if theirs.get("encoder_args"):  # an old record may have none
+        values.update({f"model.encoder_args.{k}": v for k, v in theirs["encoder_args"].items()})
     img = stored_config(contents, "data").get("img_size")
     if img is not None:
         values["data.img_size"] = img

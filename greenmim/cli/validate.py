@@ -40,14 +40,14 @@ def check_pretrain(cfg: DictConfig) -> None:
     ``data.decode`` is one of the decode modes."""
     from ..data import check_decode
     from ..plan.masking import check_mask_ratio
-    from ..tasks.pretrain.task import expected_unit
+    from ..models.registry import mask_unit
 
     check_decode(cfg.data.decode)
     name = value_of(cfg, "model.name")
     if name in (MISSING, None, "???"):
         return
     try:
-        unit = expected_unit(name, value_of(cfg, "model.encoder_args"))
+        unit = mask_unit(name, value_of(cfg, "model.encoder_args"))
     except ValueError:  # an unknown model name: reported when the model is built, with a did-you-mean
         return
     check_mask_ratio(cfg.model.mask_ratio, value_of(cfg, "data.img_size"), unit)

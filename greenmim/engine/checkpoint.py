@@ -59,6 +59,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .config import stored_config
 from .errors import UserError, one_line
 from .files import atomic_write, temporary_name
 
@@ -147,9 +148,8 @@ def _upgrade_v1(ckpt: Dict[str, Any]) -> Dict[str, Any]:
 def _upgrade_v2(ckpt: Dict[str, Any]) -> Dict[str, Any]:
     """Version 2 -> 3: the batch sizes from the stored config when it has them (else None: unchecked),
     no schedule record (the resuming run's schedule is taken as the checkpoint's)."""
-    config = ckpt.get("config") or {}
-    ckpt.setdefault("micro_batch", (config.get("data") or {}).get("batch_size"))
-    ckpt.setdefault("accum_steps", (config.get("trainer") or {}).get("accum_steps"))
+    ckpt.setdefault("micro_batch", stored_config(ckpt, "data").get("batch_size"))
+    ckpt.setdefault("accum_steps", stored_config(ckpt, "trainer").get("accum_steps"))
     ckpt.setdefault("lr_schedule", None)
     return ckpt
 

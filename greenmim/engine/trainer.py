@@ -84,7 +84,7 @@ from .checkpoint import (
     set_aside,
     write_error,
 )
-from .config import OptimConfig, TrainerConfig
+from .config import OptimConfig, TrainerConfig, stored_config
 from .distributed import (
     all_reduce_max,
     all_reduce_mean,
@@ -422,13 +422,13 @@ class Trainer:
         """Refuse, before anything is restored, a checkpoint of another task, or one whose batches
         differ from this run's: its position in the epoch, its step count and the lr schedule all
         count batches of its size, so continuing with another size would skip or repeat samples."""
-        theirs, ours = (ckpt.get("config") or {}).get("task"), (self.cfg.config or {}).get("task")
+        theirs, ours = stored_config(ckpt).get("task"), stored_config({"config": self.cfg.config}).get("task")
         if theirs and ours and theirs != ours:
             raise UserError(
                 f"resume={path} is a greenmim-{theirs} checkpoint, not a greenmim-{ours} one: resume it with greenmim-{theirs} "
                 f"(same output_dir, resume=auto)" + (", or start from its weights with pretrained=" if ours != "pretrain" else "")
             )
-        theirs, ours = (((config or {}).get("model") or {}).get("method") for config in (ckpt.get("config"), self.cfg.config))
+        theirs, ours = (stored_config(c, "model").get("method") for c in (ckpt, {"config": self.cfg.config}))
         if theirs and ours and theirs != ours:
             raise UserError(
                 f"resume={path} was written with model.method={theirs}, this run has model.method={ours}: the method differs; "

@@ -101,6 +101,21 @@ def timm_args(encoder_args: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     return {k: v for k, v in dict(encoder_args or {}).items() if v is not None}
 
 
+#: the input size of a timm model whose arguments name none
+TIMM_IMG_SIZE = 224
+
+#: the patch embedding's stride of a family whose timm arguments name none (PVTv2: an overlapping stride-4 stem)
+STEM_STRIDE = 4
+
+
+def mask_unit(name: str, encoder_args: Optional[Mapping[str, Any]] = None) -> int:
+    """The mask unit (total stride, px) of ``name`` with ``encoder_args``: ``patch_size * 2 ** (stages - 1)``."""
+    args = {**get_spec(name).args, **timm_args(encoder_args)}
+    patch = args["patch_size"] if "patch_size" in args else STEM_STRIDE
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return int(patch) * 2 ** (len(args["depths"]) - 1)
+
+
 def _positive_ints(value: Any) -> bool:
     items = value if isinstance(value, (list, tuple)) else [value]
     return bool(items) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items)
@@ -139,7 +154,7 @@ def check_architecture(name: str, encoder_args: Optional[Mapping[str, Any]]) -> 
         if isinstance(args.get(key), (list, tuple)) and len(args[key]) != stages:
             fail(key, f"give one value per stage ({stages} stages: model.encoder_args.depths has {stages} entries)")
     heads = args["num_heads"] if isinstance(args["num_heads"], (list, tuple)) else [args["num_heads"]] * stages
-    widths = args.get("embed_dims") or [args["embed_dim"] * 2 ** i for i in range(stages)]  # Swin doubles per stage
+    widths = args["embed_dims"] if "embed_dims" in args else [args["embed_dim"] * 2 ** i for i in range(stages)]  # Swin doubles per stage
     bad = [] if args.get("head_dim") else [i for i, (w, h) in enumerate(zip(widths, heads)) if w % h]  # Swin's head_dim frees the heads
     if bad:
         i = bad[0]

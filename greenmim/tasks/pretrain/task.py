@@ -26,20 +26,13 @@ from .loss import pretrain_loss
 from ...data.prefetch import maybe_prefetch
 from ...engine import ConfigError, DistInfo, TrainTask
 from ...plan.masking import unit_grid
-from ...models import UnknownModelError, create_pretrain_model, get_spec, timm_args
+from ...models import UnknownModelError, create_pretrain_model, timm_args
+from ...models.registry import mask_unit
 from ...models.pretrain import MIM_MODEL_KEYS
 from .reconstructions import reconstruction_grid, save_png
 
 log = logging.getLogger("greenmim")
 
-
-
-def expected_unit(name: str, encoder_args: Mapping[str, Any]) -> int:
-    """The mask unit (total stride) a timm Swin/Twins name will have: ``patch_size * 2 ** (stages - 1)``."""
-    args = {**get_spec(name).args, **timm_args(encoder_args)}
-    patch = args.get("patch_size", 4)  # a family argument, not a config key: PVTv2 has none (a stride-4 stem)
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    return int(patch) * 2 ** (len(args["depths"]) - 1)
 
 
 def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Module:
@@ -50,7 +43,7 @@ def build_pretrain_model(model_cfg: Mapping[str, Any], img_size: Any) -> nn.Modu
     """
     name, method = model_cfg["name"], model_cfg["method"]
     try:
-        unit = expected_unit(name, model_cfg["encoder_args"])
+        unit = mask_unit(name, model_cfg["encoder_args"])
         unit_grid(image_hw(img_size), unit)
         kwargs = {k: model_cfg[k] for k in MIM_MODEL_KEYS if k in model_cfg}
         enc_args = timm_args(model_cfg["encoder_args"])
