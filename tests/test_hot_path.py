@@ -40,6 +40,16 @@ def test_bias_gradient_equals_float64_reference():
     assert (err <= 1e-6 * ones.grad + 1e-6).all(), (err / ones.grad).max()
 
 
+def test_cpu_bias_backward_index_is_int64():
+    # the CPU's index_add_ takes a per-index slow path with int32 indices (~100x: ~120 ms per Swin-T
+    # stage-1 block at batch 8); the layout keeps int32 for the forward gather and on GPUs
+    layout = stage1_layout()
+    assert layout.rel_index.dtype == torch.int32
+    assert layout.rel_index_backward.dtype == torch.int64
+    allowed = layout.rel_index < layout.num_rel
+    assert torch.equal(layout.rel_index_backward[allowed], layout.rel_index[allowed].long())
+
+
 def test_bias_gradient_accumulates_in_fp32_under_bf16_autocast():
     # thousands of pairs share each row: a bf16 sum of ones stalls at 256, an fp32 one is exact
     layout = stage1_layout()

@@ -70,7 +70,8 @@ class GroupLayout:
         rel_index_backward: ``rel_index`` with the blocked pairs spread over :data:`SPREAD_ROWS`
             scratch rows past the table. Their gradient is zero (softmax weight 0), but accumulating
             it into the single ``-inf`` row made every blocked pair (about half of all pairs) an
-            atomic add on the same address: the hottest spot of the bias backward on a GPU.
+            atomic add on the same address: the hottest spot of the bias backward on a GPU. int32 like
+            ``rel_index``, int64 on the CPU (whose ``index_add_`` is ~100x slower with int32 indices).
         window_mask: ``"sdpa"`` without relative bias (Twins): ``(n_g, 1, g, g)`` fp32 additive mask, 0
             inside a window and ``-inf`` elsewhere; None otherwise.
         flex_blocks: the block structure of :func:`flex_block_mask` (every block of the ``g x g``
@@ -108,7 +109,9 @@ class GroupLayout:
             rel = (sp[:, :, None] - sp[:, None, :]).add_(_center_row(slots.window))
             same = same_window.view(-1)
             layout.rel_index = torch.where(same, rel.view(-1), slots.num_rel)
-            layout.rel_index_backward = torch.where(same, layout.rel_index, _spread_rows(same.numel(), sw.device, slots.num_rel))
+            backward = torch.where(same, layout.rel_index, _spread_rows(same.numel(), sw.device, slots.num_rel))
+            # the CPU's index_add_ runs a per-index slow path (~100x slower) on int32 indices
+            layout.rel_index_backward = backward.long() if backward.device.type == "cpu" else backward
         else:
             blocked = torch.zeros(same_window.shape, dtype=torch.float32, device=sw.device)
             layout.window_mask = blocked.masked_fill_(~same_window, float("-inf")).unsqueeze(1)
