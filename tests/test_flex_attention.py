@@ -23,7 +23,10 @@ from greenmim.plan.windows import stage_windows
 SWIN = dict(img_size=128, window_size=4, embed_dim=16, depths=(2, 1, 1, 1), num_heads=(2, 2, 2, 4))
 TWINS = dict(img_size=96, embed_dims=(16, 16, 16, 16), num_heads=(2, 1, 1, 1), mlp_ratios=(1, 1, 1, 1),
              depths=(2, 1, 1, 1), wss=(3, 3, 3, 3), sr_ratios=(4, 2, 1, 1))
-MODELS = {"swin": (SWIN_NAME, SWIN), "twins": ("twins_svt_small", TWINS)}
+# Swin V2: 96 px, a 3x3 unit grid, window 3 tiles every stage; its bias comes from the CPB MLP, its
+# scores are cosine similarities with a learnt logit scale
+SWINV2 = dict(img_size=96, window_size=3, embed_dim=16, depths=(2, 1, 1, 1), num_heads=(2, 2, 2, 4))
+MODELS = {"swin": (SWIN_NAME, SWIN), "twins": ("twins_svt_small", TWINS), "swinv2": ("swinv2_tiny_window8_256", SWINV2)}
 
 
 def encoder_pair(kind):
@@ -47,7 +50,8 @@ def forward_backward(enc, images, plan, weight):
     return out.detach(), {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind,shared,static", [("swin", False, False), ("swin", True, True), ("twins", False, True)])
+@pytest.mark.parametrize("kind,shared,static", [("swin", False, False), ("swin", True, True), ("twins", False, True),
+                                                ("swinv2", False, False)])
 def test_flex_equals_sdpa_values_and_every_gradient(kind, shared, static):
     sdpa, flex = encoder_pair(kind)
     h, w = sdpa.patch_embed.img_size
