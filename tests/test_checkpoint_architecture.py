@@ -87,7 +87,7 @@ def test_each_source_tells_the_architecture(pretrain_run, tmp_path):
     assert weights.source == "weights" and {k: weights.encoder_args[k] for k in ARCH} == ARCH
 
 
-def test_finetune_takes_the_architecture_of_a_pretraining_checkpoint(pretrain_run, folders, tmp_path):
+def test_finetune_takes_the_architecture_of_a_pretraining_checkpoint(pretrain_run, folders, tmp_path, capsys):
     """No model= and no model.encoder_args: the quick recipe's default micro Swin (embed 32) is replaced
     (an export's description: the next test)."""
     out = tmp_path / "ft"
@@ -98,6 +98,17 @@ def test_finetune_takes_the_architecture_of_a_pretraining_checkpoint(pretrain_ru
     assert {k: written["model"]["encoder_args"][k] for k in ARCH} == ARCH
     assert "drop_path_rate" not in written["model"]["encoder_args"]  # the fine-tuning recipe's own
     assert re.search(r"pretrained: loaded \d+ tensors", (out / "train.log").read_text())
+    # eval_only carries the architecture of the checkpoint it evaluates (the recipe's default is embed 32)
+    ckpt = last_checkpoint(out)
+    quick = ["experiment=finetune_quick", f"data.root={folders}", "data.img_size=64", "data.num_workers=0",
+             "trainer.tensorboard=false", "eval_only=true", f"checkpoint={ckpt}"]
+    run_ok("finetune", "greenmim-finetune", *quick, f"output_dir={tmp_path / 'ev'}")
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["count"] > 0
+    with pytest.MonkeyPatch.context() as mp:
+        code, err = run_cli(mp, capsys, "finetune", "greenmim-finetune", *quick, "model.encoder_args.embed_dim=32",
+                            f"output_dir={tmp_path / 'ev2'}")
+    assert_one_line(code, err, "greenmim-finetune", r"checkpoint=.* holds a model of another architecture "
+                                                    r"\(model.encoder_args.embed_dim: checkpoint 16, this command 32\).*eval_only takes")
 
 
 def test_knn_probe_and_detection_take_the_architecture_of_an_export(pretrain_run, tmp_path):

@@ -1,4 +1,5 @@
-"""``pretrained=`` and ``resume=`` carry the architecture: the ``model`` config is taken from the checkpoint.
+"""``pretrained=``, ``resume=`` and an ``eval_only`` checkpoint carry the architecture: the ``model``
+config is taken from the checkpoint.
 
 :func:`adopt_checkpoint_architecture` runs in :func:`~greenmim.cli.common.run_app`, before the config is
 checked, and changes the resolved config in place:
@@ -8,6 +9,8 @@ checked, and changes the resolved config in place:
   command line sets (``model=``, ``model.method=``, ``model.encoder_args.depths=``, ...) is kept; when it
   differs from the checkpoint on what makes the model (:data:`RESUME_KEYS`), the run is refused with a
   :class:`~greenmim.engine.errors.UserError` naming each key, the checkpoint's value and this run's.
+* **eval_only=true** (fine-tuning, detection): the checkpoint it evaluates
+  (:func:`~greenmim.cli.common.eval_checkpoint`), when written by the same task, is carried as a resume is.
 * **pretrained=PATH** (fine-tuning, k-NN, linear probe, detection; no resume): ``model.name`` and the
   architecture keys of ``model.encoder_args`` come from the checkpoint
   (:func:`~greenmim.weights.architecture.read_architecture`: a greenmim checkpoint's stored config, an
@@ -85,14 +88,16 @@ def _resume_source(cfg: DictConfig) -> Optional[Tuple[Path, Dict[str, Any]]]:
 
 def adopt_checkpoint_architecture(cfg: DictConfig, task: str) -> None:
     """Carry the architecture of the run's ``resume=`` or ``pretrained=`` checkpoint into ``cfg`` (see the module notes)."""
-    if task != "pretrain" and cfg.eval_only:  # eval_only, protocol and pretrained are keys of finetune/detect only
-        return
     explicit = command_line_keys()
+    if task != "pretrain" and cfg.eval_only:  # eval_only, protocol and pretrained are keys of finetune/detect only
+        evaluated = _eval_source(cfg, task)
+        if evaluated is not None and stored_config(evaluated[1]).get("task") == task:
+            _adopt_resumed(cfg, *evaluated, explicit, option="checkpoint")
+        return
     resumed = _resume_source(cfg) if task != "finetune" or cfg.protocol == "finetune" else None
     if resumed is not None:
         path, contents = resumed
-        config = stored_config(contents)
-        if config.get("task") == task and isinstance(config.get("model"), dict):
+        if stored_config(contents).get("task") == task:
             _adopt_resumed(cfg, path, contents, explicit)
         return
     pretrained = None if task == "pretrain" else cfg.pretrained
@@ -102,7 +107,26 @@ def adopt_checkpoint_architecture(cfg: DictConfig, task: str) -> None:
             _adopt_pretrained(cfg, str(pretrained), arch, explicit)
 
 
-def _adopt_resumed(cfg: DictConfig, path: Path, contents: Dict[str, Any], explicit: Set[str]) -> None:
+def _eval_source(cfg: DictConfig, task: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The checkpoint ``eval_only`` will evaluate, with its contents; None when there is none to read
+    (the evaluation then says why)."""
+    from ..engine.errors import ConfigError
+    from ..tasks.finetune.task import BEST_NAME
+    from .common import eval_checkpoint
+
+    try:
+        path = Path(eval_checkpoint(cfg, Path(str(cfg.output_dir)).expanduser(), prefer=BEST_NAME if task == "finetune" else None))
+    except ConfigError:
+        return None
+    contents = _peek(path) if path.is_file() else None
+    return None if contents is None else (path, contents)
+
+
+def _adopt_resumed(cfg: DictConfig, path: Path, contents: Dict[str, Any], explicit: Set[str], option: str = "resume") -> None:
+    """Carry a same-task checkpoint's ``model`` and ``data.img_size`` (``option``: ``resume`` or the
+    ``checkpoint`` an ``eval_only`` run evaluates); a differing command-line model key is refused."""
+    if not isinstance(stored_config(contents).get("model"), dict):
+        return
     theirs = stored_config(contents, "model")
     values = {f"model.{k}": v for k, v in theirs.items() if k != "encoder_args"}
     if theirs.get("encoder_args"):  # an old record may have none
@@ -116,6 +140,11 @@ def _adopt_resumed(cfg: DictConfig, path: Path, contents: Dict[str, Any], explic
         makes_model = leaf in RESUME_KEYS or (leaf.startswith("encoder_args.") and leaf.split(".", 1)[1] not in NOT_ARCHITECTURE)
         if makes_model and _explicit(key, explicit) and _plain(OmegaConf.select(cfg, key, default=None)) != value:
             differ.append(f"{key}: checkpoint {value}, this command {_plain(OmegaConf.select(cfg, key, default=None))}")
+    if differ and option == "checkpoint":
+        raise UserError(
+            f"checkpoint={path} holds a model of another architecture ({'; '.join(differ)}): drop these overrides "
+            "(eval_only takes the model from its checkpoint)"
+        )
     if differ:
         raise UserError(
             f"resume={path} continues a run with another model ({'; '.join(differ)}): drop these overrides (a resume "

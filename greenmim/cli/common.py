@@ -66,8 +66,6 @@ def eval_checkpoint(cfg: DictConfig, output_dir: Path, prefer: Optional[str] = N
     return str(latest)
 
 
-
-
 def output_file(output: str, default_name: str, suffixes: Sequence[str], inputs: Sequence[str], option: str = "-o") -> Path:
     """The file an ``-o`` option names: ``default_name`` inside it when it is a folder; it must end in
     one of ``suffixes`` and must not be one of the ``inputs`` (a checkpoint would be replaced). Its
