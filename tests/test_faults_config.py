@@ -181,6 +181,9 @@ def test_typed_configs_state_no_default_and_come_from_the_yaml():
     assert (trainer.output_dir, trainer.epochs, trainer.log_every, trainer.device) == ("x", pretrain.trainer.epochs, pretrain.trainer.log_every, "cpu")
     for key, value in OmegaConf.to_container(OmegaConf.load(CONFIGS / "optim" / "adamw.yaml")).items():
         assert same(getattr(optim, key), 1e-3 if key == "blr" else value), key
+    # the Hydra-free reading the benchmark uses (a bare GPU machine has no Hydra) gives the same optimizer
+    assert OptimConfig.from_group() == OptimConfig.from_yaml()
+    assert OptimConfig.from_group("adamw_finetune") == OptimConfig.from_yaml("finetune")
 
 
 def test_a_config_written_by_hand_names_what_it_lacks():

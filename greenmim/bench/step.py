@@ -91,7 +91,7 @@ def make_optimizer(model: nn.Module, optim: Optional[OptimConfig] = None) -> tor
     """The trainer's optimizer with the ``optim.*`` settings (default: the pretraining recipe's,
     :class:`~greenmim.engine.config.OptimConfig`) at ``optim.lr``, else ``optim.blr``: a timed step
     costs the same at any rate, so the base rate needs no batch scaling here."""
-    o = optim or OptimConfig.from_yaml()
+    o = optim or OptimConfig.from_group()
     return build_optimizer(model, o.lr if o.lr is not None else o.blr, o.weight_decay, o.betas, o.eps, o.name)
 
 

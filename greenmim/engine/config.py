@@ -407,6 +407,19 @@ class OptimConfig:
         """The ``task`` root config's optimizer (``optim/adamw.yaml`` for pretraining), with ``fields`` replaced."""
         return dataclasses.replace(optim_config(compose(task)), **fields)
 
+    @classmethod
+    def from_group(cls, name: str = "adamw", **fields: Any) -> "OptimConfig":
+        """The ``optim`` group file ``configs/optim/<name>.yaml`` read with PyYAML alone (no Hydra or
+        omegaconf: the benchmark runs where only torch and timm are installed), with ``fields`` replaced.
+        The file must hold plain values (no ``${...}``)."""
+        import importlib.resources
+
+        import yaml
+
+        text = importlib.resources.files("greenmim.configs").joinpath("optim", f"{name}.yaml").read_text()
+        values = {k: v for k, v in yaml.safe_load(text).items() if k != "layer_decay"}  # a task's key, not the engine's
+        return cls(**{**values, **fields})
+
 
 # ---------------------------------------------------------------------------------------------- building
 def compose(task: str, *overrides: str) -> "DictConfig":
