@@ -92,10 +92,9 @@ def environment(device: torch.device) -> Dict[str, Any]:
     commit = _git_commit()
     if commit:
         env["git"] = commit
-    if hasattr(os, "getloadavg"):  # other jobs on a shared machine make step times noisy
-        env["load_avg_1m"] = round(os.getloadavg()[0], 2)
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
+    # other jobs on a shared machine make step times noisy (None: this platform cannot tell)
+    env["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     return env
 
 

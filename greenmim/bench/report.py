@@ -45,10 +45,10 @@ def comparison_table(result: Dict[str, Any]) -> str:
     """The side-by-side table of :func:`~greenmim.bench.compare.run_comparison`'s result."""
     cfg, env, methods, r = result["config"], result["environment"], result["methods"], result["ratios"]
     size = cfg["img_size"] or "default"
-    device = env["device_name"] if "device_name" in env else env["device"]
+    device = env["device_name"]
     lines = [
         f"greenmim-bench  {cfg['model']}  img {size}  batch {cfg['batch_size']}  mask {cfg['mask_ratio']}  "
-        f"{cfg['dtype']}  {device} ({env['threads']} threads, load {env['load_avg_1m'] if 'load_avg_1m' in env else '?'})  torch {env['torch']}  {env['date_utc']}",
+        f"{cfg['dtype']}  {device} ({env['threads']} threads, load {env['load_avg_1m'] if env['load_avg_1m'] is not None else '?'})  torch {env['torch']}  {env['date_utc']}",
         f"full step = forward + backward + AdamW step + zero_grad; {cfg['warmup']} warm-up, median of "
         f"{cfg['iters']} interleaved steps; masks {'shared per batch' if cfg.get('shared_mask') else 'per sample'}, "
         f"planned {_planning(cfg)}",

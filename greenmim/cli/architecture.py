@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..engine.checkpoint import is_no_resume, list_checkpoints
 from ..engine.config import stored_config
-from ..engine.errors import UserError
+from ..engine.errors import ConfigError, UserError
 from ..weights.architecture import Architecture, NOT_ARCHITECTURE, read_architecture, shape_differences
 
 log = logging.getLogger("greenmim")
@@ -110,7 +110,6 @@ def adopt_checkpoint_architecture(cfg: DictConfig, task: str) -> None:
 def _eval_source(cfg: DictConfig, task: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """The checkpoint ``eval_only`` will evaluate, with its contents; None when there is none to read
     (the evaluation then says why)."""
-    from ..engine.errors import ConfigError
     from ..tasks.finetune.task import BEST_NAME
     from .common import eval_checkpoint
 
